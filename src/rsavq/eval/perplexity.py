@@ -38,8 +38,9 @@ def window_nll_sum(model, input_ids: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=input_ids, use_cache=False).logits  # [B, L, vocab]
     logits = logits[:, :-1].float()
     targets = input_ids[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                          reduction="sum")
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+    )
     return nll.double()
 
 
