@@ -140,7 +140,7 @@ NAMED: dict[str, NamedSource] = {
 }
 
 
-def data_dir(explicit: str | Path | None = None) -> Path | None:
+def resolve_data_dir(explicit: str | Path | None = None) -> Path | None:
     """The local data directory: the explicit one, else `$RSAVQ_DATA_DIR`, else none."""
     value = explicit or os.environ.get(DATA_DIR_ENV)
     return Path(value).expanduser() if value else None
@@ -159,7 +159,7 @@ def load_corpus(spec: str, data_dir_: str | Path | None = None, text_field: str 
             f"unknown dataset '{name}'; use one of {', '.join(NAMED)} (optionally name:split) "
             f"or a path to a {', '.join(LOCAL_SUFFIXES)} file"
         )
-    return _load_named(name, split, data_dir(data_dir_))
+    return _load_named(name, split, resolve_data_dir(data_dir))
 
 
 def _load_named(name: str, split: str, root: Path | None) -> Corpus:
