@@ -146,7 +146,7 @@ def resolve_data_dir(explicit: str | Path | None = None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def load_corpus(spec: str, data_dir_: str | Path | None = None, text_field: str = "text") -> Corpus:
+def load_corpus(spec: str, data_dir: str | Path | None = None, text_field: str = "text") -> Corpus:
     """Load a named source (`name[:split]`) or a local file into a Corpus."""
     if spec.endswith(LOCAL_SUFFIXES) or os.sep in spec:
         path = Path(spec).expanduser()
