@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from rsavq import __version__
 from rsavq.errors import RsavqError, UsageError
+from rsavq.runtime import resolve_device, resolve_dtype
 
 logger = logging.getLogger("rsavq")
 
@@ -61,7 +64,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from rsavq.eval import perplexity
     from rsavq.io import atomic_write_json
     from rsavq.models import load_model, resolve_model
-    from rsavq.runtime import resolve_device, resolve_dtype
 
     resolve_model(args.model)  # cheap: a bad --model fails before any data is read
     device = resolve_device(args.device)
@@ -91,6 +93,72 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fisher_parser(sub) -> None:
+    p = sub.add_parser(
+        "fisher",
+        help="collect Fisher statistics for quantization",
+        description="Kronecker-factored empirical Fisher and mean gradient per "
+        "decoder linear layer, from per-sequence backward passes (resumable).",
+    )
+    _add_model_args(p)
+    p.add_argument("--calib", default="c4", help="calibration source (default c4)")
+    p.add_argument("--nsamples", type=_positive_int, default=128)
+    p.add_argument("--seqlen", type=_positive_int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="stats directory to write (or resume)")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=1,
+        help="sequences per backward pass (per-sequence gradients stay exact)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=16,
+        help="samples between on-disk checkpoints; 0 disables (default 16)",
+    )
+    p.add_argument(
+        "--diag-output",
+        action="store_true",
+        help="memory mode: keep only diag(F_O) (for very wide layers)",
+    )
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--include-lm-head", action="store_true")
+    p.add_argument("--text-field", default="text")
+    p.set_defaults(func=_cmd_fisher)
+
+
+def _cmd_fisher(args: argparse.Namespace) -> int:
+    from rsavq.data import calibration_windows, load_corpus
+    from rsavq.models import load_model, resolve_model
+    from rsavq.modules import DEFAULT_SKIP, find_linears
+    from rsavq.stats.collect import CollectOptions
+    from rsavq.stats.run import CalibrationSpec, fisher_stats
+
+    resolve_model(args.model)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    corpus = load_corpus(args.calib, args.data_dir, args.text_field)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    windows = calibration_windows(tokenizer, corpus, args.nsamples, args.seqlen, args.seed)
+    skip = tuple(p for p in DEFAULT_SKIP if not (args.include_lm_head and p == "lm_head"))
+    layers = find_linears(model, skip)
+    spec = CalibrationSpec(corpus.name, args.nsamples, args.seqlen, args.seed)
+    options = CollectOptions(
+        args.batch_size, args.diag_output, args.gradient_checkpointing, args.checkpoint_every
+    )
+    start = time.perf_counter()
+    stats = fisher_stats(model, args.model, windows, layers, args.out, spec, options)
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*.safetensors"))
+    print(
+        f"Fisher statistics of {len(stats.layer_names)} layers from {args.nsamples} x "
+        f"{args.seqlen} tokens of {corpus.name} in {args.out} ({size / 2**20:.0f} MiB, "
+        f"{time.perf_counter() - start:.0f} s)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsavq", description=__doc__)
     parser.add_argument("--version", action="version", version=f"rsavq {__version__}")
@@ -98,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_eval_parser(sub)
+    _add_fisher_parser(sub)
     return parser
 
 

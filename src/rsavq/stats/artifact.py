@@ -1,0 +1,194 @@
+"""The Fisher statistics artifact: one safetensors file per layer plus `manifest.json`.
+
+Layout of a stats directory:
+    manifest.json            written last: its presence means the statistics are complete
+    layers/<name>.safetensors   F_O, F_I, g (fp32); sq_norm and count in the metadata
+    checkpoint/              partial accumulators of an interrupted run (same layout), then removed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from rsavq import __version__
+from rsavq.errors import UsageError
+from rsavq.io import atomic_dir, atomic_write, atomic_write_json
+from rsavq.stats.accumulator import FisherAccumulator, LayerFisher
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CHECKPOINT = "checkpoint"
+VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "architectures",
+    "use_cache",
+    "quantization_config",
+}
+
+
+def config_hash(config) -> str:
+    """A hash of a model config's architecture-defining fields (names and dtypes ignored)."""
+    items = {k: v for k, v in config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class FisherStats:
+    """A stats directory: its manifest, with layers read from disk on demand."""
+
+    root: Path
+    manifest: dict = field(repr=False)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.manifest["layers"])
+
+    def layer(self, name: str, device="cpu") -> LayerFisher:
+        if name not in self.manifest["layers"]:
+            raise UsageError(
+                f"no statistics for layer {name} in {self.root}; "
+                "recollect them with `rsavq fisher` for this model"
+            )
+        return read_layer(self.root / "layers" / f"{name}.safetensors", device)
+
+    def check_model(self, model, layers: dict[str, torch.nn.Module]) -> None:
+        """Refuse statistics made from another model (config hash or layer shapes differ)."""
+        expected = config_hash(model.config)
+        if self.manifest["config_hash"] != expected:
+            raise UsageError(
+                f"statistics in {self.root} were made from another model (config hash "
+                f"{self.manifest['config_hash']} != {expected}); recollect them with "
+                "`rsavq fisher --model ...` for this model or pass the right --stats"
+            )
+        for name, layer in layers.items():
+            shape = self.manifest["layers"].get(name, {}).get("shape")
+            if shape != list(layer.weight.shape):
+                raise UsageError(
+                    f"statistics in {self.root} do not match layer {name}: shape "
+                    f"{shape} != {list(layer.weight.shape)}; recollect them"
+                )
+
+
+def read_layer(path: Path, device="cpu") -> LayerFisher:
+    try:
+        tensors = load_file(str(path), device=str(device))
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata()
+        count, sq_norm = int(meta["count"]), float(meta["sq_norm"])
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError) as exc:
+        raise UsageError(
+            f"statistics file {path} is missing or corrupt ({exc}); "
+            "delete the stats directory and recollect"
+        ) from exc
+    return LayerFisher(tensors["F_O"], tensors["F_I"], tensors["g"], sq_norm, count)
+
+
+def write_layer(path: Path, stats: LayerFisher) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in stats.state().items()}
+    meta = {"sq_norm": repr(stats.sq_norm), "count": str(stats.count)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def _write_layers(root: Path, accumulators: dict[str, FisherAccumulator]) -> None:
+    for name, acc in accumulators.items():
+        write_layer(root / "layers" / f"{name}.safetensors", acc.stats)
+
+
+def build_manifest(model, model_id: str, run: dict, accumulators) -> dict:
+    layers = {
+        name: {
+            "shape": list(acc.stats.g.shape),
+            "count": acc.stats.count,
+            "diag_output": acc.stats.diag_output,
+        }
+        for name, acc in accumulators.items()
+    }
+    return {
+        "format_version": FORMAT_VERSION,
+        "rsavq_version": __version__,
+        "model": model_id,
+        "config_hash": config_hash(model.config),
+        **run,
+        "layers": layers,
+    }
+
+
+def save_stats(root: Path, manifest: dict, accumulators) -> FisherStats:
+    """Write the finished statistics (layers first, manifest last) and drop any checkpoint."""
+    _write_layers(root, accumulators)
+    atomic_write_json(root / MANIFEST, manifest)
+    shutil.rmtree(root / CHECKPOINT, ignore_errors=True)
+    return FisherStats(root, manifest)
+
+
+def save_checkpoint(root: Path, manifest: dict, accumulators) -> None:
+    """Replace `root/checkpoint` with the current accumulators, in one rename."""
+
+    def fill(tmp: Path) -> None:
+        _write_layers(tmp, accumulators)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    atomic_dir(root / CHECKPOINT, fill)
+
+
+def load_checkpoint(root: Path, manifest: dict, accumulators) -> int:
+    """Restore accumulators from `root/checkpoint` if it was made by the same run; return count."""
+    path = root / CHECKPOINT / MANIFEST
+    if not path.exists():
+        return 0
+    saved = json.loads(path.read_text())
+    if _run_key(saved) != _run_key(manifest):
+        raise UsageError(
+            f"{root} holds a checkpoint of a different run (model, data or "
+            "settings differ); use another --out or delete it to start over"
+        )
+    for name, acc in accumulators.items():
+        acc.stats = read_layer(root / CHECKPOINT / "layers" / f"{name}.safetensors")
+    counts = {acc.stats.count for acc in accumulators.values()}
+    if len(counts) != 1:
+        raise UsageError(f"checkpoint in {root} is inconsistent; delete {root / CHECKPOINT}")
+    return counts.pop()
+
+
+def load_stats(root: str | Path) -> FisherStats:
+    """Open a complete stats directory (verifying its manifest)."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.exists():
+        hint = (
+            " (an interrupted run: rerun the same `rsavq fisher` command to resume)"
+            if (root / CHECKPOINT).exists()
+            else ""
+        )
+        raise UsageError(
+            f"no Fisher statistics in {root}: {MANIFEST} missing{hint}; "
+            "collect them with `rsavq fisher --model ... --out DIR`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is corrupt ({exc.msg}); recollect the statistics") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UsageError(
+            f"{root} has stats format {manifest.get('format_version')}, this rsavq "
+            f"reads {FORMAT_VERSION}; recollect them"
+        )
+    return FisherStats(root, manifest)
+
+
+def _run_key(manifest: dict) -> dict:
+    drop = {"layers", "rsavq_version"}
+    return {k: v for k, v in manifest.items() if k not in drop} | {
+        "layer_names": sorted(manifest["layers"])
+    }

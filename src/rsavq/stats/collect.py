@@ -1,0 +1,138 @@
+"""Collect Fisher statistics from per-sequence backward passes, with hooks.
+
+One backward pass serves every hooked layer: a forward hook keeps the layer's input `x` `[B, T, n]`
+and registers a hook on its output; when the output gradient `gy` `[B, T, m]` arrives, the
+per-sequence weight gradients `G_s = gy_s^T x_s` `[B, m, n]` are formed, added to the layer's
+accumulator and freed. Weights never get `.grad`; only activations require gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from rsavq.stats.accumulator import FisherAccumulator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CollectOptions:
+    batch_size: int = 1  # sequences per backward pass (per-sample gradients stay exact)
+    diag_output: bool = False  # keep only diag(F_O): memory mode for very wide layers
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0  # samples between on-disk checkpoints (0: never)
+    progress: bool = True
+
+
+def make_accumulators(layers: dict[str, nn.Linear], diag_output: bool, device):
+    return {
+        name: FisherAccumulator(*layer.weight.shape, diag_output=diag_output, device=device)
+        for name, layer in layers.items()
+    }
+
+
+def collect_fisher(
+    model: nn.Module,
+    windows: torch.Tensor,
+    layers: dict[str, nn.Linear],
+    accumulators: dict[str, FisherAccumulator],
+    options: CollectOptions = CollectOptions(),
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> dict[str, FisherAccumulator]:
+    """Add the statistics of `windows` `[N, T]` (from the accumulators' count on) to them.
+
+    Sequences already counted are skipped, so a run restored from a checkpoint resumes.
+    """
+    done = next(iter(accumulators.values())).stats.count if accumulators else 0
+    device = next(model.parameters()).device
+    bar = tqdm(
+        total=len(windows), initial=done, desc="fisher", unit="seq", disable=not options.progress
+    )
+    with _collection_mode(model, options.gradient_checkpointing), _hooks(layers, accumulators):
+        for first in range(done, len(windows), options.batch_size):
+            batch = windows[first : first + options.batch_size].to(device)
+            sequence_loss(model, batch).backward()
+            bar.update(len(batch))
+            seen = first + len(batch)
+            every = options.checkpoint_every
+            if on_checkpoint and every and seen < len(windows) and seen // every > first // every:
+                on_checkpoint(seen)
+    bar.close()
+    return accumulators
+
+
+def sequence_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of each sequence's mean next-token NLL (so gradients are per sequence)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]  # [B, T-1, vocab]
+    nll = F.cross_entropy(logits.float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return nll.mean(dim=1).sum()
+
+
+@contextlib.contextmanager
+def _collection_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
+    """Freeze weights, make the embedding output require grad, optionally checkpoint layers."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    embed = model.get_input_embeddings()
+    handle = embed.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+    was_training = model.training
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.train()  # HF only checkpoints in training mode; decoders here have no dropout
+    try:
+        yield
+    finally:
+        handle.remove()
+        if gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _hooks(layers: dict[str, nn.Linear], accumulators: dict[str, FisherAccumulator]):
+    handles = [
+        layer.register_forward_hook(_capture(accumulators[name])) for name, layer in layers.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _capture(accumulator: FisherAccumulator):
+    def forward_hook(module, inputs, output):
+        if not torch.is_grad_enabled() or not output.requires_grad:
+            return
+        x = inputs[0].detach()  # [B, T, n]
+
+        def on_grad(gy: torch.Tensor) -> None:  # gy: [B, T, m]
+            G = torch.bmm(gy.transpose(1, 2).float(), x.float())  # [B, m, n]
+            accumulator.add(G)
+
+        output.register_hook(on_grad)
+
+    return forward_hook
+
+
+def time_forward_backward(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
+    """Seconds for plain forward+backward passes (weight gradients on) over `windows`: the
+    baseline that collection overhead is measured against."""
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    for first in range(0, len(windows), batch_size):
+        sequence_loss(model, windows[first : first + batch_size].to(device)).backward()
+        model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start

@@ -1,0 +1,85 @@
+"""Collect a model's Fisher statistics into a stats directory, resumably."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rsavq.errors import UsageError
+from rsavq.stats.artifact import (
+    MANIFEST,
+    FisherStats,
+    _run_key,
+    build_manifest,
+    load_checkpoint,
+    load_stats,
+    save_checkpoint,
+    save_stats,
+)
+from rsavq.stats.collect import CollectOptions, collect_fisher, make_accumulators
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Where calibration windows come from; recorded in the manifest."""
+
+    source: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+
+def fisher_stats(
+    model: nn.Module,
+    model_id: str,
+    windows: torch.Tensor,
+    layers: dict[str, nn.Linear],
+    out: str | Path,
+    calibration: CalibrationSpec,
+    options: CollectOptions = CollectOptions(),
+) -> FisherStats:
+    """Collect statistics of `layers` over `windows` into `out` (resuming a checkpoint there).
+
+    A complete directory made by the same run is returned as is; one made by another run is
+    refused, never overwritten.
+    """
+    out = Path(out)
+    device = next(model.parameters()).device
+    accumulators = make_accumulators(layers, options.diag_output, device)
+    run = {
+        "calibration": asdict(calibration),
+        "dtype": str(next(model.parameters()).dtype),
+        "diag_output": options.diag_output,
+    }
+    manifest = build_manifest(model, model_id, run, accumulators)
+    if (out / MANIFEST).exists():
+        return _reuse(out, manifest)
+    done = load_checkpoint(out, manifest, accumulators)
+    if done:
+        logger.info(
+            "resuming from checkpoint in %s: %d of %d sequences done", out, done, len(windows)
+        )
+
+    def checkpoint(seen: int) -> None:
+        save_checkpoint(out, build_manifest(model, model_id, run, accumulators), accumulators)
+        logger.info("checkpoint: %d sequences", seen)
+
+    collect_fisher(model, windows, layers, accumulators, options, checkpoint)
+    return save_stats(out, build_manifest(model, model_id, run, accumulators), accumulators)
+
+
+def _reuse(out: Path, manifest: dict) -> FisherStats:
+    existing = load_stats(out)
+    if _run_key(existing.manifest) != _run_key(manifest):
+        raise UsageError(
+            f"{out} already holds Fisher statistics of a different run (model, "
+            "data or settings differ); choose another --out or delete it"
+        )
+    logger.info("statistics in %s are complete; reusing them", out)
+    return existing

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+
+from helpers import build_tiny_llama
+from rsavq.errors import UsageError
+from rsavq.modules import find_linears
+from rsavq.stats import load_stats
+from rsavq.stats.collect import CollectOptions
+from rsavq.stats.run import CalibrationSpec, fisher_stats
+
+SPEC = CalibrationSpec("test", 5, 24, 0)
+
+
+def run(model, layers, windows, out, **options):
+    opts = CollectOptions(progress=False, **options)
+    return fisher_stats(model, "tiny", windows, layers, out, SPEC, opts)
+
+
+def test_layout_and_reload(tiny, tmp_path):
+    model, layers, windows = tiny
+    stats = run(model, layers, windows, tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["calibration"] == {"source": "test", "nsamples": 5, "seqlen": 24, "seed": 0}
+    assert len(manifest["layers"]) == len(layers) == 14
+    assert len(list((tmp_path / "s" / "layers").glob("*.safetensors"))) == 14
+    reloaded = load_stats(tmp_path / "s")
+    name = stats.layer_names[0]
+    assert torch.equal(reloaded.layer(name).F_I, stats.layer(name).F_I)
+    assert reloaded.layer(name).count == 5
+    reloaded.check_model(model, layers)
+
+
+def test_resume_after_interruption_is_identical(tiny, tmp_path):
+    model, layers, windows = tiny
+    full = run(model, layers, windows, tmp_path / "full")
+
+    class Stop(Exception):
+        pass
+
+    import rsavq.stats.run as run_module
+
+    original = run_module.save_checkpoint
+    calls = []
+
+    def save_then_die(*args):
+        original(*args)
+        calls.append(1)
+        raise Stop
+
+    run_module.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(Stop):
+            run(model, layers, windows, tmp_path / "resumed", checkpoint_every=2)
+    finally:
+        run_module.save_checkpoint = original
+    assert calls and not (tmp_path / "resumed" / "manifest.json").exists()
+    with pytest.raises(UsageError, match="rerun the same `rsavq fisher` command to resume"):
+        load_stats(tmp_path / "resumed")
+    resumed = run(model, layers, windows, tmp_path / "resumed", checkpoint_every=2)
+    assert not (tmp_path / "resumed" / "checkpoint").exists()
+    for name in full.layer_names:
+        a, b = full.layer(name), resumed.layer(name)
+        assert torch.equal(a.F_O, b.F_O) and torch.equal(a.F_I, b.F_I)
+        assert torch.equal(a.g, b.g) and a.sq_norm == b.sq_norm and a.count == b.count == 5
+
+
+def test_stats_from_another_model_are_refused(tiny, tmp_path):
+    model, layers, windows = tiny
+    stats = run(model, layers, windows[:2], tmp_path / "s")
+    other = build_tiny_llama(vocab_size=64, layers=3)
+    with pytest.raises(UsageError, match="made from another model"):
+        stats.check_model(other, find_linears(other))
+
+
+def test_complete_dir_of_a_different_run_is_not_overwritten(tiny, tmp_path):
+    model, layers, windows = tiny
+    run(model, layers, windows[:2], tmp_path / "s")
+    before = (tmp_path / "s" / "manifest.json").read_text()
+    with pytest.raises(UsageError, match="already holds Fisher statistics of a different run"):
+        run(model, layers, windows[:2], tmp_path / "s", diag_output=True)
+    assert (tmp_path / "s" / "manifest.json").read_text() == before
+
+
+def test_missing_and_corrupt_files(tiny, tmp_path):
+    model, layers, windows = tiny
+    with pytest.raises(UsageError, match="manifest.json missing; collect them"):
+        load_stats(tmp_path)
+    stats = run(model, layers, windows[:1], tmp_path / "s")
+    name = stats.layer_names[0]
+    (tmp_path / "s" / "layers" / f"{name}.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UsageError, match="missing or corrupt"):
+        load_stats(tmp_path / "s").layer(name)

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from helpers import brute_force
+from rsavq.stats.collect import CollectOptions, collect_fisher, make_accumulators
+
+
+def collected(model, layers, windows, **options):
+    accs = make_accumulators(layers, options.pop("diag_output", False), "cpu")
+    collect_fisher(model, windows, layers, accs, CollectOptions(progress=False, **options))
+    return {name: acc.stats for name, acc in accs.items()}
+
+
+@pytest.mark.parametrize("options", [{}, {"batch_size": 2}, {"gradient_checkpointing": True}])
+def test_matches_explicit_per_sample_gradients(tiny, options):
+    model, layers, windows = tiny
+    expected = brute_force(model, layers, windows)
+    got = collected(model, layers, windows, **options)
+    for name, stats in got.items():
+        ref = expected[name]
+        scale = ref["F_I"].abs().max().item()
+        assert stats.count == len(windows)
+        torch.testing.assert_close(stats.F_O.double(), ref["F_O"], rtol=1e-4, atol=1e-6 * scale)
+        torch.testing.assert_close(stats.F_I.double(), ref["F_I"], rtol=1e-4, atol=1e-6 * scale)
+        torch.testing.assert_close(stats.g.double(), ref["g"], rtol=1e-4, atol=1e-6)
+        assert stats.sq_norm == pytest.approx(ref["sq_norm"], rel=1e-5)
+
+
+def test_diag_output_mode_keeps_the_diagonal(tiny):
+    model, layers, windows = tiny
+    full = collected(model, layers, windows)
+    diag = collected(model, layers, windows, diag_output=True)
+    for name in layers:
+        assert diag[name].diag_output and diag[name].F_O.dim() == 1
+        torch.testing.assert_close(diag[name].F_O, full[name].F_O.diagonal(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(diag[name].F_I, full[name].F_I, rtol=1e-5, atol=0)
+
+
+def test_collection_leaves_the_model_as_it_was(tiny):
+    model, layers, windows = tiny
+    flags = [p.requires_grad for p in model.parameters()]
+    collected(model, layers, windows[:1], gradient_checkpointing=True)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training and not model.is_gradient_checkpointing
