@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from rsavq.config import ChannelAxis
 from rsavq.stats.accumulator import LayerFisher
 from rsavq.stats.natural_gradient import (
-    ChannelAxis,
     channel_sensitivity,
     damped,
     fisher_diag_weights,

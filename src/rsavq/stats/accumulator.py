@@ -61,7 +61,7 @@ class FisherAccumulator:
         _update(s.F_O, f_o_sum, B, weight)
         _update(s.F_I, stacked.T @ stacked, B, weight)
         _update(s.g, G.sum(dim=0), B, weight)
-        batch_sq = G.double().square().sum().item()
+        batch_sq = G.square().sum(dtype=torch.float64).item()
         s.sq_norm += (batch_sq - B * s.sq_norm) * weight
         s.count += B
 

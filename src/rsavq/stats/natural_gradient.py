@@ -7,16 +7,10 @@ damped as `F + alpha * mean(diag(F)) * I` and solved with Cholesky, never invert
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 
+from rsavq.config import ChannelAxis
 from rsavq.stats.accumulator import LayerFisher
-
-
-class ChannelAxis(str, Enum):
-    INPUT = "input"  # columns of W (the paper's choice)
-    OUTPUT = "output"  # rows of W
 
 
 def damped(F: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""Weighted k-means for (product) vector quantization.
+
+Points `X` `[N, d]` carry per-coordinate weights `w` `[N, d]` (1 for Euclidean, the diagonal
+Fisher for the Fisher metric, 0 for padding). The distance of a point to a codeword is
+`sum_j w_j (x_j - c_j)^2`; for fixed assignments the best codeword is the per-coordinate weighted
+mean of its members (the exact minimizer), so updates are closed-form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 24  # distance-matrix elements computed at once
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    centroids: torch.Tensor  # [K, d]
+    codes: torch.Tensor  # [N] int64
+    loss: float  # weighted squared error
+    iterations: int
+
+
+def weighted_distances(X: torch.Tensor, w: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """`D[i, k] = sum_j w[i,j] (X[i,j] - C[k,j])^2` for a chunk of points, `[n, K]`."""
+    const = (w * X * X).sum(dim=1, keepdim=True)  # [n, 1]
+    return (const - 2 * (w * X) @ C.T + w @ (C * C).T).clamp_min_(0)
+
+
+def assign(X: torch.Tensor, w: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Nearest codeword of every point under the weighted distance; and the total loss."""
+    step = max(1, CHUNK_ELEMENTS // max(1, C.shape[0]))
+    codes = torch.empty(X.shape[0], dtype=torch.int64, device=X.device)
+    loss = 0.0
+    for s in range(0, X.shape[0], step):
+        best, idx = weighted_distances(X[s : s + step], w[s : s + step], C).min(dim=1)
+        codes[s : s + step] = idx
+        loss += best.sum(dtype=torch.float64).item()
+    return codes, loss
+
+
+def update(X: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Per-coordinate weighted means of each codeword's members (empty ones keep their value)."""
+    num = torch.zeros_like(C).index_add_(0, codes, w * X)
+    den = torch.zeros_like(C).index_add_(0, codes, w)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(C.dtype).tiny), C)
+
+
+def kmeans_plusplus(
+    X: torch.Tensor, w: torch.Tensor, K: int, generator: torch.Generator
+) -> torch.Tensor:
+    """k-means++ seeding under the weighted distance, deterministic for a generator."""
+    N, d = X.shape
+    mass = w.sum(dim=1)
+    if N == 0 or mass.sum() <= 0:
+        return torch.zeros(K, d, dtype=X.dtype, device=X.device)
+    centroids = torch.empty(K, d, dtype=X.dtype, device=X.device)
+    first = torch.multinomial(mass.cpu().double(), 1, generator=generator).item()
+    centroids[0] = X[first]
+    nearest = (w * (X - X[first]) ** 2).sum(dim=1)
+    for k in range(1, K):
+        total = nearest.sum()
+        if total <= 0:  # every point already coincides with a codeword
+            centroids[k:] = centroids[0]
+            break
+        pick = torch.multinomial(nearest.cpu().double(), 1, generator=generator).item()
+        centroids[k] = X[pick]
+        nearest = torch.minimum(nearest, (w * (X - X[pick]) ** 2).sum(dim=1))
+    return centroids
+
+
+def kmeans(
+    X: torch.Tensor,
+    w: torch.Tensor,
+    K: int,
+    iters: int = 20,
+    tol: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> KMeansResult:
+    """Weighted k-means with k-means++ init; stops when the loss improves by less than `tol`."""
+    generator = generator or torch.Generator().manual_seed(0)
+    C = kmeans_plusplus(X, w, K, generator)
+    codes, loss = assign(X, w, C)
+    iterations = 0
+    while iterations < iters:
+        iterations += 1
+        C = update(X, w, codes, C)
+        codes, new_loss = assign(X, w, C)
+        converged = loss - new_loss <= tol * max(loss, 1e-30)
+        loss = new_loss
+        if converged:
+            break
+    return KMeansResult(C, codes, loss, iterations)

@@ -1,0 +1,101 @@
+"""WCSG: sort channels by sensitivity, cut them into groups, give each group a bit width.
+
+The budget is exact: after the rule's rounding, bits are repaired greedily (taken from the least
+sensitive group, given to the most sensitive) until the layer's stored bits fit the budget, and
+more sensitive groups never get fewer bits than less sensitive ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rsavq.config import Allocation
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    perm: torch.Tensor  # [n] channel order, most sensitive first
+    group_sizes: tuple[int, ...]
+    group_bits: tuple[int, ...]
+
+
+def channel_bits(sensitivity: torch.Tensor, avg_bits: float, rule: Allocation) -> torch.Tensor:
+    """Fractional per-channel bits `[C]` from sensitivities `I_c` (ALGORITHM.md section 2)."""
+    I = sensitivity.double().clamp_min(0)
+    if rule == Allocation.PAPER:
+        logs = torch.log2(I + 1)
+        total = logs.sum()
+        if total <= 0:
+            return torch.full_like(I, avg_bits)
+        return avg_bits * len(I) * logs / total
+    floor = I[I > 0].min() if (I > 0).any() else torch.tensor(1.0, dtype=I.dtype)
+    logs = torch.log2(I.clamp_min(floor))
+    return avg_bits + 0.5 * (logs - logs.mean())
+
+
+def split_sizes(total: int, groups: int) -> tuple[int, ...]:
+    """`groups` nearly equal consecutive sizes summing to `total` (larger ones first)."""
+    groups = max(1, min(groups, total))
+    base, extra = divmod(total, groups)
+    return tuple(base + (g < extra) for g in range(groups))
+
+
+def plan_groups(
+    sensitivity: torch.Tensor,
+    avg_bits: float,
+    groups: int,
+    rule: Allocation,
+    cost: Callable[[tuple[int, ...]], float],
+    budget: float,
+    bit_range: tuple[int, int],
+    uniform: bool = False,
+) -> GroupPlan:
+    """Sort, group and allocate; `cost(group_bits)` are the layer's stored bits."""
+    perm = torch.argsort(sensitivity.double(), descending=True, stable=True)
+    sizes = split_sizes(len(sensitivity), groups)
+    if uniform:
+        return GroupPlan(perm, sizes, (int(avg_bits),) * len(sizes))
+    per_channel = channel_bits(sensitivity, avg_bits, rule)[perm]
+    lo, hi = bit_range
+    bits, start = [], 0
+    for size in sizes:
+        bits.append(int(min(hi, max(lo, round(per_channel[start : start + size].mean().item())))))
+        start += size
+    bits = _monotone(bits)
+    return GroupPlan(perm, sizes, tuple(repair(bits, cost, budget, bit_range)))
+
+
+def _monotone(bits: list[int]) -> list[int]:
+    """Non-increasing from the most sensitive group (rounding can break ties the wrong way)."""
+    for g in range(1, len(bits)):
+        bits[g] = min(bits[g], bits[g - 1])
+    return bits
+
+
+def repair(
+    bits: list[int],
+    cost: Callable[[tuple[int, ...]], float],
+    budget: float,
+    bit_range: tuple[int, int],
+) -> list[int]:
+    """Greedy exact-budget repair of non-increasing `bits`; stays non-increasing; terminates."""
+    lo, hi = bit_range
+    bits = list(bits)
+    while cost(tuple(bits)) > budget:
+        over = [g for g in range(len(bits)) if bits[g] > lo]
+        if not over:
+            break  # even the minimum does not fit: reported, never silently exceeded below lo
+        bits[over[-1]] -= 1  # least sensitive group that can give a bit
+    grown = True
+    while grown:
+        grown = False
+        for g in range(len(bits)):  # most sensitive group first
+            if bits[g] < hi and (g == 0 or bits[g] + 1 <= bits[g - 1]):
+                trial = bits[:g] + [bits[g] + 1] + bits[g + 1 :]
+                if cost(tuple(trial)) <= budget:
+                    bits, grown = trial, True
+                    break
+    return bits

@@ -1,0 +1,73 @@
+"""`VQLinear`: a linear layer stored as RSAVQ codes, codebooks and a channel permutation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rsavq.config import LayerSpec
+from rsavq.kernels import reference
+from rsavq.packing import packed_words
+
+
+class VQLinear(nn.Module):
+    """Drop-in for `nn.Linear`; buffers `perm`, `codes_{g}`, `codebooks_{g}` (+ `bias`).
+
+    Built empty from a `LayerSpec` alone (so checkpoints load onto the meta device), then filled
+    with `load_state_dict` or `from_quantized`.
+    """
+
+    def __init__(self, spec: LayerSpec, device=None, dtype=torch.float32):
+        super().__init__()
+        self.spec = spec
+        self.in_features, self.out_features = spec.in_features, spec.out_features
+        self.register_buffer(
+            "perm", torch.empty(spec.channels, dtype=spec.perm_dtype, device=device)
+        )
+        for g in range(len(spec.group_bits)):
+            rows = spec.block_shape(g)[0]
+            words = packed_words(spec.codes_per_row(g), spec.code_bits(g))
+            self.register_buffer(
+                f"codes_{g}", torch.empty(rows, words, dtype=torch.int32, device=device)
+            )
+            shape = (spec.sub_vectors, 2 ** spec.code_bits(g), spec.sub_dim)
+            self.register_buffer(
+                f"codebooks_{g}", torch.empty(shape, dtype=torch.float16, device=device)
+            )
+        self.bias = (
+            nn.Parameter(
+                torch.empty(spec.out_features, device=device, dtype=dtype), requires_grad=False
+            )
+            if spec.bias
+            else None
+        )
+
+    @classmethod
+    def from_quantized(cls, layer) -> VQLinear:
+        """From an `rsavq.algorithms.rsavq.QuantizedLayer`."""
+        module = cls(layer.spec, dtype=layer.bias.dtype if layer.bias is not None else None)
+        state = layer.tensors()
+        if layer.bias is not None:
+            state["bias"] = layer.bias
+        module.load_state_dict(state)
+        return module
+
+    @property
+    def codes(self) -> list[torch.Tensor]:
+        return [getattr(self, f"codes_{g}") for g in range(len(self.spec.group_bits))]
+
+    @property
+    def codebooks(self) -> list[torch.Tensor]:
+        return [getattr(self, f"codebooks_{g}") for g in range(len(self.spec.group_bits))]
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return reference.dequantize(self.codes, self.codebooks, self.perm, self.spec, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reference.vq_linear(x, self.codes, self.codebooks, self.perm, self.spec, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_bits={list(self.spec.group_bits)}, axis={self.spec.axis}"
+        )
