@@ -7,4 +7,25 @@ from rsavq.errors import DataError, ModelNotFoundError, RsavqError, UsageError
 
 __version__ = "0.1.0"
 
-__all__ = ["DataError", "ModelNotFoundError", "RsavqError", "UsageError", "__version__"]
+__all__ = [
+    "DataError",
+    "ModelNotFoundError",
+    "RSAVQConfig",
+    "RsavqError",
+    "UsageError",
+    "__version__",
+    "load_quantized",
+]
+
+
+def __getattr__(name: str):
+    """Lazy exports: `rsavq.load_quantized`, `rsavq.RSAVQConfig` (no heavy import at start)."""
+    if name == "load_quantized":
+        from rsavq.serialization import load_quantized
+
+        return load_quantized
+    if name == "RSAVQConfig":
+        from rsavq.config import RSAVQConfig
+
+        return RSAVQConfig
+    raise AttributeError(f"module 'rsavq' has no attribute {name!r}")

@@ -159,6 +159,170 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quantize_parser(sub) -> None:
+    from rsavq.config import Allocation, ChannelAxis, EdsgSign, LambdaMode, Metric, RSAVQConfig
+
+    d = RSAVQConfig()
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model with RSAVQ",
+        description="Fisher statistics (computed or reused), then WCSG + EDSG + "
+        "product VQ layer by layer (resumable); writes a checkpoint and a report.",
+    )
+    _add_model_args(p)
+    p.add_argument("--bits", type=float, required=True, help="average bits per weight (2, 3, 4)")
+    p.add_argument("--out", required=True, help="checkpoint directory (new, or to resume)")
+    p.add_argument(
+        "--stats",
+        default=None,
+        help="Fisher stats directory to reuse or fill (default: a cache entry "
+        "keyed by model and calibration settings)",
+    )
+    p.add_argument("--calib", default="c4")
+    p.add_argument("--nsamples", type=_positive_int, default=128)
+    p.add_argument("--seqlen", type=_positive_int, default=512)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--lambda", dest="lam", type=float, default=d.lam)
+    p.add_argument(
+        "--lambda-mode", choices=[e.value for e in LambdaMode], default=d.lambda_mode.value
+    )
+    p.add_argument(
+        "--edsg-sign",
+        choices=[e.value for e in EdsgSign],
+        default=d.edsg_sign.value,
+        help=argparse.SUPPRESS,
+    )
+    p.add_argument("--groups", type=_positive_int, default=d.groups)
+    p.add_argument("--uniform-bits", action="store_true", help="every group at --bits (no WCSG)")
+    p.add_argument("--vector-length", type=_positive_int, default=d.vector_length)
+    p.add_argument("--sub-vectors", type=_positive_int, default=d.sub_vectors)
+    p.add_argument("--metric", choices=[e.value for e in Metric], default=d.metric.value)
+    p.add_argument(
+        "--allocation", choices=[e.value for e in Allocation], default=d.allocation.value
+    )
+    p.add_argument(
+        "--channel-axis", choices=[e.value for e in ChannelAxis], default=d.channel_axis.value
+    )
+    p.add_argument("--kmeans-iters", type=_positive_int, default=d.kmeans_iters)
+    p.add_argument("--kmeans-tol", type=float, default=d.kmeans_tol)
+    p.add_argument("--damping", type=float, default=d.damping)
+    p.add_argument(
+        "--codes-only-budget",
+        action="store_true",
+        help="count only code bits against --bits (codebooks/perm reported on top)",
+    )
+    p.add_argument(
+        "--eval",
+        default=None,
+        help="after quantizing, compare FP and quantized "
+        "perplexity on this source (e.g. wikitext2)",
+    )
+    p.add_argument("--eval-limit", type=_positive_int, default=8)
+    p.add_argument("--eval-seqlen", type=_positive_int, default=2048)
+    p.add_argument("--text-field", default="text")
+    p.set_defaults(func=_cmd_quantize)
+
+
+def _config_from_args(args: argparse.Namespace):
+    from rsavq.config import RSAVQConfig
+
+    return RSAVQConfig.from_dict(
+        {
+            "bits": args.bits,
+            "vector_length": args.vector_length,
+            "sub_vectors": args.sub_vectors,
+            "groups": args.groups,
+            "lam": args.lam,
+            "lambda_mode": args.lambda_mode,
+            "edsg_sign": args.edsg_sign,
+            "metric": args.metric,
+            "allocation": args.allocation,
+            "channel_axis": args.channel_axis,
+            "uniform_bits": args.uniform_bits,
+            "budget_includes_overhead": not args.codes_only_budget,
+            "kmeans_iters": args.kmeans_iters,
+            "kmeans_tol": args.kmeans_tol,
+            "damping": args.damping,
+            "seed": args.seed,
+        }
+    )
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from rsavq.data import load_corpus
+    from rsavq.models import load_model, resolve_model
+    from rsavq.pipeline import check_output_dir, quantize_model, summarize
+
+    config = _config_from_args(args)
+    check_output_dir(Path(args.out))
+    resolve_model(args.model)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    calib = load_corpus(args.calib, args.data_dir, args.text_field)
+    evaluation = load_corpus(args.eval, args.data_dir, args.text_field) if args.eval else None
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    before = _quick_ppl(model, tokenizer, evaluation, args) if evaluation else None
+    stats = _stats_for(model, tokenizer, calib, args) if config.needs_stats else None
+    start = time.perf_counter()
+    records = quantize_model(model, config, stats, args.out, tokenizer)
+    summary = summarize(records)
+    size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+    print(
+        f"quantized {summary['layers']} layers to {summary['bits_per_weight']:.4f} bits/weight "
+        f"(stored, codebooks and permutations included) in {time.perf_counter() - start:.0f} s;"
+        f" checkpoint {args.out}: {size / 2**20:.1f} MiB"
+    )
+    if evaluation is not None:
+        after = _quick_ppl(model, tokenizer, evaluation, args)
+        print(
+            f"{evaluation.name} PPL over {after.windows} windows x {after.seqlen}: "
+            f"FP {before.ppl:.3f} -> RSAVQ {after.ppl:.3f}"
+        )
+    return 0
+
+
+def _quick_ppl(model, tokenizer, corpus, args):
+    from rsavq.data import evaluation_windows
+    from rsavq.eval import perplexity
+
+    windows = evaluation_windows(tokenizer, corpus, args.eval_seqlen, args.eval_limit)
+    return perplexity(model, windows, corpus.name)
+
+
+def _stats_for(model, tokenizer, calib, args):
+    from rsavq.data import calibration_windows
+    from rsavq.modules import find_linears
+    from rsavq.stats import load_stats
+    from rsavq.stats.artifact import MANIFEST, config_hash
+    from rsavq.stats.collect import CollectOptions
+    from rsavq.stats.run import CalibrationSpec, fisher_stats
+
+    spec = CalibrationSpec(calib.name, args.nsamples, args.seqlen, args.seed)
+    root = Path(args.stats) if args.stats else _stats_cache(config_hash(model.config), spec)
+    if (root / MANIFEST).exists():
+        print(f"reusing Fisher statistics in {root}")
+        return load_stats(root)
+    print(
+        f"collecting Fisher statistics into {root} ({args.nsamples} x {args.seqlen} tokens "
+        f"of {calib.name})"
+    )
+    windows = calibration_windows(tokenizer, calib, args.nsamples, args.seqlen, args.seed)
+    layers = find_linears(model)
+    return fisher_stats(
+        model, args.model, windows, layers, root, spec, CollectOptions(checkpoint_every=16)
+    )
+
+
+def _stats_cache(model_hash: str, spec) -> Path:
+    import hashlib
+    import json
+
+    from rsavq.models import cache_dir
+
+    key = hashlib.sha256(json.dumps(spec.__dict__, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / "fisher" / f"{model_hash}-{key}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsavq", description=__doc__)
     parser.add_argument("--version", action="version", version=f"rsavq {__version__}")
@@ -167,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_eval_parser(sub)
     _add_fisher_parser(sub)
+    _add_quantize_parser(sub)
     return parser
 
 

@@ -80,6 +80,12 @@ class RSAVQConfig:
     def sub_dim(self) -> int:
         return self.vector_length // self.sub_vectors
 
+    @property
+    def needs_stats(self) -> bool:
+        """False for the plain k-means baseline (no EDSG, no WCSG, Euclidean)."""
+        no_wcsg = self.uniform_bits and self.groups == 1
+        return not (self.lam == 0 and no_wcsg and self.metric == Metric.EUCLIDEAN)
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["skip"] = list(self.skip)

@@ -66,6 +66,16 @@ class VQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return reference.vq_linear(x, self.codes, self.codebooks, self.perm, self.spec, self.bias)
 
+    def _apply(self, fn, recurse=True):
+        """Move codebooks with the module but keep them fp16 (`model.to(bfloat16)` is safe)."""
+        names = [n for n in self._buffers if n.startswith("codebooks_")]
+        kept = {n: self._buffers.pop(n) for n in names}
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0, dtype=torch.float16, device=self.perm.device)).device
+        for name, tensor in kept.items():
+            self._buffers[name] = tensor.to(device)
+        return self
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,0 +1,131 @@
+"""Quantized checkpoints: `model.safetensors` + `config.json` with `quantization_config`.
+
+`quantization_config` = {"quant_method": "rsavq", "format_version", "config": RSAVQConfig,
+"layers": {name: LayerSpec}}: the model is rebuilt from the config alone, then the tensors are
+loaded onto it (parameters never materialized before loading).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rsavq.config import FORMAT_VERSION, LayerSpec
+from rsavq.errors import UsageError
+from rsavq.io import atomic_write, atomic_write_json
+from rsavq.nn import VQLinear
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+QUANT_METHOD = "rsavq"
+
+
+def quantization_config(config_dict: dict, specs: dict[str, LayerSpec]) -> dict:
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "config": config_dict,
+        "layers": {n: s.to_dict() for n, s in specs.items()},
+    }
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates (the first name of a shared tensor is kept)."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype) if tensor.numel() else name
+        if key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().contiguous().cpu()
+    return state
+
+
+def save_quantized(model: nn.Module, out: Path, qconfig: dict, tokenizer=None) -> None:
+    """Write weights, then config.json (whose presence marks a complete checkpoint)."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = unique_state_dict(model)
+    meta = {"format": "pt", "rsavq_format_version": str(FORMAT_VERSION)}
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    config = model.config.to_dict()
+    config["quantization_config"] = qconfig
+    atomic_write_json(out / "config.json", config)
+
+
+def read_quantization_config(path: Path) -> dict:
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise UsageError(f"{path} has no config.json; is it a quantized checkpoint?")
+    qconfig = json.loads(config_path.read_text()).get("quantization_config") or {}
+    if qconfig.get("quant_method") != QUANT_METHOD:
+        raise UsageError(
+            f"{path} is not an rsavq checkpoint (quant_method "
+            f"{qconfig.get('quant_method')!r}); quantize it with `rsavq quantize`"
+        )
+    if qconfig.get("format_version") != FORMAT_VERSION:
+        raise UsageError(
+            f"{path} has rsavq format {qconfig.get('format_version')}; this rsavq "
+            f"reads {FORMAT_VERSION}: upgrade rsavq or requantize"
+        )
+    return qconfig
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype=None):
+    """A ready transformers model from a quantized checkpoint directory (eval mode)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    qconfig = read_quantization_config(path)
+    config = AutoConfig.from_pretrained(str(path))
+    config.quantization_config = None
+    with init_empty_weights():  # parameters on meta; buffers (rotary) computed for real
+        model = AutoModelForCausalLM.from_config(config)
+    for name, spec in qconfig["layers"].items():
+        set_module(model, name, VQLinear(LayerSpec.from_dict(spec)))
+    _load_tensors(model, path / WEIGHTS)
+    model.config.quantization_config = qconfig
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device).eval()
+
+
+def _load_tensors(model: nn.Module, weights: Path) -> None:
+    try:
+        state = load_file(str(weights))
+    except (OSError, SafetensorError) as exc:
+        raise UsageError(
+            f"cannot read {weights} ({exc}); the checkpoint is incomplete or corrupt: requantize"
+        ) from exc
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and expected[name].shape != tensor.shape:
+            raise UsageError(
+                f"{weights}: tensor {name} has shape {list(tensor.shape)}, the "
+                f"config says {list(expected[name].shape)}; the checkpoint is corrupt"
+            )
+    unexpected = set(state) - set(expected)
+    if unexpected:
+        raise UsageError(
+            f"{weights} holds tensors the config does not describe: "
+            f"{sorted(unexpected)[:5]}; the checkpoint is corrupt"
+        )
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise UsageError(f"{weights} lacks tensors {missing[:5]}; the checkpoint is incomplete")
