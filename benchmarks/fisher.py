@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    parser.add_argument("--gram-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--json", default="benchmarks/results/fisher.json")
     args = parser.parse_args()
 
@@ -49,7 +50,8 @@ def main() -> None:
     corpus = load_corpus("c4", args.data_dir)
     windows = calibration_windows(tokenizer, corpus, args.nsamples, args.seqlen, seed=0)
     layers = find_linears(model)
-    accumulators = make_accumulators(layers, diag_output=False, device="cpu")
+    gram_dtype = getattr(torch, args.gram_dtype)
+    accumulators = make_accumulators(layers, False, "cpu", gram_dtype)
     options = CollectOptions(progress=False)
     collect_s = bare_s = 0.0
     for i in tqdm(range(args.nsamples), desc="collect vs bare", unit="seq"):

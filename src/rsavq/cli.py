@@ -124,12 +124,19 @@ def _add_fisher_parser(sub) -> None:
         help="memory mode: keep only diag(F_O) (for very wide layers)",
     )
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--fast-gram",
+        action="store_true",
+        help="bf16 Gram products with fp32 accumulation (faster; ~0.3%% per-sample rounding)",
+    )
     p.add_argument("--include-lm-head", action="store_true")
     p.add_argument("--text-field", default="text")
     p.set_defaults(func=_cmd_fisher)
 
 
 def _cmd_fisher(args: argparse.Namespace) -> int:
+    import torch
+
     from rsavq.data import calibration_windows, load_corpus
     from rsavq.models import load_model, resolve_model
     from rsavq.modules import DEFAULT_SKIP, find_linears
@@ -146,7 +153,11 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
     layers = find_linears(model, skip)
     spec = CalibrationSpec(corpus.name, args.nsamples, args.seqlen, args.seed)
     options = CollectOptions(
-        args.batch_size, args.diag_output, args.gradient_checkpointing, args.checkpoint_every
+        args.batch_size,
+        args.diag_output,
+        args.gradient_checkpointing,
+        args.checkpoint_every,
+        gram_dtype=torch.bfloat16 if args.fast_gram else torch.float32,
     )
     start = time.perf_counter()
     stats = fisher_stats(model, args.model, windows, layers, args.out, spec, options)

@@ -32,13 +32,18 @@ class LayerFisher:
 class FisherAccumulator:
     """fp32 running means of F_O, F_I, g and ||G||^2 over sequences.
 
-    Each batch updates `mean += (batch_sum - B * mean) / (count + B)`, which keeps the accumulator
-    at the scale of one sample (no growing sums) and is exact in exact arithmetic.
+    Each batch updates `mean = (1 - B w) * mean + w * batch_sum` with `w = 1 / (count + B)`,
+    which keeps the accumulator at the scale of one sample and is exact in exact arithmetic.
+    The symmetric factors are updated on their upper block triangle only (one fused `addmm_`
+    per row block) and mirrored when read.
     """
 
-    def __init__(self, m: int, n: int, diag_output: bool = False, device="cpu"):
+    def __init__(
+        self, m: int, n: int, diag_output: bool = False, device="cpu", gram_dtype=torch.float32
+    ):
+        self.gram_dtype = gram_dtype  # bfloat16: products from bf16 G, ~4x faster on AMX CPUs
         f_o_shape = (m,) if diag_output else (m, m)
-        self.stats = LayerFisher(
+        self._stats = LayerFisher(
             F_O=torch.zeros(f_o_shape, device=device),
             F_I=torch.zeros(n, n, device=device),
             g=torch.zeros(m, n, device=device),
@@ -46,25 +51,62 @@ class FisherAccumulator:
             count=0,
         )
 
+    @property
+    def stats(self) -> LayerFisher:
+        """The statistics, with both triangles of F_O and F_I filled."""
+        if not self._stats.diag_output:
+            mirror_upper(self._stats.F_O)
+        mirror_upper(self._stats.F_I)
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: LayerFisher) -> None:
+        self._stats = value
+
+    @property
+    def count(self) -> int:
+        return self._stats.count
+
     def add(self, G: torch.Tensor) -> None:
         """Add per-sequence gradients `G` `[B, m, n]` (any float dtype; used in fp32)."""
         G = G.float()
         B, m, n = G.shape
-        s = self.stats
+        s = self._stats
         weight = 1.0 / (s.count + B)
+        keep = 1.0 - B * weight
         if s.diag_output:
-            f_o_sum = G.square().sum(dim=(0, 2))  # [m]
+            s.F_O.mul_(keep).add_(G.square().sum(dim=(0, 2)), alpha=weight)
         else:
-            rows = G.transpose(0, 1).reshape(m, B * n)  # [m, B*n]: G_1 | G_2 | ...
-            f_o_sum = rows @ rows.T
-        stacked = G.reshape(B * m, n)  # [B*m, n]: G_1 over G_2 over ...
-        _update(s.F_O, f_o_sum, B, weight)
-        _update(s.F_I, stacked.T @ stacked, B, weight)
-        _update(s.g, G.sum(dim=0), B, weight)
+            rows = G.transpose(0, 1).reshape(m, B * n)  # G_1 | G_2 | ...
+            add_gram(s.F_O, rows, keep, weight, self.gram_dtype)
+        add_gram(s.F_I, G.reshape(B * m, n).T, keep, weight, self.gram_dtype)  # G_1 over G_2
+        s.g.mul_(keep).add_(G.sum(dim=0), alpha=weight)
         batch_sq = G.square().sum(dtype=torch.float64).item()
-        s.sq_norm += (batch_sq - B * s.sq_norm) * weight
+        s.sq_norm = keep * s.sq_norm + weight * batch_sq
         s.count += B
 
 
-def _update(mean: torch.Tensor, batch_sum: torch.Tensor, B: int, weight: float) -> None:
-    mean.add_(batch_sum.sub_(mean, alpha=B), alpha=weight)
+def _block_edges(k: int) -> list[int]:
+    parts = 8 if k >= 1024 else 4 if k >= 512 else 2 if k >= 128 else 1
+    return [k * i // parts for i in range(parts + 1)]
+
+
+def add_gram(
+    F: torch.Tensor, A: torch.Tensor, beta: float, alpha: float, dtype=torch.float32
+) -> None:
+    """`F = beta * F + alpha * A @ A.T` on the upper block triangle of `F` `[k, k]`, in place."""
+    edges = _block_edges(A.shape[0])
+    low = A.to(dtype) if dtype != F.dtype else None
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        if low is None:
+            F[lo:hi, lo:].addmm_(A[lo:hi], A[lo:].T, beta=beta, alpha=alpha)
+        else:
+            block = low[lo:hi] @ low[lo:].T
+            F[lo:hi, lo:].mul_(beta).add_(block.to(F.dtype), alpha=alpha)
+
+
+def mirror_upper(F: torch.Tensor) -> None:
+    """Copy the upper block triangle (as written by `add_gram`) onto the lower one."""
+    edges = _block_edges(F.shape[0])
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        F[hi:, lo:hi] = F[lo:hi, hi:].T

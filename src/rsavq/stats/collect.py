@@ -31,11 +31,14 @@ class CollectOptions:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # samples between on-disk checkpoints (0: never)
     progress: bool = True
+    gram_dtype: torch.dtype = torch.float32  # bfloat16: faster Gram products, fp32 accumulation
 
 
-def make_accumulators(layers: dict[str, nn.Linear], diag_output: bool, device):
+def make_accumulators(
+    layers: dict[str, nn.Linear], diag_output: bool, device, gram_dtype=torch.float32
+):
     return {
-        name: FisherAccumulator(*layer.weight.shape, diag_output=diag_output, device=device)
+        name: FisherAccumulator(*layer.weight.shape, diag_output, device, gram_dtype)
         for name, layer in layers.items()
     }
 
@@ -52,7 +55,7 @@ def collect_fisher(
 
     Sequences already counted are skipped, so a run restored from a checkpoint resumes.
     """
-    done = next(iter(accumulators.values())).stats.count if accumulators else 0
+    done = next(iter(accumulators.values())).count if accumulators else 0
     device = next(model.parameters()).device
     bar = tqdm(
         total=len(windows), initial=done, desc="fisher", unit="seq", disable=not options.progress
