@@ -54,3 +54,60 @@ def test_bad_number_is_argparse_usage_error():
     with pytest.raises(SystemExit) as info:
         main(["eval", "--model", "x", "--seqlen", "0"])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--bits", "7"], "unsupported bits 7"),
+        (["--bits", "2", "--vector-length", "5"], "vector length 5 must be a positive multiple"),
+    ],
+)
+def test_quantize_bad_settings_exit_2(tiny_model_dir, tmp_path, capsys, extra, message):
+    args = ["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "q"), *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantize_end_to_end_and_reuses_stats(tiny_model_dir, text_file, tmp_path, capsys):
+    base = [
+        "quantize",
+        "--model",
+        str(tiny_model_dir),
+        "--bits",
+        "2",
+        "--calib",
+        str(text_file),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--codes-only-budget",
+        "--groups",
+        "2",
+        "--kmeans-iters",
+        "2",
+    ]
+    assert (
+        main(
+            [
+                *base,
+                "--out",
+                str(tmp_path / "a"),
+                "--eval",
+                str(text_file),
+                "--eval-seqlen",
+                "32",
+                "--eval-limit",
+                "2",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "collecting Fisher statistics" in out and "FP " in out and "-> RSAVQ" in out
+    assert main([*base, "--out", str(tmp_path / "b")]) == 0
+    assert "reusing Fisher statistics" in capsys.readouterr().out
+    assert main([*base, "--out", str(tmp_path / "b")]) == 2  # never overwrites a checkpoint
+    assert "already holds a checkpoint" in capsys.readouterr().err

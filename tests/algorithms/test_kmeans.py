@@ -1,0 +1,40 @@
+import torch
+
+from rsavq.algorithms.kmeans import assign, kmeans, update, weighted_distances
+
+
+def test_weighted_distances_match_definition():
+    gen = torch.Generator().manual_seed(0)
+    X, w, C = torch.randn(7, 3, generator=gen), torch.rand(7, 3, generator=gen), torch.randn(4, 3)
+    expected = ((X[:, None] - C[None]) ** 2 * w[:, None]).sum(-1)
+    torch.testing.assert_close(weighted_distances(X, w, C), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_update_is_weighted_mean_and_ignores_zero_weights():
+    X = torch.tensor([[0.0, 0.0], [2.0, 4.0], [100.0, 100.0]])
+    w = torch.tensor([[1.0, 1.0], [3.0, 1.0], [0.0, 0.0]])  # last point is padding
+    C = update(X, w, torch.tensor([0, 0, 0]), torch.zeros(2, 2))
+    torch.testing.assert_close(C[0], torch.tensor([1.5, 2.0]))
+    torch.testing.assert_close(C[1], torch.zeros(2))  # empty codeword keeps its value
+
+
+def test_kmeans_finds_separated_clusters_deterministically():
+    gen = torch.Generator().manual_seed(1)
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    X = (centers[:, None] + 0.1 * torch.randn(4, 50, 2, generator=gen)).reshape(-1, 2)
+    w = torch.ones_like(X)
+    a = kmeans(X, w, 4, generator=torch.Generator().manual_seed(0))
+    b = kmeans(X, w, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.centroids, b.centroids)
+    found = a.centroids[a.centroids[:, 0].argsort(stable=True)]
+    assert torch.cdist(found, centers).min(dim=1).values.max() < 0.1
+    assert a.loss < 200 * 0.1**2 * 4
+
+
+def test_loss_never_increases():
+    gen = torch.Generator().manual_seed(2)
+    X, w = torch.randn(300, 3, generator=gen), torch.rand(300, 3, generator=gen)
+    one = kmeans(X, w, 16, iters=1, tol=0, generator=torch.Generator().manual_seed(0))
+    many = kmeans(X, w, 16, iters=15, tol=0, generator=torch.Generator().manual_seed(0))
+    assert many.loss <= one.loss
+    assert assign(X, w, many.centroids)[1] == many.loss

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from rsavq.algorithms.metrics import first_order_term
+from rsavq.algorithms.rsavq import layer_bits, quantize_layer
+from rsavq.config import ChannelAxis, EdsgSign, RSAVQConfig
+from rsavq.modules import find_linears
+from rsavq.nn import VQLinear
+from rsavq.stats.collect import CollectOptions, collect_fisher, make_accumulators
+
+
+def random_weight(m, n, seed=0):
+    return torch.randn(m, n, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits", [2, 2.5, 3])
+def test_stored_bits_equal_accounting_and_fit_the_budget(bits):
+    W = random_weight(128, 384)
+    layer, _ = quantize_layer(W, None, RSAVQConfig(bits=bits, kmeans_iters=3))
+    stored = layer.stored_bits()
+    assert stored == layer_bits(layer.spec)
+    assert stored / W.numel() <= bits  # codebooks and permutation included
+
+
+@pytest.mark.parametrize("axis", list(ChannelAxis))
+@pytest.mark.parametrize(("m", "n", "groups"), [(16, 50, 4), (7, 33, 3), (10, 12, 1)])
+def test_ragged_shapes_are_padded_not_dropped(axis, m, n, groups):
+    W = random_weight(m, n, seed=m + n)
+    config = RSAVQConfig(
+        bits=4,
+        groups=groups,
+        channel_axis=axis,
+        uniform_bits=True,
+        max_group_bits=4,
+        kmeans_iters=5,
+    )
+    layer, _ = quantize_layer(W, None, config)
+    W_hat = VQLinear.from_quantized(layer).dequantize()
+    assert W_hat.shape == W.shape
+    assert sum(layer.spec.group_sizes) == (n if axis == ChannelAxis.INPUT else m)
+    # with at least as many codewords as points per codebook, every weight is reproduced
+    torch.testing.assert_close(W_hat, W, atol=2e-3, rtol=1e-3)
+
+
+def test_deterministic_for_a_seed():
+    W = random_weight(32, 96)
+    a, _ = quantize_layer(W, None, RSAVQConfig(bits=2, groups=2, kmeans_iters=4))
+    b, _ = quantize_layer(W, None, RSAVQConfig(bits=2, groups=2, kmeans_iters=4))
+    assert all(torch.equal(x, y) for x, y in zip(a.codes, b.codes, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(a.codebooks, b.codebooks, strict=True))
+
+
+def test_error_decreases_with_bits():
+    W = random_weight(64, 192)
+    errors = []
+    for bits in (1, 2, 3):
+        config = RSAVQConfig(bits=bits, groups=1, uniform_bits=True, kmeans_iters=10)
+        layer, _ = quantize_layer(W, None, config)
+        W_hat = VQLinear.from_quantized(layer).dequantize()
+        errors.append(((W_hat - W).norm() / W.norm()).item())
+    assert errors[0] > errors[1] > errors[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_gradients():
+    """Real Fisher statistics of a small random LLaMA (layers large enough to quantize)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    model = LlamaForCausalLM(config).eval()
+    layers = find_linears(model)
+    windows = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
+    accs = make_accumulators(layers, False, "cpu")
+    collect_fisher(model, windows, layers, accs, CollectOptions(progress=False))
+    return layers, {name: acc.stats for name, acc in accs.items()}
+
+
+def first_order_total(layers, stats, **overrides):
+    config = RSAVQConfig(
+        bits=2,
+        groups=1,
+        uniform_bits=True,
+        kmeans_iters=10,
+        budget_includes_overhead=False,
+        **overrides,
+    )
+    total = 0.0
+    for name, layer in layers.items():
+        quantized, _ = quantize_layer(layer.weight, stats[name], config)
+        E = VQLinear.from_quantized(quantized).dequantize() - layer.weight.detach()
+        total += first_order_term(stats[name], E)
+    return total
+
+
+def test_edsg_descent_sign_lowers_the_first_order_loss(tiny_gradients):
+    layers, stats = tiny_gradients
+    descent = first_order_total(layers, stats, lam=0.05)
+    none = first_order_total(layers, stats, lam=0.0)
+    flipped = first_order_total(layers, stats, lam=0.05, edsg_sign=EdsgSign.PAPER)
+    assert descent < 0
+    assert descent < none < flipped

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from rsavq.config import ChannelAxis, LayerSpec
+from rsavq.kernels import dequantize, vq_linear
+from rsavq.packing import pack
+
+
+def naive_dequantize(idx, codebooks, perm, spec):
+    """Element-by-element reconstruction from unpacked codes (the definition)."""
+    W = torch.zeros(spec.out_features, spec.in_features)
+    start = 0
+    for g, size in enumerate(spec.group_sizes):
+        rows, cols = spec.block_shape(g)
+        block = torch.zeros(rows, spec.n_vectors(g) * spec.vector_length)
+        for r in range(rows):
+            for j in range(spec.n_vectors(g)):
+                for p in range(spec.sub_vectors):
+                    code = idx[g][r, j * spec.sub_vectors + p]
+                    lo = j * spec.vector_length + p * spec.sub_dim
+                    block[r, lo : lo + spec.sub_dim] = codebooks[g][p, code].float()
+        channels = perm[start : start + size].long()
+        if spec.axis == ChannelAxis.INPUT.value:
+            W[:, channels] = block[:, :cols]
+        else:
+            W[channels] = block[:, :cols]
+        start += size
+    return W
+
+
+@pytest.mark.parametrize("axis", ["input", "output"])
+@pytest.mark.parametrize(
+    ("m", "n", "sizes", "bits"),
+    [(5, 12, (6, 6), (2, 1)), (4, 13, (7, 6), (3, 2)), (9, 7, (7,), (4,))],
+)
+def test_dequantize_matches_definition(axis, m, n, sizes, bits):
+    if axis == "output":
+        sizes = tuple(reversed(sizes)) if sum(sizes) == m else (m,)
+        if sum(sizes) != m:
+            sizes = (m - m // 2, m // 2)
+    spec = LayerSpec(n, m, sizes, bits[: len(sizes)] + (1,) * (len(sizes) - len(bits)), 6, 2, axis)
+    gen = torch.Generator().manual_seed(m * n)
+    perm = torch.randperm(spec.channels, generator=gen).to(spec.perm_dtype)
+    idx, packed, books = [], [], []
+    for g in range(len(spec.group_sizes)):
+        rows = spec.block_shape(g)[0]
+        codes = torch.randint(
+            0, 2 ** spec.code_bits(g), (rows, spec.codes_per_row(g)), generator=gen
+        )
+        idx.append(codes)
+        packed.append(pack(codes, spec.code_bits(g)))
+        books.append(torch.randn(2, 2 ** spec.code_bits(g), 3, generator=gen).half())
+    W = dequantize(packed, books, perm, spec)
+    torch.testing.assert_close(W, naive_dequantize(idx, books, perm, spec))
+    x = torch.randn(3, n, generator=gen)
+    torch.testing.assert_close(vq_linear(x, packed, books, perm, spec), x @ W.T)

@@ -1,0 +1,52 @@
+import pytest
+
+from rsavq.config import LambdaMode, LayerSpec, Metric, RSAVQConfig
+from rsavq.errors import UsageError
+
+
+def test_roundtrip_through_dict():
+    config = RSAVQConfig(bits=3, metric=Metric.FISHER_DIAG, lambda_mode=LambdaMode.RAW)
+    assert RSAVQConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["metric"] == "fisher_diag"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": 9}, "unsupported bits 9"),
+        ({"bits": 0.5}, "unsupported bits"),
+        ({"vector_length": 5}, "vector length 5 must be a positive multiple of sub-vectors 2"),
+        ({"vector_length": 12, "sub_vectors": 2}, "exceed 16 bits"),
+        ({"uniform_bits": True, "bits": 2.5}, "uniform bits need a whole number"),
+        ({"groups": 0}, "groups and k-means iterations must be >= 1"),
+    ],
+)
+def test_invalid_configs_are_refused(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        RSAVQConfig(**kwargs)
+
+
+def test_unknown_keys_and_enum_values():
+    with pytest.raises(UsageError, match="unknown RSAVQ config keys"):
+        RSAVQConfig.from_dict({"bitz": 2})
+    with pytest.raises(UsageError, match="metric 'cosine' unknown"):
+        RSAVQConfig.from_dict({"metric": "cosine"})
+
+
+def test_needs_stats_only_for_fisher_features():
+    assert RSAVQConfig().needs_stats
+    assert not RSAVQConfig(lam=0, groups=1, uniform_bits=True).needs_stats
+
+
+def test_layer_spec_geometry():
+    spec = LayerSpec(
+        in_features=100,
+        out_features=8,
+        group_sizes=(50, 50),
+        group_bits=(3, 2),
+        vector_length=6,
+        sub_vectors=2,
+    )
+    assert spec.sub_dim == 3 and spec.code_bits(0) == 9 and spec.n_vectors(1) == 9
+    assert spec.codes_per_row(1) == 18 and spec.block_shape(0) == (8, 50)
+    assert LayerSpec.from_dict(spec.to_dict()) == spec

@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rsavq.pipeline as pipeline
+from helpers import build_tiny_llama
+from rsavq.config import RSAVQConfig
+from rsavq.errors import UsageError
+from rsavq.modules import find_linears
+from rsavq.nn import VQLinear
+from rsavq.pipeline import quantize_model
+from rsavq.serialization import load_quantized
+from rsavq.stats.collect import CollectOptions
+from rsavq.stats.run import CalibrationSpec, fisher_stats
+
+CONFIG = RSAVQConfig(bits=2, groups=2, kmeans_iters=3, budget_includes_overhead=False)
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory):
+    model = build_tiny_llama(vocab_size=64, seed=7)
+    windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = tmp_path_factory.mktemp("stats")
+    fisher_stats(
+        model,
+        "tiny",
+        windows,
+        find_linears(model),
+        out,
+        CalibrationSpec("rand", 4, 16, 0),
+        CollectOptions(progress=False),
+    )
+    return out
+
+
+def fresh():
+    return build_tiny_llama(vocab_size=64, seed=7)
+
+
+def quantize(out, stats_dir, config=CONFIG):
+    from rsavq.stats import load_stats
+
+    model = fresh()
+    quantize_model(model, config, load_stats(stats_dir), out, progress=False)
+    return model
+
+
+def test_checkpoint_loads_with_identical_logits(tmp_path, stats_dir):
+    model = quantize(tmp_path / "q", stats_dir)
+    assert sum(isinstance(m, VQLinear) for m in model.modules()) == 14
+    loaded = load_quantized(tmp_path / "q")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # ties restored
+
+
+def test_report_bits_are_the_stored_bits(tmp_path, stats_dir):
+    quantize(tmp_path / "q", stats_dir)
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    for row in report["layers"]:
+        stored = sum(
+            t.numel() * t.element_size() * 8
+            for k, t in tensors.items()
+            if k.startswith(row["name"] + ".") and not k.endswith(".bias")
+        )
+        assert stored == pytest.approx(row["bits_per_weight"] * row["shape"][0] * row["shape"][1])
+    assert (tmp_path / "q" / "report.md").read_text().startswith("# RSAVQ report: 14 layers")
+
+
+def test_resume_after_interruption_gives_the_same_checkpoint(tmp_path, stats_dir, monkeypatch):
+    quantize(tmp_path / "full", stats_dir)
+    original, calls = pipeline.quantize_layer, []
+
+    def dies_on_fifth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "quantize_layer", dies_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(tmp_path / "resumed", stats_dir)
+    assert len(list((tmp_path / "resumed" / ".partial" / "layers").iterdir())) == 4
+    monkeypatch.setattr(pipeline, "quantize_layer", original)
+    quantize(tmp_path / "resumed", stats_dir)
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "resumed" / ".partial").exists()
+
+
+def test_existing_checkpoint_is_never_overwritten(tmp_path, stats_dir):
+    quantize(tmp_path / "q", stats_dir)
+    before = (tmp_path / "q" / "model.safetensors").read_bytes()
+    with pytest.raises(UsageError, match="already holds a checkpoint"):
+        quantize(
+            tmp_path / "q", stats_dir, RSAVQConfig(bits=3, groups=1, budget_includes_overhead=False)
+        )
+    assert (tmp_path / "q" / "model.safetensors").read_bytes() == before
+
+
+def test_interrupted_run_with_other_settings_is_refused(tmp_path, stats_dir):
+    (tmp_path / "q" / ".partial").mkdir(parents=True)
+    (tmp_path / "q" / ".partial" / "run.json").write_text('{"config": {}}')
+    with pytest.raises(UsageError, match="interrupted run with other settings"):
+        quantize(tmp_path / "q", stats_dir)
+
+
+def test_stats_from_another_model_are_refused(tmp_path, stats_dir):
+    from rsavq.stats import load_stats
+
+    other = build_tiny_llama(vocab_size=64, layers=3)
+    with pytest.raises(UsageError, match="made from another model"):
+        quantize_model(other, CONFIG, load_stats(stats_dir), tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_missing_stats_directory(tmp_path):
+    from rsavq.stats import load_stats
+
+    with pytest.raises(UsageError, match="no Fisher statistics"):
+        load_stats(tmp_path / "nowhere")
+
+
+def test_kmeans_baseline_needs_no_stats(tmp_path):
+    config = RSAVQConfig(
+        bits=2, groups=1, uniform_bits=True, lam=0, kmeans_iters=2, budget_includes_overhead=False
+    )
+    quantize_model(fresh(), config, None, tmp_path / "q", progress=False)
+    assert load_quantized(tmp_path / "q") is not None
