@@ -82,6 +82,10 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location = resolve_model(spec, cache)
+    if _is_rsavq_checkpoint(location):
+        from rsavq.serialization import load_quantized
+
+        return load_quantized(location, device, dtype), AutoTokenizer.from_pretrained(str(location))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(location))
@@ -96,6 +100,17 @@ def load_model(
         raise ModelNotFoundError(_not_found_message(spec, tried)) from exc
     model.to(device).eval()
     return model, tokenizer
+
+
+def _is_rsavq_checkpoint(location: Path) -> bool:
+    config = location / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        qconfig = json.loads(config.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        return False
+    return qconfig.get("quant_method") == "rsavq"
 
 
 def _resolve_local(path: Path, cache: Path) -> Path:
