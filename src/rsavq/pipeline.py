@@ -209,7 +209,8 @@ def plot_bits(path: Path, records: list[LayerRecord]) -> None:
     groups = max(len(r.group_bits) for r in records)
     fig, ax = plt.subplots(figsize=(max(6, len(records) * 0.06), 3.5))
     for g in range(groups):
-        ys = [r.group_bits[g] if g < len(r.group_bits) else None for r in records]
+        shift = (g - (groups - 1) / 2) * 0.06  # so that groups at equal bits stay visible
+        ys = [r.group_bits[g] + shift if g < len(r.group_bits) else None for r in records]
         ax.plot(
             range(len(records)), ys, marker=".", linestyle="", label=f"group {g + 1}", alpha=0.7
         )
