@@ -218,6 +218,11 @@ def _add_quantize_parser(sub) -> None:
     p.add_argument("--kmeans-tol", type=float, default=d.kmeans_tol)
     p.add_argument("--damping", type=float, default=d.damping)
     p.add_argument(
+        "--skip",
+        default=",".join(d.skip),
+        help=f"comma-separated fnmatch patterns of layers left unquantized ({','.join(d.skip)})",
+    )
+    p.add_argument(
         "--codes-only-budget",
         action="store_true",
         help="count only code bits against --bits (codebooks/perm reported on top)",
@@ -255,6 +260,7 @@ def _config_from_args(args: argparse.Namespace):
             "kmeans_tol": args.kmeans_tol,
             "damping": args.damping,
             "seed": args.seed,
+            "skip": [p for p in args.skip.split(",") if p],
         }
     )
 
