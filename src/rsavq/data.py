@@ -280,7 +280,7 @@ def calibration_windows(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, s
         documents = [documents[i] for i in order]
     budget = nsamples * seqlen * 8  # characters; ~4 per token, doubled for safety
     while True:
-        taken, chars = _take_chars(documents, budget)
+        taken = _take_chars(documents, budget)
         ids = tokenize(tokenizer, corpus.joiner.join(taken))
         slots = ids.numel() // seqlen
         if slots >= nsamples or len(taken) == len(documents):
@@ -295,11 +295,12 @@ def calibration_windows(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, s
     return ids[: slots * seqlen].view(slots, seqlen)[chosen]
 
 
-def _take_chars(documents: list[str], budget: int) -> tuple[list[str], int]:
+def _take_chars(documents: list[str], budget: int) -> list[str]:
+    """The leading documents holding at least `budget` characters (or all of them)."""
     taken, chars = [], 0
     for doc in documents:
         if chars >= budget:
             break
         taken.append(doc)
         chars += len(doc)
-    return taken, chars
+    return taken
