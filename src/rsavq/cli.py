@@ -137,20 +137,18 @@ def _add_fisher_parser(sub) -> None:
 def _cmd_fisher(args: argparse.Namespace) -> int:
     import torch
 
-    from rsavq.data import calibration_windows, load_corpus
+    from rsavq.data import load_corpus
     from rsavq.models import load_model, resolve_model
-    from rsavq.modules import DEFAULT_SKIP, find_linears
+    from rsavq.modules import DEFAULT_SKIP
     from rsavq.stats.collect import CollectOptions
-    from rsavq.stats.run import CalibrationSpec, fisher_stats
+    from rsavq.stats.run import CalibrationSpec, collect_model_stats
 
     resolve_model(args.model)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     corpus = load_corpus(args.calib, args.data_dir, args.text_field)
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-    windows = calibration_windows(tokenizer, corpus, args.nsamples, args.seqlen, args.seed)
     skip = tuple(p for p in DEFAULT_SKIP if not (args.include_lm_head and p == "lm_head"))
-    layers = find_linears(model, skip)
     spec = CalibrationSpec(corpus.name, args.nsamples, args.seqlen, args.seed)
     options = CollectOptions(
         args.batch_size,
@@ -160,7 +158,7 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
         gram_dtype=torch.bfloat16 if args.fast_gram else torch.float32,
     )
     start = time.perf_counter()
-    stats = fisher_stats(model, args.model, windows, layers, args.out, spec, options)
+    stats = collect_model_stats(model, tokenizer, args.model, corpus, spec, args.out, options, skip)
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*.safetensors"))
     print(
         f"Fisher statistics of {len(stats.layer_names)} layers from {args.nsamples} x "
@@ -279,7 +277,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     evaluation = load_corpus(args.eval, args.data_dir, args.text_field) if args.eval else None
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     before = _quick_ppl(model, tokenizer, evaluation, args) if evaluation else None
-    stats = _stats_for(model, tokenizer, calib, args) if config.needs_stats else None
+    stats = _stats_for(model, tokenizer, calib, args, config.skip) if config.needs_stats else None
     start = time.perf_counter()
     records = quantize_model(model, config, stats, args.out, tokenizer)
     summary = summarize(records)
@@ -306,13 +304,11 @@ def _quick_ppl(model, tokenizer, corpus, args):
     return perplexity(model, windows, corpus.name)
 
 
-def _stats_for(model, tokenizer, calib, args):
-    from rsavq.data import calibration_windows
-    from rsavq.modules import find_linears
+def _stats_for(model, tokenizer, calib, args, skip):
     from rsavq.stats import load_stats
     from rsavq.stats.artifact import MANIFEST, config_hash
     from rsavq.stats.collect import CollectOptions
-    from rsavq.stats.run import CalibrationSpec, fisher_stats
+    from rsavq.stats.run import CalibrationSpec, collect_model_stats
 
     spec = CalibrationSpec(calib.name, args.nsamples, args.seqlen, args.seed)
     root = Path(args.stats) if args.stats else _stats_cache(config_hash(model.config), spec)
@@ -323,11 +319,8 @@ def _stats_for(model, tokenizer, calib, args):
         f"collecting Fisher statistics into {root} ({args.nsamples} x {args.seqlen} tokens "
         f"of {calib.name})"
     )
-    windows = calibration_windows(tokenizer, calib, args.nsamples, args.seqlen, args.seed)
-    layers = find_linears(model)
-    return fisher_stats(
-        model, args.model, windows, layers, root, spec, CollectOptions(checkpoint_every=16)
-    )
+    options = CollectOptions(checkpoint_every=16)
+    return collect_model_stats(model, tokenizer, args.model, calib, spec, root, options, skip)
 
 
 def _stats_cache(model_hash: str, spec) -> Path:

@@ -148,7 +148,7 @@ def load_checkpoint(root: Path, manifest: dict, accumulators) -> int:
     if not path.exists():
         return 0
     saved = json.loads(path.read_text())
-    if _run_key(saved) != _run_key(manifest):
+    if run_key(saved) != run_key(manifest):
         raise UsageError(
             f"{root} holds a checkpoint of a different run (model, data or "
             "settings differ); use another --out or delete it to start over"
@@ -187,7 +187,8 @@ def load_stats(root: str | Path) -> FisherStats:
     return FisherStats(root, manifest)
 
 
-def _run_key(manifest: dict) -> dict:
+def run_key(manifest: dict) -> dict:
+    """What identifies a collection run (everything but progress counts and the version)."""
     drop = {"layers", "rsavq_version"}
     return {k: v for k, v in manifest.items() if k not in drop} | {
         "layer_names": sorted(manifest["layers"])

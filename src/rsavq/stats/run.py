@@ -9,14 +9,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rsavq.data import Corpus, calibration_windows
 from rsavq.errors import UsageError
+from rsavq.modules import DEFAULT_SKIP, find_linears
 from rsavq.stats.artifact import (
     MANIFEST,
     FisherStats,
-    _run_key,
     build_manifest,
     load_checkpoint,
     load_stats,
+    run_key,
     save_checkpoint,
     save_stats,
 )
@@ -74,9 +76,26 @@ def fisher_stats(
     return save_stats(out, build_manifest(model, model_id, run, accumulators), accumulators)
 
 
+def collect_model_stats(
+    model: nn.Module,
+    tokenizer,
+    model_id: str,
+    corpus: Corpus,
+    calibration: CalibrationSpec,
+    out: str | Path,
+    options: CollectOptions = CollectOptions(),
+    skip: tuple[str, ...] = DEFAULT_SKIP,
+) -> FisherStats:
+    """Draw the calibration windows from `corpus`, then `fisher_stats` for the model's linears."""
+    c = calibration
+    windows = calibration_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed)
+    layers = find_linears(model, skip)
+    return fisher_stats(model, model_id, windows, layers, out, calibration, options)
+
+
 def _reuse(out: Path, manifest: dict) -> FisherStats:
     existing = load_stats(out)
-    if _run_key(existing.manifest) != _run_key(manifest):
+    if run_key(existing.manifest) != run_key(manifest):
         raise UsageError(
             f"{out} already holds Fisher statistics of a different run (model, "
             "data or settings differ); choose another --out or delete it"
