@@ -23,6 +23,7 @@ from rsavq.algorithms.rsavq import QuantizedLayer, quantize_layer
 from rsavq.config import LayerSpec, RSAVQConfig
 from rsavq.errors import UsageError
 from rsavq.io import atomic_write, atomic_write_json
+from rsavq.kernels import dequantize
 from rsavq.modules import find_linears
 from rsavq.nn import VQLinear
 from rsavq.serialization import quantization_config, save_quantized, set_module
@@ -112,7 +113,7 @@ def _layer(name, layer, stats, config, work) -> tuple[QuantizedLayer, LayerRecor
     start = time.perf_counter()
     layer_stats = stats.layer(name) if stats is not None else None
     quantized, step = quantize_layer(layer.weight, layer_stats, config, layer.bias)
-    W_hat = VQLinear.from_quantized(quantized).dequantize()
+    W_hat = dequantize(quantized.codes, quantized.codebooks, quantized.perm, quantized.spec)
     W = layer.weight.detach().float().cpu()
     record = LayerRecord(
         name,
