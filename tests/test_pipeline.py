@@ -6,13 +6,14 @@ from safetensors.torch import load_file
 
 import rsavq.pipeline as pipeline
 from helpers import build_tiny_llama
-from rsavq.config import RSAVQConfig
+from rsavq.config import Compensation, RSAVQConfig, ScalarConfig
 from rsavq.errors import UsageError
 from rsavq.modules import find_linears
 from rsavq.nn import VQLinear
 from rsavq.pipeline import quantize_model
 from rsavq.serialization import load_quantized
 from rsavq.stats.collect import CollectOptions
+from rsavq.stats.hessian import input_hessians
 from rsavq.stats.run import CalibrationSpec, fisher_stats
 
 CONFIG = RSAVQConfig(bits=2, groups=2, kmeans_iters=3, budget_includes_overhead=False)
@@ -132,3 +133,52 @@ def test_kmeans_baseline_needs_no_stats(tmp_path):
     )
     quantize_model(fresh(), config, None, tmp_path / "q", progress=False)
     assert load_quantized(tmp_path / "q") is not None
+
+
+def _hessians(model):
+    windows = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(2))
+    return input_hessians(model, find_linears(model), windows, progress=False)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_scalar_baselines_write_a_plain_checkpoint(tmp_path, method):
+    from transformers import AutoModelForCausalLM
+
+    model = fresh()
+    config = ScalarConfig(method=method, bits=3, group_size=32)
+    hessians = _hessians(model) if method == "gptq" else None
+    records = quantize_model(model, config, None, tmp_path / "q", progress=False, hessians=hessians)
+    layer = find_linears(model)["model.layers.0.mlp.down_proj"]  # 48 x 96: 3 groups of 32
+    assert len(torch.unique(layer.weight[0])) <= 3 * 8  # 3 groups (act-order permutes them)
+    row = next(r for r in records if r.name == "model.layers.0.mlp.down_proj")
+    act_order = 32 * 96 if method == "gptq" else 0
+    assert row.bits_per_weight == (48 * 96 * 3 + 48 * 3 * 19 + act_order) / (48 * 96)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    ids = torch.randint(0, 64, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert report["summary"]["layers"] == 14
+
+
+def test_gptq_without_hessians_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="input Hessians"):
+        quantize_model(fresh(), ScalarConfig(method="gptq"), None, tmp_path / "q", progress=False)
+
+
+def test_hessian_compensation_in_the_pipeline(tmp_path, stats_dir):
+    from rsavq.stats import load_stats
+
+    model = fresh()
+    config = RSAVQConfig(bits=2, groups=2, kmeans_iters=2, compensation=Compensation.HESSIAN)
+    quantize_model(
+        model,
+        config,
+        load_stats(stats_dir),
+        tmp_path / "q",
+        progress=False,
+        hessians=_hessians(model),
+        calibration={"source": "rand"},
+    )
+    loaded = load_quantized(tmp_path / "q")
+    assert loaded.config.quantization_config["config"]["compensation"] == "hessian"

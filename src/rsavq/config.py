@@ -43,6 +43,12 @@ class Allocation(str, Enum):
     RATE_DISTORTION = "rate-distortion"
 
 
+class Compensation(str, Enum):
+    NONE = "none"  # the paper's method: every vector assigned independently
+    FISHER = "fisher"  # OBS/GPTQ-style error feedback with F_I as the Hessian (an extension)
+    HESSIAN = "hessian"  # ... with GPTQ's input Hessian X^T X (needs input statistics)
+
+
 class ChannelAxis(str, Enum):
     INPUT = "input"  # columns of W (the paper's choice)
     OUTPUT = "output"  # rows of W, for comparison
@@ -62,6 +68,7 @@ class RSAVQConfig:
     metric: Metric = Metric.EUCLIDEAN
     allocation: Allocation = Allocation.PAPER
     channel_axis: ChannelAxis = ChannelAxis.INPUT
+    compensation: Compensation = Compensation.NONE
     uniform_bits: bool = False  # every group at `bits` (with groups=1: no WCSG)
     budget_includes_overhead: bool = True  # codebooks + perm count against the budget
     min_group_bits: int = 1
@@ -84,7 +91,13 @@ class RSAVQConfig:
     def needs_stats(self) -> bool:
         """False for the plain k-means baseline (no EDSG, no WCSG, Euclidean)."""
         no_wcsg = self.uniform_bits and self.groups == 1
-        return not (self.lam == 0 and no_wcsg and self.metric == Metric.EUCLIDEAN)
+        plain = self.lam == 0 and no_wcsg and self.metric == Metric.EUCLIDEAN
+        return not (plain and self.compensation != Compensation.FISHER)
+
+    @property
+    def needs_hessian(self) -> bool:
+        """True when error compensation uses the input Hessian `X^T X`."""
+        return self.compensation == Compensation.HESSIAN
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -113,6 +126,7 @@ def _enums(kwargs: dict) -> dict:
         "metric": Metric,
         "allocation": Allocation,
         "channel_axis": ChannelAxis,
+        "compensation": Compensation,
     }
     for key, enum in types.items():
         if key in kwargs:
@@ -143,6 +157,8 @@ def validate(config: RSAVQConfig) -> None:
         )
     if config.uniform_bits and config.bits != int(config.bits):
         raise UsageError("uniform bits need a whole number of bits")
+    if config.compensation != Compensation.NONE and config.channel_axis != ChannelAxis.INPUT:
+        raise UsageError("error compensation works along input channels; use --channel-axis input")
     if config.groups < 1 or config.kmeans_iters < 1 or config.lam < 0 or config.damping < 0:
         raise UsageError("groups and k-means iterations must be >= 1; lambda, damping >= 0")
 
@@ -202,3 +218,34 @@ class LayerSpec:
             tuple(data["group_bits"]),
         )
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class ScalarConfig:
+    """The scalar baselines (`--method rtn|gptq`): asymmetric, per-row groups of input columns."""
+
+    method: str = "gptq"  # "rtn" or "gptq"
+    bits: int = 4
+    group_size: int = 128
+    act_order: bool = True  # GPTQ only
+    damping: float = 0.01  # GPTQ only: fraction of mean(diag H)
+    skip: tuple[str, ...] = DEFAULT_SKIP
+
+    def __post_init__(self) -> None:
+        if self.method not in ("rtn", "gptq"):
+            raise UsageError(f"scalar method '{self.method}' unknown; use rtn or gptq")
+        if not 1 <= self.bits <= 8 or self.group_size < 1:
+            raise UsageError("scalar baselines need 1 <= bits <= 8 and a group size >= 1")
+
+    @property
+    def needs_stats(self) -> bool:
+        return False
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.method == "gptq"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["skip"] = list(self.skip)
+        return data

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -20,12 +21,11 @@ from tqdm.auto import tqdm
 
 from rsavq.algorithms.metrics import layer_metrics
 from rsavq.algorithms.rsavq import QuantizedLayer, quantize_layer
-from rsavq.config import LayerSpec, RSAVQConfig
+from rsavq.algorithms.scalar import gptq, rtn, scalar_bits
+from rsavq.config import LayerSpec, RSAVQConfig, ScalarConfig
 from rsavq.errors import UsageError
 from rsavq.io import atomic_write, atomic_write_json
-from rsavq.kernels import dequantize
 from rsavq.modules import find_linears
-from rsavq.nn import VQLinear
 from rsavq.serialization import quantization_config, save_quantized, set_module
 from rsavq.stats.artifact import FisherStats, config_hash
 
@@ -47,35 +47,110 @@ class LayerRecord:
     seconds: float
 
 
+@dataclass
+class FakeQuantLayer:
+    """A scalar baseline's result: the dequantized weight and the bits its packed format takes."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    bits: int
+
+    def stored_bits(self) -> int:
+        return self.bits
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight}
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight
+
+    def module(self) -> nn.Linear:
+        out, inp = self.weight.shape
+        linear = nn.Linear(inp, out, bias=self.bias is not None)
+        linear.weight.data.copy_(self.weight)
+        if self.bias is not None:
+            linear.bias.data.copy_(self.bias)
+        return linear
+
+
 def quantize_model(
     model: nn.Module,
-    config: RSAVQConfig,
+    config: RSAVQConfig | ScalarConfig,
     stats: FisherStats | None,
     out: str | Path,
     tokenizer=None,
     progress: bool = True,
+    hessians: dict[str, torch.Tensor] | None = None,
+    calibration: dict | None = None,
 ) -> list[LayerRecord]:
-    """Replace the model's linears by `VQLinear`s and write the checkpoint to `out`."""
+    """Quantize the model's linears and write the checkpoint to `out`.
+
+    RSAVQ configs give `VQLinear`s and an rsavq checkpoint; the scalar baselines give a plain
+    checkpoint of their dequantized weights (their bits are those of the GPTQ packed format).
+    `hessians` (`X^T X` per layer) serve GPTQ and `compensation=hessian`; `calibration` describes
+    their data and joins the run's identity.
+    """
     out = Path(out)
     layers = find_linears(model, config.skip)
     if stats is not None:
         stats.check_model(model, layers)
+    if config.needs_hessian and (hessians is None or set(layers) - set(hessians)):
+        raise UsageError("this method needs input Hessians for every layer; collect them first")
     run = {
         "config": config.to_dict(),
         "model_config_hash": config_hash(model.config),
         "stats": stats.manifest["calibration"] if stats else None,
+        "hessians": calibration if config.needs_hessian else None,
     }
     work = _prepare(out, run)
     records, specs = [], {}
+    quantizer = _quantizer(config, stats, hessians)
     for name, layer in tqdm(layers.items(), desc="quantize", unit="layer", disable=not progress):
-        quantized, record = _layer(name, layer, stats, config, work)
-        set_module(model, name, VQLinear.from_quantized(quantized).to(layer.weight.device))
+        quantized, record = _layer(name, layer, quantizer, stats, work)
+        set_module(model, name, quantized.module().to(layer.weight.device))
         records.append(record)
-        specs[name] = quantized.spec
-    save_quantized(model, out, quantization_config(config.to_dict(), specs), tokenizer)
+        if isinstance(quantized, QuantizedLayer):
+            specs[name] = quantized.spec
+    qconfig = quantization_config(config.to_dict(), specs) if specs else None
+    save_quantized(model, out, qconfig, tokenizer)
     write_report(out, records)
     shutil.rmtree(work, ignore_errors=True)
     return records
+
+
+def _quantizer(config, stats: FisherStats | None, hessians):
+    """`(name, layer) -> (QuantizedLayer | FakeQuantLayer, EDSG step)` for the method."""
+    if isinstance(config, ScalarConfig):
+
+        def scalar(name, layer):
+            W = layer.weight.detach().float().cpu()
+            if config.method == "rtn":
+                W_hat = rtn(W, config.bits, config.group_size)
+            else:
+                W_hat = gptq(
+                    W,
+                    hessians[name],
+                    config.bits,
+                    config.group_size,
+                    config.act_order,
+                    config.damping,
+                )
+            act_order = config.method == "gptq" and config.act_order
+            bits = scalar_bits(W.shape, config.bits, config.group_size, act_order)
+            return FakeQuantLayer(W_hat, _bias(layer), bits), 0.0
+
+        return scalar
+
+    def vq(name, layer):
+        layer_stats = stats.layer(name) if stats is not None else None
+        hessian = hessians.get(name) if hessians else None
+        return quantize_layer(layer.weight, layer_stats, config, layer.bias, hessian)
+
+    return vq
+
+
+def _bias(layer: nn.Linear) -> torch.Tensor | None:
+    return None if layer.bias is None else layer.bias.detach().float().cpu()
 
 
 def check_output_dir(out: Path) -> None:
@@ -106,19 +181,23 @@ def _prepare(out: Path, run: dict) -> Path:
     return work
 
 
-def _layer(name, layer, stats, config, work) -> tuple[QuantizedLayer, LayerRecord]:
+def _layer(name, layer, quantizer, stats, work):
     path = work / "layers" / f"{name}.safetensors"
     if path.exists():
         return _read_layer(path)
     start = time.perf_counter()
-    layer_stats = stats.layer(name) if stats is not None else None
-    quantized, step = quantize_layer(layer.weight, layer_stats, config, layer.bias)
-    W_hat = dequantize(quantized.codes, quantized.codebooks, quantized.perm, quantized.spec)
+    quantized, step = quantizer(name, layer)
+    W_hat = quantized.dequantize()
     W = layer.weight.detach().float().cpu()
+    layer_stats = stats.layer(name) if stats is not None else None
+    if isinstance(quantized, QuantizedLayer):
+        group_bits = quantized.spec.group_bits
+    else:
+        group_bits = (round(quantized.bits / W.numel()),)
     record = LayerRecord(
         name,
         tuple(W.shape),
-        quantized.spec.group_bits,
+        group_bits,
         quantized.stored_bits() / W.numel(),
         step,
         layer_metrics(W, W_hat, layer_stats),
@@ -128,27 +207,34 @@ def _layer(name, layer, stats, config, work) -> tuple[QuantizedLayer, LayerRecor
     return quantized, record
 
 
-def _write_layer(path: Path, quantized: QuantizedLayer, record: LayerRecord) -> None:
+def _write_layer(path: Path, quantized, record: LayerRecord) -> None:
     tensors = {k: v.contiguous() for k, v in quantized.tensors().items()}
     if quantized.bias is not None:
         tensors["bias"] = quantized.bias.detach().contiguous().cpu()
-    meta = {"spec": json.dumps(quantized.spec.to_dict()), "record": json.dumps(record.__dict__)}
+    meta = {"record": json.dumps(record.__dict__)}
+    if isinstance(quantized, QuantizedLayer):
+        meta["spec"] = json.dumps(quantized.spec.to_dict())
+    else:
+        meta["stored_bits"] = str(quantized.bits)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def _read_layer(path: Path) -> tuple[QuantizedLayer, LayerRecord]:
+def _read_layer(path: Path):
     with safe_open(str(path), "pt") as handle:
         meta = handle.metadata()
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    spec = LayerSpec.from_dict(json.loads(meta["spec"]))
-    groups = len(spec.group_bits)
-    quantized = QuantizedLayer(
-        spec,
-        tensors["perm"],
-        [tensors[f"codes_{g}"] for g in range(groups)],
-        [tensors[f"codebooks_{g}"] for g in range(groups)],
-        tensors.get("bias"),
-    )
+    if "spec" in meta:
+        spec = LayerSpec.from_dict(json.loads(meta["spec"]))
+        groups = len(spec.group_bits)
+        quantized = QuantizedLayer(
+            spec,
+            tensors["perm"],
+            [tensors[f"codes_{g}"] for g in range(groups)],
+            [tensors[f"codebooks_{g}"] for g in range(groups)],
+            tensors.get("bias"),
+        )
+    else:
+        quantized = FakeQuantLayer(tensors["weight"], tensors.get("bias"), int(meta["stored_bits"]))
     data = json.loads(meta["record"])
     data["shape"], data["group_bits"] = tuple(data["shape"]), tuple(data["group_bits"])
     return quantized, LayerRecord(**data)

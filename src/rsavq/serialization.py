@@ -53,8 +53,10 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_quantized(model: nn.Module, out: Path, qconfig: dict, tokenizer=None) -> None:
-    """Write weights, then config.json (whose presence marks a complete checkpoint)."""
+def save_quantized(model: nn.Module, out: Path, qconfig: dict | None, tokenizer=None) -> None:
+    """Write weights, then config.json (whose presence marks a complete checkpoint).
+
+    `qconfig=None` writes a plain checkpoint (the scalar baselines' dequantized weights)."""
     out.mkdir(parents=True, exist_ok=True)
     state = unique_state_dict(model)
     meta = {"format": "pt", "rsavq_format_version": str(FORMAT_VERSION)}
@@ -62,7 +64,8 @@ def save_quantized(model: nn.Module, out: Path, qconfig: dict, tokenizer=None) -
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     config = model.config.to_dict()
-    config["quantization_config"] = qconfig
+    if qconfig is not None:
+        config["quantization_config"] = qconfig
     atomic_write_json(out / "config.json", config)
 
 

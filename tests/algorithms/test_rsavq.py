@@ -1,9 +1,13 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from rsavq.algorithms.metrics import first_order_term
 from rsavq.algorithms.rsavq import layer_bits, quantize_layer
-from rsavq.config import ChannelAxis, EdsgSign, RSAVQConfig
+from rsavq.config import ChannelAxis, Compensation, EdsgSign, RSAVQConfig
+from rsavq.errors import UsageError
+from rsavq.kernels import dequantize
 from rsavq.modules import find_linears
 from rsavq.nn import VQLinear
 from rsavq.stats.collect import CollectOptions, collect_fisher, make_accumulators
@@ -107,3 +111,36 @@ def test_edsg_descent_sign_lowers_the_first_order_loss(tiny_gradients):
     flipped = first_order_total(layers, stats, lam=0.05, edsg_sign=EdsgSign.PAPER)
     assert descent < 0
     assert descent < none < flipped
+
+
+def _correlated_inputs(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(256, n // 3, generator=gen) @ torch.randn(n // 3, n, generator=gen)
+    return X + 0.1 * torch.randn(256, n, generator=gen)
+
+
+@pytest.mark.parametrize("n,groups", [(48, 2), (50, 3)])
+def test_hessian_compensation_lowers_output_error(n, groups):
+    W = random_weight(24, n)
+    X = _correlated_inputs(n)
+    H = X.T @ X
+    base = RSAVQConfig(bits=2, groups=groups, lam=0, uniform_bits=True, kmeans_iters=5)
+    comp = replace(base, compensation=Compensation.HESSIAN)
+
+    def output_error(config):
+        layer, _ = quantize_layer(W, None, config, hessian=H)
+        W_hat = dequantize(layer.codes, layer.codebooks, layer.perm, layer.spec)
+        return ((W_hat - W) @ X.T).norm() / (W @ X.T).norm(), layer
+
+    plain_err, _ = output_error(base)
+    comp_err, layer = output_error(comp)
+    assert comp_err < 0.9 * plain_err
+    assert layer.stored_bits() == layer_bits(layer.spec)
+
+
+def test_compensation_needs_its_hessian():
+    W = random_weight(6, 12)
+    with pytest.raises(UsageError, match="input Hessians"):
+        quantize_layer(W, None, RSAVQConfig(compensation=Compensation.HESSIAN, lam=0))
+    with pytest.raises(UsageError, match="input channels"):
+        RSAVQConfig(compensation=Compensation.FISHER, channel_axis=ChannelAxis.OUTPUT)

@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-from helpers import build_tiny_llama, build_tokenizer
 
+from helpers import build_tiny_llama, build_tokenizer
 from rsavq.errors import UsageError
 from rsavq.eval import zeroshot
 from rsavq.eval.zeroshot import ZeroShotResult, build_task, parse_tasks, zero_shot
@@ -11,16 +11,34 @@ from rsavq.eval.zeroshot import ZeroShotResult, build_task, parse_tasks, zero_sh
 pytest.importorskip("lm_eval")
 
 PIQA = [
-    {"goal": "the fox", "sol1": "jumps over a dog.", "sol2": "rivers of light near stone.", "label": 0},
+    {
+        "goal": "the fox",
+        "sol1": "jumps over a dog.",
+        "sol2": "rivers of light near stone.",
+        "label": 0,
+    },
     {"goal": "seven wizards", "sol1": "quietly hex zebras.", "sol2": "old bridges.", "label": 1},
-    {"goal": "a lazy dog", "sol1": "the brown fox.", "sol2": "jovial zebras quietly jump.", "label": 0},
+    {
+        "goal": "a lazy dog",
+        "sol1": "the brown fox.",
+        "sol2": "jovial zebras quietly jump.",
+        "label": 0,
+    },
     {"goal": "old stone", "sol1": "bridges and rivers.", "sol2": "wizards.", "label": 1},
 ]
 WINO = [
-    {"sentence": "The fox jumps over the dog so _ is quick.", "option1": "fox", "option2": "dog",
-     "answer": "1"},
-    {"sentence": "Seven wizards hex zebras and _ run away.", "option1": "wizards",
-     "option2": "zebras", "answer": "2"},
+    {
+        "sentence": "The fox jumps over the dog so _ is quick.",
+        "option1": "fox",
+        "option2": "dog",
+        "answer": "1",
+    },
+    {
+        "sentence": "Seven wizards hex zebras and _ run away.",
+        "option1": "wizards",
+        "option2": "zebras",
+        "answer": "2",
+    },
 ]
 
 
@@ -36,7 +54,7 @@ def _write(path, rows):
 
 
 def loglikelihood(model, tok, context: str, continuation: str) -> float:
-    """Sum of log p(continuation tokens | context), tokenized as lm-eval does (whole minus context)."""
+    """Sum of log p(continuation | context), tokenized as lm-eval does (whole minus context)."""
     whole = tok(context + continuation).input_ids
     ctx = tok(context).input_ids
     ids = torch.tensor([whole])
@@ -47,8 +65,9 @@ def loglikelihood(model, tok, context: str, continuation: str) -> float:
 
 def expected(scores: list[list[tuple[float, int]]], golds: list[int]) -> dict:
     """acc: argmax loglikelihood; acc_norm: argmax loglikelihood / characters of the choice."""
-    acc = [max(range(len(s)), key=lambda i: s[i][0]) == g for s, g in zip(scores, golds)]
-    norm = [max(range(len(s)), key=lambda i: s[i][0] / s[i][1]) == g for s, g in zip(scores, golds)]
+    pairs = list(zip(scores, golds, strict=True))
+    acc = [max(range(len(s)), key=lambda i: s[i][0]) == g for s, g in pairs]
+    norm = [max(range(len(s)), key=lambda i: s[i][0] / s[i][1]) == g for s, g in pairs]
     return {"acc": sum(acc) / len(acc), "acc_norm": sum(norm) / len(norm)}
 
 
@@ -77,15 +96,20 @@ def test_winogrande_partial_scoring(lm, tmp_path):
     for row in WINO:
         cut = row["sentence"].index("_")
         target = " " + row["sentence"][cut + 1 :].strip()
-        lls = [loglikelihood(model, tok, row["sentence"][:cut] + o, target)
-               for o in (row["option1"], row["option2"])]
+        lls = [
+            loglikelihood(model, tok, row["sentence"][:cut] + o, target)
+            for o in (row["option1"], row["option2"])
+        ]
         hits.append(lls.index(max(lls)) == int(row["answer"]) - 1)
     assert result.tasks["winogrande"]["acc"] == pytest.approx(sum(hits) / len(hits))
 
 
 def test_arc_ai2_format_is_converted():
     row = {
-        "question": {"stem": "Why?", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]},
+        "question": {
+            "stem": "Why?",
+            "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}],
+        },
         "answerKey": "B",
     }
     assert zeroshot._arc_row(row) == {
@@ -98,8 +122,13 @@ def test_arc_ai2_format_is_converted():
 def test_hellaswag_preprocessing_matches_lm_eval():
     from lm_eval.tasks.hellaswag.utils import preprocess
 
-    row = {"ctx_a": "A man [title] sits.", "ctx_b": "he", "activity_label": "Sitting",
-           "endings": ["stands [step] up.", "sits."], "label": "1"}
+    row = {
+        "ctx_a": "A man [title] sits.",
+        "ctx_b": "he",
+        "activity_label": "Sitting",
+        "endings": ["stands [step] up.", "sits."],
+        "label": "1",
+    }
     out = zeroshot._hellaswag_row(row)
     assert out["query"] == preprocess("Sitting: A man [title] sits. He")
     assert out["choices"] == [preprocess(e) for e in row["endings"]]
@@ -107,7 +136,10 @@ def test_hellaswag_preprocessing_matches_lm_eval():
 
 
 def test_parse_tasks_and_errors(tmp_path):
-    assert parse_tasks("arc_easy, hellaswag=/x.jsonl") == {"arc_easy": None, "hellaswag": "/x.jsonl"}
+    assert parse_tasks("arc_easy, hellaswag=/x.jsonl") == {
+        "arc_easy": None,
+        "hellaswag": "/x.jsonl",
+    }
     with pytest.raises(UsageError, match="no tasks"):
         parse_tasks(" , ")
     with pytest.raises(UsageError, match="does not exist"):

@@ -12,8 +12,18 @@ from dataclasses import dataclass
 import torch
 
 from rsavq.algorithms.kmeans import assign, kmeans
+from rsavq.algorithms.obs import inverse_cholesky, obs_quantize
 from rsavq.allocation import plan_groups, split_sizes
-from rsavq.config import ChannelAxis, EdsgSign, LambdaMode, LayerSpec, Metric, RSAVQConfig
+from rsavq.config import (
+    ChannelAxis,
+    Compensation,
+    EdsgSign,
+    LambdaMode,
+    LayerSpec,
+    Metric,
+    RSAVQConfig,
+)
+from rsavq.errors import UsageError
 from rsavq.packing import pack, packed_words
 from rsavq.stats.accumulator import LayerFisher
 from rsavq.stats.natural_gradient import (
@@ -39,6 +49,16 @@ class QuantizedLayer:
         """Bits of every stored quantization tensor, counted from the tensors themselves."""
         tensors = [self.perm, *self.codes, *self.codebooks]
         return sum(t.numel() * t.element_size() * 8 for t in tensors)
+
+    def dequantize(self) -> torch.Tensor:
+        from rsavq.kernels import dequantize
+
+        return dequantize(self.codes, self.codebooks, self.perm, self.spec)
+
+    def module(self):
+        from rsavq.nn import VQLinear
+
+        return VQLinear.from_quantized(self)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"perm": self.perm}
@@ -115,6 +135,16 @@ def make_plan(
     return spec_for(plan.group_sizes, plan.group_bits), plan.perm
 
 
+def _compensation_hessian(config: RSAVQConfig, stats, hessian) -> torch.Tensor:
+    if config.compensation == Compensation.FISHER:
+        if stats is None:
+            raise UsageError("compensation 'fisher' needs Fisher statistics (F_I)")
+        return stats.F_I
+    if hessian is None:
+        raise UsageError("compensation 'hessian' needs input Hessians (X^T X) from calibration")
+    return hessian
+
+
 def _blocks(X: torch.Tensor, spec: LayerSpec, perm: torch.Tensor) -> list[torch.Tensor]:
     """Group blocks `[rows, cols]` of a `[m, n]` tensor in permuted channel order."""
     ordered = X[:, perm] if spec.axis == ChannelAxis.INPUT.value else X[perm]
@@ -130,22 +160,75 @@ def _as_points(block: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     return padded.view(rows, -1, P, spec.sub_dim).permute(2, 0, 1, 3).reshape(P, -1, spec.sub_dim)
 
 
-def quantize_group(T_block, w_block, spec: LayerSpec, g: int, config: RSAVQConfig, generator):
-    """Product VQ of one group: codebooks `[P, K, d]` (fp16) and packed codes `[rows, words]`."""
+def fit_codebooks(T_block, w_block, spec: LayerSpec, g: int, config: RSAVQConfig, generator):
+    """Weighted k-means per sub-vector position: fp16 codebooks `[P, K, d]`."""
+    points = _as_points(T_block, spec)
+    weights = _as_points(w_block, spec) * _as_points(torch.ones_like(T_block), spec)  # 0: pad
+    K = 2 ** spec.code_bits(g)
+    return torch.stack(
+        [
+            kmeans(
+                points[p], weights[p], K, config.kmeans_iters, config.kmeans_tol, generator
+            ).centroids.to(torch.float16)
+            for p in range(spec.sub_vectors)
+        ]
+    )
+
+
+def assign_codes(T_block, w_block, codebooks: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """Nearest fp16 codeword of every sub-vector: codes `[rows, n_vec, P]`."""
     rows = T_block.shape[0]
     points = _as_points(T_block, spec)
-    mask = _as_points(torch.ones_like(T_block), spec)  # 0 on padding
-    weights = _as_points(w_block, spec) * mask
-    K = 2 ** spec.code_bits(g)
-    codebooks, codes = [], []
-    for p in range(spec.sub_vectors):
-        result = kmeans(points[p], weights[p], K, config.kmeans_iters, config.kmeans_tol, generator)
-        C16 = result.centroids.to(torch.float16)
-        idx, _ = assign(points[p], weights[p], C16.float())
-        codebooks.append(C16)
-        codes.append(idx.view(rows, -1))  # [rows, n_vec]
-    stacked = torch.stack(codes, dim=2).reshape(rows, -1)  # [rows, n_vec * P]
-    return torch.stack(codebooks), pack(stacked, spec.code_bits(g))
+    weights = _as_points(w_block, spec) * _as_points(torch.ones_like(T_block), spec)
+    codes = [assign(points[p], weights[p], codebooks[p].float())[0] for p in range(len(points))]
+    return torch.stack([c.view(rows, -1) for c in codes], dim=2)
+
+
+def quantize_group(T_block, w_block, spec: LayerSpec, g: int, config: RSAVQConfig, generator):
+    """Product VQ of one group: codebooks `[P, K, d]` (fp16) and packed codes `[rows, words]`."""
+    codebooks = fit_codebooks(T_block, w_block, spec, g, config, generator)
+    codes = assign_codes(T_block, w_block, codebooks, spec)
+    return codebooks, pack(codes.reshape(codes.shape[0], -1), spec.code_bits(g))
+
+
+def _decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """`[rows, n_vec, P]` codes -> `[rows, n_vec * v]` weights."""
+    parts = [codebooks[p].float()[codes[..., p]] for p in range(codes.shape[-1])]
+    return torch.stack(parts, dim=2).reshape(codes.shape[0], -1)
+
+
+def quantize_compensated(T, metric, H, spec: LayerSpec, perm, config: RSAVQConfig, generator):
+    """Groups in permuted order, vector by vector, with OBS error feedback (`algorithms.obs`).
+
+    Each group's codebooks are fitted when the group is reached, on its columns with every earlier
+    group's error already absorbed; then its vectors are assigned one column-segment at a time.
+    """
+    v, order = spec.vector_length, perm.long()
+    edges = [0, *torch.tensor(spec.group_sizes).cumsum(0).tolist()]
+    blocks = [
+        [(s, min(s + v, c1)) for s in range(c0, c1, v)]
+        for c0, c1 in zip(edges[:-1], edges[1:], strict=True)
+    ]
+    metric_p = metric[:, order]
+    books: list[torch.Tensor] = []
+    codes: list[list[torch.Tensor]] = [[] for _ in blocks]
+
+    def prepare(g, block):
+        w = metric_p[:, edges[g] : edges[g + 1]]
+        books.append(fit_codebooks(block, w, spec, g, config, generator))
+
+    def quantize(g, k, segment):
+        s, e = blocks[g][k]
+        idx = assign_codes(segment, metric_p[:, s:e], books[g], spec)  # [rows, 1, P]
+        codes[g].append(idx)
+        return _decode(idx, books[g])[:, : e - s]
+
+    U = inverse_cholesky(H[order][:, order], config.damping)
+    obs_quantize(T[:, order], U, blocks, quantize, prepare)
+    return [
+        (books[g], pack(torch.cat(c, dim=1).reshape(c[0].shape[0], -1), spec.code_bits(g)))
+        for g, c in enumerate(codes)
+    ]
 
 
 def quantize_layer(
@@ -153,8 +236,12 @@ def quantize_layer(
     stats: LayerFisher | None,
     config: RSAVQConfig,
     bias: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> tuple[QuantizedLayer, float]:
-    """Quantize `W` `[m, n]`; returns the layer and the EDSG step's relative norm."""
+    """Quantize `W` `[m, n]`; returns the layer and the EDSG step's relative norm.
+
+    `hessian` (`X^T X`, `[n, n]`) is needed for `compensation=hessian` only.
+    """
     W = W.detach().float().cpu()
     spec, perm = make_plan(W, stats, config, bias is not None)
     T, step = edsg_target(W, stats, config)
@@ -164,12 +251,16 @@ def quantize_layer(
     else:
         metric = torch.ones_like(W)
     generator = torch.Generator().manual_seed(config.seed)
-    groups = [
-        quantize_group(t, w, spec, g, config, generator)
-        for g, (t, w) in enumerate(
-            zip(_blocks(T, spec, perm), _blocks(metric, spec, perm), strict=True)
-        )
-    ]
+    if config.compensation == Compensation.NONE:
+        groups = [
+            quantize_group(t, w, spec, g, config, generator)
+            for g, (t, w) in enumerate(
+                zip(_blocks(T, spec, perm), _blocks(metric, spec, perm), strict=True)
+            )
+        ]
+    else:
+        H = _compensation_hessian(config, stats, hessian)
+        groups = quantize_compensated(T, metric, H, spec, perm, config, generator)
     layer = QuantizedLayer(
         spec,
         perm.to(spec.perm_dtype),

@@ -1,9 +1,9 @@
 """Zero-shot accuracy through lm-eval-harness (the optional `[eval]` extra).
 
-The tasks are lm-eval's own multiple-choice configs (prompts, choices, acc / acc_norm). Where a local
-copy of the data exists (`--data-dir`, `$RSAVQ_DATA_DIR`, or `task=PATH`), the same config reads it
-through the `json` loader instead of the hub, so the evaluation runs offline; otherwise the standard
-lm-eval task of that name is used (hub access needed).
+The tasks are lm-eval's own multiple-choice configs (prompts, choices, acc / acc_norm). Where a
+local copy of the data exists (`--data-dir`, `$RSAVQ_DATA_DIR`, or `task=PATH`), the same config
+reads it through the `json` loader instead of the hub, so the evaluation runs offline; otherwise
+the standard lm-eval task of that name is used (hub access needed).
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ def _arc_row(row: dict) -> dict:
         choices = question["choices"]
         return {
             "question": question["stem"],
-            "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
+            "choices": {
+                "text": [c["text"] for c in choices],
+                "label": [c["label"] for c in choices],
+            },
             "answerKey": row["answerKey"],
         }
     return {"question": question, "choices": row["choices"], "answerKey": row["answerKey"]}
@@ -52,10 +55,7 @@ def _hellaswag_clean(text: str) -> str:
 
 def _hellaswag_row(row: dict) -> dict:
     """lm-eval's hellaswag preprocessing; `ctx` is used where `ctx_a`/`ctx_b` are absent."""
-    if "ctx_a" in row:
-        ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
-    else:
-        ctx = row["ctx"]
+    ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize() if "ctx_a" in row else row["ctx"]
     return {
         "query": _hellaswag_clean(row["activity_label"] + ": " + ctx),
         "choices": [_hellaswag_clean(e) for e in row["endings"]],
@@ -133,7 +133,7 @@ class ZeroShotResult:
 
 
 def parse_tasks(spec: str | Sequence[str]) -> dict[str, str | None]:
-    """`"arc_easy,hellaswag=/data/hs.jsonl"` -> `{"arc_easy": None, "hellaswag": "/data/hs.jsonl"}`."""
+    """`"arc_easy,hellaswag=/d/hs.jsonl"` -> `{"arc_easy": None, "hellaswag": "/d/hs.jsonl"}`."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out: dict[str, str | None] = {}
     for item in (i.strip() for i in items):
@@ -208,9 +208,7 @@ def zero_shot(
         from lm_eval import evaluator
         from lm_eval.models.huggingface import HFLM
     except ImportError as exc:
-        raise UsageError(
-            "zero-shot evaluation needs lm-eval: pip install 'rsavq[eval]'"
-        ) from exc
+        raise UsageError("zero-shot evaluation needs lm-eval: pip install 'rsavq[eval]'") from exc
     built = [build_task(n, p, data_dir) for n, p in parse_tasks(tasks).items()]
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
