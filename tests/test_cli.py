@@ -106,8 +106,49 @@ def test_quantize_end_to_end_and_reuses_stats(tiny_model_dir, text_file, tmp_pat
         == 0
     )
     out = capsys.readouterr().out
-    assert "collecting Fisher statistics" in out and "FP " in out and "-> RSAVQ" in out
+    assert "collecting Fisher statistics" in out and "FP " in out and "-> rsavq" in out
     assert main([*base, "--out", str(tmp_path / "b")]) == 0
     assert "reusing Fisher statistics" in capsys.readouterr().out
     assert main([*base, "--out", str(tmp_path / "b")]) == 2  # never overwrites a checkpoint
     assert "already holds a checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn", "kmeans"])
+def test_quantize_baselines(tiny_model_dir, text_file, tmp_path, capsys, method):
+    out = tmp_path / method
+    args = ["quantize", "--model", str(tiny_model_dir), "--bits", "3", "--method", method]
+    args += ["--calib", str(text_file), "--nsamples", "3", "--seqlen", "32", "--out", str(out)]
+    assert main([*args, "--group-size", "16", "--kmeans-iters", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert ("collecting input Hessians" in printed) == (method == "gptq")
+    assert "collecting Fisher" not in printed  # no baseline needs Fisher statistics
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["bits_per_weight"] > 3
+    config = json.loads((out / "config.json").read_text())
+    assert ("quantization_config" in config) == (method == "kmeans")
+
+
+def test_quantize_fractional_bits_for_scalar_refused(tiny_model_dir, tmp_path, capsys):
+    args = ["quantize", "--model", str(tiny_model_dir), "--bits", "2.5", "--method", "rtn"]
+    assert main([*args, "--out", str(tmp_path / "q")]) == 2
+    assert "needs whole --bits" in capsys.readouterr().err
+
+
+def test_eval_zero_shot_task_file(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    rows = [
+        {"goal": "a fox", "sol1": "jumps.", "sol2": "sleeps.", "label": i % 2} for i in range(4)
+    ]
+    path = tmp_path / "piqa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "r.json"
+    args = ["eval", "--model", str(tiny_model_dir), "--ppl", "", "--tasks", f"piqa={path}"]
+    assert main([*args, "--json", str(out)]) == 0
+    assert "average" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["zero_shot"]["tasks"]["piqa"]["acc"] == 0.5  # same choices, alternating labels
+
+
+def test_eval_nothing_to_do(tiny_model_dir, capsys):
+    assert main(["eval", "--model", str(tiny_model_dir), "--ppl", ""]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err

@@ -1,0 +1,5 @@
+import sys
+
+from rsavq.cli import main
+
+sys.exit(main())
