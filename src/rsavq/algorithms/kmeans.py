@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 CHUNK_ELEMENTS = 1 << 18  # distance-matrix elements at once (cache-sized: ~4x faster than 1<<24)
+SEED_POINTS_PER_CENTROID = 32  # k-means++ seeds from at most this many points per codeword
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,19 @@ def update(X: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, C: torch.Tenso
 def kmeans_plusplus(
     X: torch.Tensor, w: torch.Tensor, K: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """k-means++ seeding under the weighted distance, deterministic for a generator."""
+    """k-means++ seeding under the weighted distance, deterministic for a generator.
+
+    Seeds are drawn from a random subset of `SEED_POINTS_PER_CENTROID * K` points (its cost is
+    `K` sequential passes, so large layers sample; Lloyd iterations then use every point)."""
     N, d = X.shape
     mass = w.sum(dim=1)
     if N == 0 or mass.sum() <= 0:
         return torch.zeros(K, d, dtype=X.dtype, device=X.device)
+    live = torch.nonzero(mass > 0).flatten()  # padding never seeds
+    if len(live) > SEED_POINTS_PER_CENTROID * K:
+        pick = torch.randperm(len(live), generator=generator)[: SEED_POINTS_PER_CENTROID * K]
+        live = live[pick.to(X.device)]
+        X, w, mass = X[live], w[live], mass[live]
     centroids = torch.empty(K, d, dtype=X.dtype, device=X.device)
     first = torch.multinomial(mass.cpu().double(), 1, generator=generator).item()
     centroids[0] = X[first]

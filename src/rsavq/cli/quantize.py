@@ -184,12 +184,12 @@ def _quick_ppl(model, tokenizer, corpus, args):
 
 def _stats_for(model, tokenizer, calib, args, skip):
     from rsavq.stats import load_stats
-    from rsavq.stats.artifact import MANIFEST, config_hash
+    from rsavq.stats.artifact import MANIFEST
     from rsavq.stats.collect import CollectOptions
-    from rsavq.stats.run import CalibrationSpec, collect_model_stats
+    from rsavq.stats.run import CalibrationSpec, collect_model_stats, default_stats_dir
 
     spec = CalibrationSpec(calib.name, args.nsamples, args.seqlen, args.seed)
-    root = Path(args.stats) if args.stats else _stats_cache(config_hash(model.config), spec)
+    root = Path(args.stats) if args.stats else default_stats_dir(model, spec)
     if (root / MANIFEST).exists():
         print(f"reusing Fisher statistics in {root}")
         return load_stats(root)
@@ -215,13 +215,3 @@ def _hessians_for(model, tokenizer, calib, args, config):
     print(f"collecting input Hessians ({args.nsamples} x {args.seqlen} tokens of {calib.name})")
     windows = calibration_windows(tokenizer, calib, args.nsamples, args.seqlen, args.seed)
     return input_hessians(model, find_linears(model, config.skip), windows), spec
-
-
-def _stats_cache(model_hash: str, spec) -> Path:
-    import hashlib
-    import json
-
-    from rsavq.models import cache_dir
-
-    key = hashlib.sha256(json.dumps(spec.__dict__, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_dir() / "fisher" / f"{model_hash}-{key}"

@@ -16,6 +16,7 @@ from rsavq.stats.artifact import (
     MANIFEST,
     FisherStats,
     build_manifest,
+    config_hash,
     load_checkpoint,
     load_stats,
     run_key,
@@ -91,6 +92,21 @@ def collect_model_stats(
     windows = calibration_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed)
     layers = find_linears(model, skip)
     return fisher_stats(model, model_id, windows, layers, out, calibration, options)
+
+
+def default_stats_dir(model: nn.Module, calibration: CalibrationSpec) -> Path:
+    """The statistics cache entry of a model and calibration: `<cache>/fisher/<model>-<calib>`."""
+    import hashlib
+    import json
+
+    from rsavq.models import cache_dir
+
+    key = json.dumps(asdict(calibration), sort_keys=True).encode()
+    return (
+        cache_dir()
+        / "fisher"
+        / f"{config_hash(model.config)}-{hashlib.sha256(key).hexdigest()[:12]}"
+    )
 
 
 def _reuse(out: Path, manifest: dict) -> FisherStats:

@@ -1,0 +1,93 @@
+"""The quality benchmark's row definitions, resume keys and table writer (no model runs)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality", PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+SETTINGS = {
+    "model": "smollm2-135m",
+    "calibration": "c4 64x512 seed 0",
+    "windows": 16,
+    "tasks": "arc_easy,piqa",
+    "tasks_limit": 100,
+}
+
+
+def _row(section, label, bits, ppl, bpw=None, shots=None):
+    row = {"section": section, "label": label, "bits": bits, "settings": SETTINGS}
+    row["wikitext2"] = {"ppl": ppl, "windows": 16}
+    if bits is not None:
+        row.update(bits_per_weight=bpw, wall_seconds=61.2, median_relative_error=0.25)
+    if shots:
+        avg = sum(shots.values()) / len(shots)
+        row["zero_shot"] = {
+            "tasks": {t: {"acc": v, "acc_norm": v} for t, v in shots.items()},
+            "average": {"acc": avg, "acc_norm": avg},
+        }
+    return row
+
+
+def test_rows_cover_the_issue_table(quality):
+    rows = quality.all_rows([2, 3, 4], {"main", "lambda", "groups", "allocation", "metric", "sign"})
+    main = [r for r in rows if r.section == "main"]
+    assert [r.label for r in main[:7]] == [
+        "FP",
+        "RTN g128",
+        "GPTQ g128 act-order",
+        "k-means VQ",
+        "+EDSG",
+        "+WCSG (RSAVQ)",
+        "RSAVQ + Hessian compensation",
+    ]
+    kmeans, edsg, rsavq = main[3].config, main[4].config, main[5].config
+    assert (kmeans.lam, kmeans.groups, kmeans.uniform_bits) == (0.0, 1, True)
+    assert edsg.lam == rsavq.lam > 0 and edsg.groups == 1
+    lambdas = [r.label for r in rows if r.section == "lambda"]
+    assert "relative 0.002" in lambdas and "raw 0.1" in lambdas and len(lambdas) == 10
+    assert [r.label for r in rows if r.section == "groups"] == [f"{g} groups" for g in (1, 2, 4, 8)]
+
+
+def test_row_keys_change_with_config_and_settings(quality):
+    rows = quality.main_rows(2)
+    keys = {quality.row_key(r, SETTINGS) for r in rows}
+    assert len(keys) == len(rows)
+    other = dict(SETTINGS, windows=148)
+    assert quality.row_key(rows[0], other) != quality.row_key(rows[0], SETTINGS)
+
+
+def test_tables_from_cached_json(quality, tmp_path):
+    results = {
+        "rows": {
+            "a": _row("main", "FP", None, 19.13, shots={"arc_easy": 0.5, "piqa": 0.6}),
+            "b": _row("main", "RTN g128", 2, 1.8e6, 2.266, {"arc_easy": 0.25, "piqa": 0.5}),
+            "c": _row("lambda", "relative 0.01", 2, 2.6e7, 1.814),
+        }
+    }
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(results))
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nintro\n")
+    quality.main(["--table-only", "--json", str(path), "--markdown", str(md)])
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n")
+    assert "| FP | FP | 32 (fp32) | 19.13 | 50.0 | - | 60.0 | - | 55.0 | - |" in text
+    assert "| 2 | RTN g128 | 2.266 | 1.80e+06 | 25.0 | - | 50.0 | - | 37.5 | 61 s |" in text
+    assert "| lambda | relative 0.01 | 1.814 | 2.60e+07 | 0.250 |" in text
+    assert "16 windows x 2048" in text and "first 100 examples per task" in text
+    quality.main(["--table-only", "--json", str(path), "--markdown", str(md)])
+    assert md.read_text() == text  # the block is replaced, not appended again
