@@ -221,6 +221,8 @@ def run_all(args: argparse.Namespace) -> dict:
         "tasks_limit": args.tasks_limit,
     }
     rows = all_rows([int(b) for b in args.bits.split(",")], set(args.sections.split(",")))
+    if args.only:
+        rows = [r for r in rows if r.label in args.only.split(",")]
     runner = None
     for row in rows:
         key = row_key(row, settings)
@@ -351,6 +353,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default="runs/quality", help="checkpoints in progress, Hessians")
     p.add_argument("--json", default="benchmarks/results/quality.json")
     p.add_argument("--markdown", default="BENCHMARKS.md")
+    p.add_argument("--only", default="", help="comma-separated row labels to run (default all)")
+    p.add_argument("--merge", default="", help="comma-separated result JSONs added to the tables")
     p.add_argument("--table-only", action="store_true", help="only rewrite the tables")
     return p.parse_args(argv)
 
@@ -359,6 +363,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     results = load_results(Path(args.json)) if args.table_only else run_all(args)
+    for extra in filter(None, args.merge.split(",")):
+        results["rows"].update(load_results(Path(extra))["rows"])
     write_markdown(results, Path(args.markdown))
     print(render(results))
 

@@ -102,6 +102,7 @@ def test_winogrande_partial_scoring(lm, tmp_path):
         ]
         hits.append(lls.index(max(lls)) == int(row["answer"]) - 1)
     assert result.tasks["winogrande"]["acc"] == pytest.approx(sum(hits) / len(hits))
+    assert "acc_norm" not in result.tasks["winogrande"]  # as lm-eval: acc only
 
 
 def test_arc_ai2_format_is_converted():

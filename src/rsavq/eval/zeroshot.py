@@ -30,6 +30,7 @@ class LocalTask:
     files: tuple[str, ...]  # candidates relative to the data dir, first found wins
     prompt: dict  # lm-eval TaskConfig fields
     process: Callable[[dict], dict] | None = None  # row -> the schema `prompt` expects
+    metrics: tuple[str, ...] = METRICS  # lm-eval reports acc only for winogrande
 
 
 def _arc_row(row: dict) -> dict:
@@ -103,6 +104,7 @@ LOCAL_TASKS: dict[str, LocalTask] = {
             "doc_to_target": _winogrande_target,
             "doc_to_choice": _winogrande_choices,
         },
+        metrics=("acc",),
     ),
     "hellaswag": LocalTask(
         ("hellaswag/hellaswag_val.jsonl", "hellaswag/validation.jsonl"),
@@ -183,7 +185,7 @@ def _configurable_task(name: str, local: LocalTask, path: Path):
         "test_split": "test",
         "output_type": "multiple_choice",
         "metric_list": [
-            {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in METRICS
+            {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in local.metrics
         ],
         "metadata": {"version": 1.0},
         **local.prompt,
