@@ -7,7 +7,8 @@
 Rows (one process, same FP model, same C4 calibration windows and seeds):
 - main, per width: FP | RTN g128 | GPTQ g128 act-order | k-means (product VQ, one group, uniform
   bits, lambda 0, Euclidean) | +EDSG (k-means + the default lambda) | +WCSG (= RSAVQ, defaults)
-  | RSAVQ + Hessian compensation (an extension, not the paper's method);
+  | RSAVQ + Hessian compensation | +EDSG + Hessian compensation (one group; the compensation is an
+  extension, not the paper's method);
 - ablations at 2 bits: lambda (relative and raw), groups, allocation, metric, EDSG sign.
 Each finished row is stored in the JSON under a key made of its configuration and the evaluation
 settings, so an interrupted run resumes at the next row, and a layer-level resume inside a row
@@ -78,6 +79,12 @@ def main_rows(bits: int) -> list[Row]:
             "RSAVQ + Hessian compensation",
             bits,
             replace(default, compensation=Compensation.HESSIAN),
+        ),
+        Row(
+            "main",
+            "+EDSG + Hessian compensation",
+            bits,
+            replace(kmeans, lam=default.lam, compensation=Compensation.HESSIAN),
         ),
     ]
 

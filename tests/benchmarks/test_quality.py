@@ -45,7 +45,7 @@ def _row(section, label, bits, ppl, bpw=None, shots=None):
 def test_rows_cover_the_issue_table(quality):
     rows = quality.all_rows([2, 3, 4], {"main", "lambda", "groups", "allocation", "metric", "sign"})
     main = [r for r in rows if r.section == "main"]
-    assert [r.label for r in main[:7]] == [
+    assert [r.label for r in main[:8]] == [
         "FP",
         "RTN g128",
         "GPTQ g128 act-order",
@@ -53,6 +53,7 @@ def test_rows_cover_the_issue_table(quality):
         "+EDSG",
         "+WCSG (RSAVQ)",
         "RSAVQ + Hessian compensation",
+        "+EDSG + Hessian compensation",
     ]
     kmeans, edsg, rsavq = main[3].config, main[4].config, main[5].config
     assert (kmeans.lam, kmeans.groups, kmeans.uniform_bits) == (0.0, 1, True)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from rsavq import __version__
 from rsavq.cli import eval as eval_cmd
-from rsavq.cli import fisher, quantize
+from rsavq.cli import fisher, generate, quantize
 from rsavq.errors import RsavqError, UsageError
 
 logger = logging.getLogger("rsavq")
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_parser(sub)
     fisher.add_parser(sub)
     quantize.add_parser(sub)
+    generate.add_parsers(sub)
     return parser
 
 
