@@ -1,11 +1,22 @@
 """rsavq: Riemannian sensitivity-aware vector quantization of large language models.
 
-Importing the package has no side effects: heavy modules (transformers, datasets) load lazily.
+Importing the package registers `quant_method = "rsavq"` with transformers (so that
+`AutoModelForCausalLM.from_pretrained(quantized_dir)` works); nothing else runs at import, and the
+other heavy modules (datasets, lm-eval) load lazily.
 """
 
 from rsavq.errors import DataError, ModelNotFoundError, RsavqError, UsageError
 
 __version__ = "0.1.0"
+
+
+def _register_with_transformers() -> None:
+    from rsavq.hf import register
+
+    register()
+
+
+_register_with_transformers()
 
 __all__ = [
     "DataError",

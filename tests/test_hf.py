@@ -1,0 +1,70 @@
+"""`AutoModelForCausalLM.from_pretrained` on rsavq checkpoints (offline, tiny LLaMA)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import rsavq  # registers quant_method "rsavq"
+from helpers import build_tiny_llama
+from rsavq.config import RSAVQConfig
+from rsavq.nn import VQLinear
+from rsavq.pipeline import quantize_model
+from rsavq.serialization import load_quantized
+
+IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "q"
+    config = RSAVQConfig(bits=2, groups=2, lam=0, uniform_bits=True, kmeans_iters=2)
+    quantize_model(build_tiny_llama(vocab_size=64, seed=7), config, None, out, progress=False)
+    return out
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_from_pretrained_builds_vqlinear_and_matches(checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    assert sum(isinstance(m, VQLinear) for m in model.modules()) == 14
+    assert model.config.quantization_config.quant_method == "rsavq"
+    reference = load_quantized(checkpoint)
+    torch.testing.assert_close(logits(model), logits(reference), rtol=0, atol=1e-6)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_save_pretrained_round_trips(checkpoint, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype=torch.float32)
+    torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
+    assert again.model.layers[0].mlp.down_proj.codes_0.dtype == torch.int32
+
+
+def test_device_map_cpu(checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map="cpu", dtype=torch.float32)
+    assert next(model.parameters()).device.type == "cpu"
+    assert torch.isfinite(logits(model)).all()
+
+
+def test_future_format_is_refused(checkpoint, tmp_path):
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 99
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(rsavq.UsageError, match="format 99"):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_codebooks_stay_fp16(checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.codebooks_0.dtype == torch.float16 and layer.perm.dtype == torch.int16
+    assert logits(model).dtype == torch.bfloat16
