@@ -254,11 +254,14 @@ def _fmt_ppl(value: float) -> str:
 
 
 def _zs(row: dict, task: str) -> str:
+    """acc_norm in percent (acc where a task has none); "average" is the mean of those."""
     shots = row.get("zero_shot")
     if not shots:
         return "-"
-    value = shots["average"] if task == "average" else shots["tasks"].get(task)
-    return "-" if not value else f"{100 * value.get('acc_norm', value['acc']):.1f}"
+    values = {t: v.get("acc_norm", v["acc"]) for t, v in shots["tasks"].items()}
+    if task == "average":
+        return f"{100 * sum(values.values()) / len(values):.1f}"
+    return "-" if task not in values else f"{100 * values[task]:.1f}"
 
 
 def _settings_line(rows: list[dict]) -> str:

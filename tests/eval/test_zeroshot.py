@@ -160,4 +160,4 @@ def test_local_data_dir_is_found(tmp_path):
 
 def test_average_over_tasks():
     result = ZeroShotResult({"a": {"acc": 0.5, "acc_norm": 0.7}, "b": {"acc": 0.3}}, None)
-    assert result.average == {"acc": pytest.approx(0.4), "acc_norm": pytest.approx(0.7)}
+    assert result.average == {"acc": pytest.approx(0.4), "acc_norm": pytest.approx(0.5)}
