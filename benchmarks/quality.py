@@ -202,9 +202,8 @@ class Runner:
         wall = time.perf_counter() - start
         summary = summarize(records)
         errors = sorted(r.metrics["relative_error"] for r in records)
-        shutil.rmtree(
-            out, ignore_errors=True
-        )  # the row keeps the numbers, not the 130 MB checkpoint
+        if not self.args.keep_checkpoints:  # the row keeps the numbers, not the checkpoint
+            shutil.rmtree(out, ignore_errors=True)
         return {
             "bits_per_weight": summary["bits_per_weight"],
             "layer_seconds": summary["seconds"],
@@ -365,6 +364,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--markdown", default="BENCHMARKS.md")
     p.add_argument("--only", default="", help="comma-separated row labels to run (default all)")
     p.add_argument("--merge", default="", help="comma-separated result JSONs added to the tables")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep WORK/<row key>/")
     p.add_argument("--table-only", action="store_true", help="only rewrite the tables")
     return p.parse_args(argv)
 
