@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 
 def _register_with_transformers() -> None:
-    from rsavq.hf import register
+    from rsavq.integrations.transformers import register
 
     register()
 
