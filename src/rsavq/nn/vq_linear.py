@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from rsavq.config import LayerSpec
-from rsavq.kernels import reference
+from rsavq.kernels import Backend, reference
+from rsavq.kernels import vq_linear as vq_linear_kernel
 from rsavq.packing import packed_words
 
 
@@ -20,6 +21,7 @@ class VQLinear(nn.Module):
     def __init__(self, spec: LayerSpec, device=None, dtype=torch.float32):
         super().__init__()
         self.spec = spec
+        self.backend = Backend.AUTO  # or pin one: Backend.REFERENCE, Backend.CPU
         self.in_features, self.out_features = spec.in_features, spec.out_features
         self.register_buffer(
             "perm", torch.empty(spec.channels, dtype=spec.perm_dtype, device=device)
@@ -64,7 +66,9 @@ class VQLinear(nn.Module):
         return reference.dequantize(self.codes, self.codebooks, self.perm, self.spec, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.vq_linear(x, self.codes, self.codebooks, self.perm, self.spec, self.bias)
+        return vq_linear_kernel(
+            x, self.codes, self.codebooks, self.perm, self.spec, self.bias, self.backend
+        )
 
     def _apply(self, fn, recurse=True):
         """Move codebooks with the module but keep them fp16 (`model.to(bfloat16)` is safe)."""
