@@ -62,6 +62,7 @@ def test_dispatch_by_token_count_and_layout():
 
 
 def test_custom_op_has_a_fake_implementation():
-    spec, perm, codes, books = random_layer(8, 12, (12,), (2,))
-    lut = torch.randn(2, spec.codes_per_row(0), 2 ** spec.code_bits(0))
-    torch.library.opcheck(cpu.lut_gemv, (lut, codes[0], spec.code_bits(0), 8))
+    spec, perm, codes, books = random_layer(8, 18, (12, 6), (2, 3))
+    x = torch.randn(2, 18)
+    widths = [spec.code_bits(g) for g in range(2)]
+    torch.library.opcheck(cpu.vq_gemv, (x, codes, books, [12, 6], widths, 6, 8))
