@@ -129,9 +129,8 @@ class Runner:
         self.args = args
         self._load = lambda: load_model(args.model)
         _, self.tokenizer = self._load()
+        self.calib_spec = CalibrationSpec("c4", args.nsamples, args.seqlen, 0)
         self.calib = load_corpus("c4", args.data_dir)
-        # named as `rsavq quantize` names it, so both share the Fisher statistics cache
-        self.calib_spec = CalibrationSpec(self.calib.name, args.nsamples, args.seqlen, 0)
         wiki = load_corpus("wikitext2", args.data_dir)
         self.windows = evaluation_windows(self.tokenizer, wiki, 2048, args.windows)
         self._stats = self._hessians = None
