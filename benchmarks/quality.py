@@ -65,8 +65,13 @@ class Row:
         return None if self.config is None else self.config.to_dict()
 
 
+def paper_config(bits: int) -> RSAVQConfig:
+    """The paper's RSAVQ: 4 groups, lambda 0.01 (relative), every stored bit within the budget."""
+    return RSAVQConfig(bits=bits, groups=4, lam=0.01, budget_includes_overhead=True)
+
+
 def main_rows(bits: int) -> list[Row]:
-    default = RSAVQConfig(bits=bits)
+    default = paper_config(bits)
     kmeans = replace(default, groups=1, uniform_bits=True, lam=0.0)
     return [
         Row("main", "RTN g128", bits, ScalarConfig("rtn", bits)),
@@ -90,7 +95,7 @@ def main_rows(bits: int) -> list[Row]:
 
 
 def ablation_rows(bits: int = 2) -> list[Row]:
-    d = RSAVQConfig(bits=bits)
+    d = paper_config(bits)
     rows = [
         Row("lambda", f"relative {lam}", bits, replace(d, lam=lam))
         for lam in (0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)

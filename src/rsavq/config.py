@@ -61,7 +61,7 @@ class RSAVQConfig:
     bits: float = 2.0  # average code bits per weight; fractional budgets allowed
     vector_length: int = 6
     sub_vectors: int = 2
-    groups: int = 4
+    groups: int = 1  # measured best on SmolLM2 (BENCHMARKS.md); the paper uses 4
     lam: float = 0.01
     lambda_mode: LambdaMode = LambdaMode.RELATIVE
     edsg_sign: EdsgSign = EdsgSign.DESCENT
@@ -70,7 +70,7 @@ class RSAVQConfig:
     channel_axis: ChannelAxis = ChannelAxis.INPUT
     compensation: Compensation = Compensation.NONE
     uniform_bits: bool = False  # every group at `bits` (with groups=1: no WCSG)
-    budget_includes_overhead: bool = True  # codebooks + perm count against the budget
+    budget_includes_overhead: bool = False  # True: codebooks + perm count against the budget
     min_group_bits: int = 1
     max_group_bits: int = 5
     kmeans_iters: int = 20

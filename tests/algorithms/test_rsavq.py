@@ -20,7 +20,8 @@ def random_weight(m, n, seed=0):
 @pytest.mark.parametrize("bits", [2, 2.5, 3])
 def test_stored_bits_equal_accounting_and_fit_the_budget(bits):
     W = random_weight(128, 384)
-    layer, _ = quantize_layer(W, None, RSAVQConfig(bits=bits, kmeans_iters=3))
+    config = RSAVQConfig(bits=bits, groups=4, kmeans_iters=3, budget_includes_overhead=True)
+    layer, _ = quantize_layer(W, None, config)
     stored = layer.stored_bits()
     assert stored == layer_bits(layer.spec)
     assert stored / W.numel() <= bits  # codebooks and permutation included

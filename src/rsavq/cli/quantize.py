@@ -86,9 +86,11 @@ def add_parser(sub) -> None:
         help=f"comma-separated fnmatch patterns of layers left unquantized ({','.join(d.skip)})",
     )
     p.add_argument(
-        "--codes-only-budget",
-        action="store_true",
-        help="count only code bits against --bits (codebooks/perm reported on top)",
+        "--budget",
+        choices=["codes", "stored"],
+        default="stored" if d.budget_includes_overhead else "codes",
+        help="what --bits limits: code bits only (the paper's count; codebooks and permutation "
+        "are reported on top) or every stored bit",
     )
     p.add_argument(
         "--eval",
@@ -127,7 +129,7 @@ def _config_from_args(args: argparse.Namespace):
             "allocation": args.allocation,
             "channel_axis": args.channel_axis,
             "uniform_bits": args.uniform_bits,
-            "budget_includes_overhead": not args.codes_only_budget,
+            "budget_includes_overhead": args.budget == "stored",
             "kmeans_iters": args.kmeans_iters,
             "kmeans_tol": args.kmeans_tol,
             "damping": args.damping,
