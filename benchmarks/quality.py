@@ -280,9 +280,10 @@ def _settings_line(rows: list[dict]) -> str:
 
 
 def main_table(rows: list[dict]) -> str:
+    order = ["FP"] + [r.label for r in main_rows(2)]
     main = sorted(
         (r for r in rows if r["section"] == "main"),
-        key=lambda r: (r["bits"] or 99, 0),
+        key=lambda r: (r["bits"] or 0, order.index(r["label"]) if r["label"] in order else 99),
     )
     if not main:
         return ""
@@ -307,7 +308,9 @@ def main_table(rows: list[dict]) -> str:
 def ablation_table(rows: list[dict]) -> str:
     abl = [r for r in rows if r["section"] != "main"]
     if not abl:
-        return ""
+        return (
+            "(no ablation rows measured yet: `python benchmarks/quality.py --sections lambda,...`)"
+        )
     lines = [
         _settings_line(abl),
         "",

@@ -89,6 +89,7 @@ def test_tables_from_cached_json(quality, tmp_path):
     assert "| FP | FP | 32 (fp32) | 19.13 | 50.0 | - | 60.0 | - | 55.0 | - |" in text
     assert "| 2 | RTN g128 | 2.266 | 1.80e+06 | 25.0 | - | 50.0 | - | 37.5 | 61 s |" in text
     assert "| lambda | relative 0.01 | 1.814 | 2.60e+07 | 0.250 |" in text
+    assert text.index("| FP | FP |") < text.index("| 2 | RTN g128 |")  # FP first
     assert "16 windows x 2048" in text and "first 100 examples per task" in text
     quality.main(["--table-only", "--json", str(path), "--markdown", str(md)])
     assert md.read_text() == text  # the block is replaced, not appended again
