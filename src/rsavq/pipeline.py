@@ -107,7 +107,8 @@ def quantize_model(
     quantizer = _quantizer(config, stats, hessians)
     for name, layer in tqdm(layers.items(), desc="quantize", unit="layer", disable=not progress):
         quantized, record = _layer(name, layer, quantizer, stats, work)
-        set_module(model, name, quantized.module().to(layer.weight.device))
+        module = quantized.module().to(layer.weight.device, layer.weight.dtype)
+        set_module(model, name, module)
         records.append(record)
         if isinstance(quantized, QuantizedLayer):
             specs[name] = quantized.spec
