@@ -20,6 +20,7 @@ from rsavq.errors import UsageError
 from rsavq.modules import DEFAULT_SKIP
 
 FORMAT_VERSION = 1
+QUANT_METHOD = "rsavq"  # `quantization_config.quant_method` of rsavq checkpoints
 MAX_CODE_BITS = 16
 
 

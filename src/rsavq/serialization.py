@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rsavq.config import FORMAT_VERSION, LayerSpec
+from rsavq.config import FORMAT_VERSION, QUANT_METHOD, LayerSpec
 from rsavq.errors import UsageError
 from rsavq.io import atomic_write, atomic_write_json
 from rsavq.nn import VQLinear
@@ -24,7 +24,6 @@ from rsavq.nn import VQLinear
 logger = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
-QUANT_METHOD = "rsavq"
 
 
 def quantization_config(config_dict: dict, specs: dict[str, LayerSpec]) -> dict:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import logging
 
-from rsavq.config import FORMAT_VERSION, LayerSpec
+from rsavq.config import FORMAT_VERSION, QUANT_METHOD, LayerSpec
 from rsavq.errors import UsageError
 
 logger = logging.getLogger(__name__)
-QUANT_METHOD = "rsavq"
 _REGISTERED = False
 
 
