@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from rsavq.config import LayerSpec
+from rsavq.packing import pack
 from rsavq.stats.collect import sequence_loss
 
 WORDS = (
@@ -75,3 +77,18 @@ def brute_force(model, layers, windows):
             "sq_norm": G.square().sum(dim=(1, 2)).mean().item(),
         }
     return out
+
+
+def random_vq_layer(m, n, sizes, bits, v=6, P=2, seed=0, axis="input"):
+    """A VQ layer of random codes and codebooks: `(spec, perm, codes, codebooks)`."""
+    spec = LayerSpec(n, m, sizes, bits, v, P, axis)
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(spec.channels, generator=gen).to(spec.perm_dtype)
+    codes, books = [], []
+    for g in range(len(sizes)):
+        K = 2 ** spec.code_bits(g)
+        rows = spec.block_shape(g)[0]
+        idx = torch.randint(0, K, (rows, spec.codes_per_row(g)), generator=gen)
+        codes.append(pack(idx, spec.code_bits(g)))
+        books.append(torch.randn(P, K, spec.sub_dim, generator=gen).half())
+    return spec, perm, codes, books

@@ -12,6 +12,8 @@ Glossary of tensor names (one vocabulary everywhere):
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
@@ -211,6 +213,13 @@ class LayerSpec:
         data["group_sizes"], data["group_bits"] = list(self.group_sizes), list(self.group_bits)
         return data
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LayerSpec:
+        return _spec_from_json(text)
+
     @classmethod
     def from_dict(cls, data: dict) -> LayerSpec:
         data = dict(data)
@@ -219,6 +228,11 @@ class LayerSpec:
             tuple(data["group_bits"]),
         )
         return cls(**data)
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec_from_json(text: str) -> LayerSpec:  # kernels pass specs to custom ops as JSON
+    return LayerSpec.from_dict(json.loads(text))
 
 
 @dataclass(frozen=True)

@@ -3,24 +3,11 @@
 import pytest
 import torch
 
+from helpers import random_vq_layer as random_layer
 from rsavq.config import LayerSpec
 from rsavq.kernels import Backend, choose_backend, cpu, reference
-from rsavq.packing import pack
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="C++ extension cannot be built here")
-
-
-def random_layer(m, n, sizes, bits, v=6, P=2, seed=0):
-    spec = LayerSpec(n, m, sizes, bits, v, P)
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=gen).to(spec.perm_dtype)
-    codes, books = [], []
-    for g in range(len(sizes)):
-        K = 2 ** spec.code_bits(g)
-        idx = torch.randint(0, K, (m, spec.codes_per_row(g)), generator=gen)
-        codes.append(pack(idx, spec.code_bits(g)))
-        books.append(torch.randn(P, K, spec.sub_dim, generator=gen).half())
-    return spec, perm, codes, books
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 8])

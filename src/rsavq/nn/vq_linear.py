@@ -21,7 +21,7 @@ class VQLinear(nn.Module):
     def __init__(self, spec: LayerSpec, device=None, dtype=torch.float32):
         super().__init__()
         self.spec = spec
-        self.backend = Backend.AUTO  # or pin one: Backend.REFERENCE, Backend.CPU
+        self.backend = Backend.AUTO  # or pin one: REFERENCE, CPU, TRITON
         self.in_features, self.out_features = spec.in_features, spec.out_features
         self.register_buffer(
             "perm", torch.empty(spec.channels, dtype=spec.perm_dtype, device=device)

@@ -1,0 +1,243 @@
+"""Triton backend: fused dequantize-GEMV (1-8 tokens) and dequantize-GEMM (prefill) on CUDA GPUs.
+
+Both kernels dequantize a `[BLOCK_M, BLOCK_K]` tile of one group's block straight from the packed
+codes and the fp16 codebooks (`dequant_tile`) and never write the weight to memory: the GEMV
+reduces it against every token with a broadcast sum, the GEMM feeds it to `tl.dot`. The channel
+permutation is applied on the fly: input-axis groups gather their columns of `x` through `perm`,
+output-axis groups scatter their rows of `y` through it. Groups run one launch each, accumulating
+into one float32 output. Registered as the custom op `rsavq::vq_matmul` with a fake
+implementation, so `torch.compile` and meta-device loading see its shape. On the CPU the same
+kernels run under `TRITON_INTERPRET=1` (how CI checks them against the reference).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from rsavq.config import ChannelAxis, LayerSpec
+from rsavq.errors import UsageError
+
+DECODE_TOKENS = 8  # at most this many tokens use the GEMV kernel
+
+
+@triton.jit
+def dequant_tile(
+    codes,
+    books,
+    r,
+    rmask,
+    k0,
+    cols,
+    words,
+    K,
+    width: tl.constexpr,
+    V: tl.constexpr,
+    P: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Rows `r` x columns `k0 + [0, BLOCK_K)` of the group as float32 (0 where masked)."""
+    c = k0 + tl.arange(0, BLOCK_K)
+    q = c % V
+    sub = q // D
+    bit = (((c // V) * P + sub) * width).to(tl.int64)
+    word, off = bit // 32, bit % 32
+    valid = rmask[:, None] & (c < cols)[None, :]
+    base = codes + r[:, None].to(tl.int64) * words + word[None, :]
+    lo = tl.load(base, mask=valid, other=0).to(tl.uint32, bitcast=True)
+    straddle = valid & ((off + width) > 32)[None, :]
+    hi = tl.load(base + 1, mask=straddle, other=0).to(tl.uint32, bitcast=True)
+    both = lo.to(tl.int64) | (hi.to(tl.int64) << 32)
+    idx = (both >> off[None, :]) & ((1 << width) - 1)
+    at = (sub[None, :] * K + idx) * D + (q % D)[None, :]
+    return tl.load(books + at, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_x(x, perm, t, tmask, k0, cols, n, col0, PERM_COLS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tokens `t` x the group's columns k0.. of `x` (through `perm` for input groups)."""
+    c = k0 + tl.arange(0, BLOCK_K)
+    cmask = c < cols
+    xc = tl.load(perm + col0 + c, mask=cmask, other=0) if PERM_COLS else col0 + c
+    return tl.load(
+        x + t[:, None].to(tl.int64) * n + xc[None, :],
+        mask=tmask[:, None] & cmask[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
+def store_y(
+    out,
+    acc,
+    perm,
+    r,
+    rmask,
+    t,
+    tmask,
+    row0,
+    out_features,
+    PERM_ROWS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+):
+    """`acc` `[BLOCK_T, BLOCK_M]` into `out` rows (through `perm` for output groups)."""
+    orow = tl.load(perm + row0 + r, mask=rmask, other=0) if PERM_ROWS else r
+    ptrs = out + t[:, None].to(tl.int64) * out_features + orow[None, :]
+    mask = tmask[:, None] & rmask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def gemv(
+    x,
+    codes,
+    books,
+    perm,
+    out,
+    T,
+    n,
+    m,
+    cols,
+    words,
+    K,
+    col0,
+    row0,
+    out_features,
+    width: tl.constexpr,
+    V: tl.constexpr,
+    P: tl.constexpr,
+    D: tl.constexpr,
+    PERM_COLS: tl.constexpr,
+    PERM_ROWS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Each program: BLOCK_M rows for all (<= BLOCK_T) tokens, a broadcast-sum per tile."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = r < m
+    t = tl.arange(0, BLOCK_T)
+    tmask = t < T
+    acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, cols, BLOCK_K):
+        w = dequant_tile(codes, books, r, rmask, k0, cols, words, K, width, V, P, D, BLOCK_K)
+        xt = load_x(x, perm, t, tmask, k0, cols, n, col0, PERM_COLS, BLOCK_K).to(tl.float32)
+        acc += tl.sum(xt[:, None, :] * w[None, :, :], axis=2)
+    store_y(out, acc, perm, r, rmask, t, tmask, row0, out_features, PERM_ROWS, ACCUMULATE)
+
+
+@triton.jit
+def gemm(
+    x,
+    codes,
+    books,
+    perm,
+    out,
+    T,
+    n,
+    m,
+    cols,
+    words,
+    K,
+    col0,
+    row0,
+    out_features,
+    width: tl.constexpr,
+    V: tl.constexpr,
+    P: tl.constexpr,
+    D: tl.constexpr,
+    PERM_COLS: tl.constexpr,
+    PERM_ROWS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Each program: a BLOCK_T x BLOCK_M output tile by `tl.dot` over dequantized tiles."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tmask, rmask = t < T, r < m
+    acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, cols, BLOCK_K):
+        xt = load_x(x, perm, t, tmask, k0, cols, n, col0, PERM_COLS, BLOCK_K)
+        w = dequant_tile(codes, books, r, rmask, k0, cols, words, K, width, V, P, D, BLOCK_K)
+        if IEEE:
+            acc += tl.dot(xt, tl.trans(w.to(xt.dtype)), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+    store_y(out, acc, perm, r, rmask, t, tmask, row0, out_features, PERM_ROWS, ACCUMULATE)
+
+
+def _launch(x, codes, books, perm, out, spec: LayerSpec, g: int, col0: int, row0: int) -> None:
+    """One group's contribution to `out` `[T, out_features]` (stored, or added after group 0)."""
+    T, n = x.shape
+    rows, cols = spec.block_shape(g)
+    inputs = spec.axis == ChannelAxis.INPUT.value
+    common = dict(
+        width=spec.code_bits(g),
+        V=spec.vector_length,
+        P=spec.sub_vectors,
+        D=spec.sub_dim,
+        PERM_COLS=inputs,
+        PERM_ROWS=not inputs,
+        ACCUMULATE=inputs and g > 0,
+    )
+    args = (x, codes, books, perm, out, T, n, rows, cols, codes.shape[1], books.shape[1])
+    args += (col0, row0, spec.out_features)
+    if T <= DECODE_TOKENS:
+        block_t = max(2, triton.next_power_of_2(T))
+        grid = (triton.cdiv(rows, 16),)
+        gemv[grid](*args, **common, BLOCK_T=block_t, BLOCK_M=16, BLOCK_K=128)
+    else:
+        grid = (triton.cdiv(T, 64), triton.cdiv(rows, 64))
+        ieee = x.dtype == torch.float32
+        gemm[grid](*args, **common, IEEE=ieee, BLOCK_T=64, BLOCK_M=64, BLOCK_K=32)
+
+
+@torch.library.custom_op("rsavq::vq_matmul", mutates_args=())
+def vq_matmul(
+    x: torch.Tensor,
+    codes: list[torch.Tensor],
+    codebooks: list[torch.Tensor],
+    perm: torch.Tensor,
+    spec_json: str,
+) -> torch.Tensor:
+    """`[T, in_features]` inputs -> `[T, out_features]` float32 outputs (no bias)."""
+    spec = LayerSpec.from_json(spec_json)
+    out = torch.empty(x.shape[0], spec.out_features, device=x.device, dtype=torch.float32)
+    perm = perm.to(torch.int32)
+    offset = 0
+    for g, (c, cb) in enumerate(zip(codes, codebooks, strict=True)):
+        inputs = spec.axis == ChannelAxis.INPUT.value
+        _launch(x, c, cb, perm, out, spec, g, offset if inputs else 0, 0 if inputs else offset)
+        offset += spec.group_sizes[g]
+    return out
+
+
+@vq_matmul.register_fake
+def _(x, codes, codebooks, perm, spec_json):
+    return x.new_empty(x.shape[0], LayerSpec.from_json(spec_json).out_features, dtype=torch.float32)
+
+
+def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None) -> torch.Tensor:
+    """The kernel contract by the fused Triton kernels."""
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError(
+            f"the triton backend needs CUDA tensors (got {x.device.type}); move the model to a "
+            "GPU, pick another backend, or set TRITON_INTERPRET=1 to emulate it (slow)"
+        )
+    lead, n = x.shape[:-1], x.shape[-1]
+    out = vq_matmul(
+        x.reshape(-1, n).contiguous(), list(codes), list(codebooks), perm, spec.to_json()
+    )
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*lead, spec.out_features)
