@@ -3,10 +3,11 @@
     python benchmarks/speed.py [--threads 2] [--json benchmarks/results/speed.json]
 
 Layers (random codes: speed does not depend on their values): shapes in x out 576x1536,
-1536x576, 4096x4096, 11008x4096 at 2/3/4 bits with the default 4 groups; decode (1 token) and
-prefill (512 tokens), each timed interleaved with the fp32 dense `F.linear` of the same shape in
-one process; the ratio dense/VQ > 1 means VQ is faster. Whole model: SmolLM2-135M greedy decode
-tokens/s, FP vs the same model with every decoder linear replaced by a 2-bit VQLinear.
+1536x576, 4096x4096, 11008x4096 at 2/3/4 bits with the default one group (`--groups`); decode
+(1 token) and prefill (512 tokens), each timed interleaved with the fp32 dense `F.linear` of the
+same shape and with the reference kernel, in one process; dense/VQ > 1 means VQ is faster. Whole
+model: SmolLM2-135M greedy decode tokens/s, FP vs the same model with every decoder linear
+replaced by a 2-bit VQLinear.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import torch.nn.functional as F
 from rsavq.allocation import split_sizes
 from rsavq.config import LayerSpec
 from rsavq.io import atomic_write_json
-from rsavq.kernels import choose_backend
+from rsavq.kernels import choose_backend, reference
 from rsavq.nn import VQLinear
 from rsavq.packing import pack
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (11008, 4096)]
 
 
-def random_vqlinear(n: int, m: int, bits: int, groups: int = 4, seed: int = 0) -> VQLinear:
+def random_vqlinear(n: int, m: int, bits: int, groups: int = 1, seed: int = 0) -> VQLinear:
     spec = LayerSpec(n, m, tuple(split_sizes(n, groups)), (bits,) * groups, 6, 2)
     gen = torch.Generator().manual_seed(seed)
     module = VQLinear(spec)
@@ -41,40 +42,47 @@ def random_vqlinear(n: int, m: int, bits: int, groups: int = 4, seed: int = 0) -
     return module
 
 
-def interleaved(f_dense, f_vq, repeats: int) -> tuple[float, float]:
-    """Median seconds of each, timed alternately so background load falls on both."""
-    f_dense(), f_vq()
-    dense, vq = [], []
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timed in turn so background load falls on all."""
+    times = {name: [] for name in fns}
+    for f in fns.values():
+        f()
     for _ in range(repeats):
-        for f, times in ((f_dense, dense), (f_vq, vq)):
+        for name, f in fns.items():
             start = time.perf_counter()
             f()
-            times.append(time.perf_counter() - start)
-    return sorted(dense)[len(dense) // 2], sorted(vq)[len(vq) // 2]
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 @torch.no_grad()
-def layer_rows(bits_list, tokens_list) -> list[dict]:
+def layer_rows(bits_list, tokens_list, groups: int) -> list[dict]:
     rows = []
     for n, m in SHAPES:
         W = torch.randn(m, n) * 0.02
         for bits in bits_list:
-            module = random_vqlinear(n, m, bits)
+            module = random_vqlinear(n, m, bits, groups)
             for tokens in tokens_list:
                 x = torch.randn(tokens, n)
                 repeats = 5 if tokens > 1 or n * m > 10**7 else 20
-                dense, vq = interleaved(
-                    lambda x=x, W=W: F.linear(x, W), lambda x=x, m=module: m(x), repeats
-                )
+                args = (module.codes, module.codebooks, module.perm, module.spec)
+                fns = {
+                    "dense": lambda x=x, W=W: F.linear(x, W),
+                    "vq": lambda x=x, m=module: m(x),
+                    "reference": lambda x=x, a=args: reference.vq_linear(x, *a),
+                }
+                t = interleaved(fns, repeats)
                 rows.append(
                     {
                         "shape": f"{n}x{m}",
                         "bits": bits,
                         "tokens": tokens,
-                        "backend": choose_backend(x, module.spec).value,
-                        "dense_ms": dense * 1e3,
-                        "vq_ms": vq * 1e3,
-                        "dense_over_vq": dense / vq,
+                        "backend": choose_backend(x).value,
+                        "dense_ms": t["dense"] * 1e3,
+                        "vq_ms": t["vq"] * 1e3,
+                        "reference_ms": t["reference"] * 1e3,
+                        "dense_over_vq": t["dense"] / t["vq"],
+                        "reference_over_vq": t["reference"] / t["vq"],
                     }
                 )
                 print(json.dumps(rows[-1]))
@@ -91,7 +99,7 @@ def decode_tokens_per_second(model, tokenizer, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
-def model_row(model_id: str, bits: int, new_tokens: int) -> dict:
+def model_row(model_id: str, bits: int, new_tokens: int, groups: int) -> dict:
     from rsavq.models import load_model
     from rsavq.modules import find_linears
     from rsavq.serialization import set_module
@@ -101,7 +109,9 @@ def model_row(model_id: str, bits: int, new_tokens: int) -> dict:
     layers = find_linears(model)
     params = sum(layer.weight.numel() for layer in layers.values())
     for i, (name, layer) in enumerate(layers.items()):
-        set_module(model, name, random_vqlinear(layer.in_features, layer.out_features, bits, 4, i))
+        set_module(
+            model, name, random_vqlinear(layer.in_features, layer.out_features, bits, groups, i)
+        )
     vq_bytes = sum(
         b.numel() * b.element_size()
         for m in model.modules()
@@ -129,15 +139,17 @@ def main() -> None:
     p.add_argument("--tokens", default="1,512")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--groups", type=int, default=1, help="channel groups per layer (default 1)")
     p.add_argument("--json", default="benchmarks/results/speed.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     bits = [int(b) for b in args.bits.split(",")]
     result = {
         "threads": args.threads,
+        "groups": args.groups,
         "torch": torch.__version__,
-        "layers": layer_rows(bits, [int(t) for t in args.tokens.split(",")]),
-        "model": model_row(args.model, 2, args.new_tokens),
+        "layers": layer_rows(bits, [int(t) for t in args.tokens.split(",")], args.groups),
+        "model": model_row(args.model, 2, args.new_tokens, args.groups),
     }
     print(json.dumps(result["model"]))
     atomic_write_json(args.json, result)

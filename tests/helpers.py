@@ -92,3 +92,19 @@ def random_vq_layer(m, n, sizes, bits, v=6, P=2, seed=0, axis="input"):
         codes.append(pack(idx, spec.code_bits(g)))
         books.append(torch.randn(P, K, spec.sub_dim, generator=gen).half())
     return spec, perm, codes, books
+
+
+KERNEL_SHAPES = [  # every backend is checked against the reference on these
+    # m, n, group sizes, group bits, v, P, axis
+    (16, 24, (12, 12), (2, 1), 6, 2, "input"),
+    (7, 25, (13, 12), (3, 2), 6, 2, "input"),  # ragged: groups not multiples of v
+    (33, 50, (20, 15, 10, 5), (4, 3, 2, 1), 6, 2, "input"),
+    (12, 18, (18,), (5,), 6, 2, "input"),  # 15-bit codes straddle words
+    (9, 16, (8, 8), (2, 4), 4, 2, "input"),
+    (5, 12, (12,), (2,), 6, 1, "input"),  # full VQ: one sub-vector of 6
+    (20, 13, (11, 9), (3, 2), 6, 2, "output"),  # output-channel groups, ragged columns
+    # >= 64 rows: whole tiles + leftover rows; tables of 8/32/64/512 entries
+    (130, 50, (26, 24), (2, 1), 6, 2, "input"),
+    (65, 30, (30,), (1,), 10, 2, "input"),
+    (128, 100, (100,), (3,), 6, 2, "input"),  # 9-bit codes end on bit 33; chunked tables
+]

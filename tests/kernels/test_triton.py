@@ -9,24 +9,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import random_vq_layer  # noqa: E402
+from helpers import KERNEL_SHAPES, random_vq_layer  # noqa: E402
 from rsavq.kernels import Backend, choose_backend, reference, vq_linear  # noqa: E402
 
 vq_triton = pytest.importorskip("rsavq.kernels.triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-SHAPES = [
-    # m, n, group sizes, group bits, v, P, axis
-    (16, 24, (12, 12), (2, 1), 6, 2, "input"),
-    (7, 25, (13, 12), (3, 2), 6, 2, "input"),  # ragged: groups not multiples of v
-    (33, 50, (20, 15, 10, 5), (4, 3, 2, 1), 6, 2, "input"),
-    (12, 18, (18,), (5,), 6, 2, "input"),  # 15-bit codes straddle words
-    (9, 16, (8, 8), (2, 4), 4, 2, "input"),
-    (5, 12, (12,), (2,), 6, 1, "input"),  # full VQ: one sub-vector of 6
-    (20, 13, (11, 9), (3, 2), 6, 2, "output"),  # output-channel groups, ragged columns
-    (70, 140, (140,), (3,), 6, 2, "input"),  # several tiles; 9-bit codes end on bit 33
-]
 
 
 def on_device(spec, perm, codes, books):
@@ -34,7 +22,7 @@ def on_device(spec, perm, codes, books):
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 8, 9, 70])  # <= 8: GEMV kernel; more: GEMM kernel
-@pytest.mark.parametrize(("m", "n", "sizes", "bits", "v", "P", "axis"), SHAPES)
+@pytest.mark.parametrize(("m", "n", "sizes", "bits", "v", "P", "axis"), KERNEL_SHAPES)
 def test_triton_matches_reference(tokens, m, n, sizes, bits, v, P, axis):
     spec, perm, codes, books = random_vq_layer(m, n, sizes, bits, v, P, m * n + tokens, axis)
     x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens))
@@ -68,6 +56,6 @@ def test_pinned_backend_and_cuda_dispatch():
     want = reference.vq_linear(x, codes, books, perm, spec)
     got = vq_linear(x, codes, books, perm, spec, backend=Backend.TRITON)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert choose_backend(torch.empty(2, 12, device="meta"), spec) != Backend.TRITON
+    assert choose_backend(torch.empty(2, 12, device="meta")) != Backend.TRITON
     if torch.cuda.is_available():
-        assert choose_backend(x.cuda(), spec) == Backend.TRITON
+        assert choose_backend(x.cuda()) == Backend.TRITON

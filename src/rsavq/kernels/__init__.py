@@ -1,8 +1,8 @@
 """Kernels behind one contract: `vq_linear(x, codes, codebooks, perm, spec, bias)`.
 
-Backends: `reference` (dequantize, then matmul: the oracle), `cpu` (lookup-table GEMV, for
-decode) and `triton` (fused dequantize-GEMV/GEMM on CUDA GPUs; the `[triton]` extra).
-`choose_backend` picks by device, token count and layout; a module may pin one.
+Backends: `reference` (dequantize, then matmul: the oracle), `cpu` (C++: lookup-table GEMV for
+decode, fast dequantize + matmul for prefill) and `triton` (fused dequantize-GEMV/GEMM on CUDA
+GPUs; the `[triton]` extra). `choose_backend` picks by device; a module may pin one.
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ from enum import Enum
 
 import torch
 
-from rsavq.config import ChannelAxis, LayerSpec
+from rsavq.config import LayerSpec
 from rsavq.kernels import reference
 from rsavq.kernels.reference import dequantize
 
 __all__ = ["Backend", "choose_backend", "dequantize", "vq_linear"]
-
-DECODE_TOKENS = 8  # at most this many tokens per call use the LUT kernel on CPU
 
 
 class Backend(str, Enum):
@@ -28,13 +26,12 @@ class Backend(str, Enum):
     TRITON = "triton"
 
 
-def choose_backend(x: torch.Tensor, spec: LayerSpec) -> Backend:
-    """`triton` on CUDA when installed; `cpu` for few tokens of input-grouped layers on the CPU
-    when the kernel builds; else `reference`."""
+def choose_backend(x: torch.Tensor) -> Backend:
+    """`triton` on CUDA when installed, `cpu` on the CPU when the extension builds, else
+    `reference`. (Each backend picks its decode or prefill kernel by the token count.)"""
     if x.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
         return Backend.TRITON
-    tokens = x.numel() // max(1, x.shape[-1])
-    if x.device.type == "cpu" and tokens <= DECODE_TOKENS and spec.axis == ChannelAxis.INPUT.value:
+    if x.device.type == "cpu":
         from rsavq.kernels import cpu
 
         if cpu.available():
@@ -47,7 +44,7 @@ def vq_linear(
 ) -> torch.Tensor:
     """`y = x W_hat^T + bias` by the chosen backend (all agree with `reference`)."""
     if backend == Backend.AUTO:
-        backend = choose_backend(x, spec)
+        backend = choose_backend(x)
     if backend == Backend.CPU:
         from rsavq.kernels import cpu
 

@@ -1,9 +1,14 @@
-"""CPU backend: a lookup-table GEMV for decode (AQLM's trick), as a small C++ extension.
+"""CPU backend, a small C++ extension: a lookup-table GEMV for decode (AQLM's trick) and a
+dequantizer for prefill.
 
-Per group, the input's sub-vectors are dotted with every codeword once (a table `[T, J, K]`);
-each output is then a sum of `J` table entries picked by the packed codes, read straight from the
-int32 words. One call of the op `rsavq::vq_gemv` does every group of a layer. The extension is
-compiled on first use (g++ and ninja; cached by torch under
+Decode (at most `DECODE_TOKENS` tokens, input-channel groups): per group, the input's sub-vectors
+are dotted with every codeword once (a table `[T, J, K]`); each output is then a sum of `J` table
+entries picked by the packed codes, read straight from the int32 words (AVX-512: 64 rows at a
+time, tables of <= 64 entries held in registers). One call of the op `rsavq::vq_gemv` does every
+group of a layer. Prefill (more tokens, or output-channel groups): `rsavq::vq_dequantize` writes
+the float32 weight once per call (columns left in the permuted order, met by `x[:, perm]`), then
+one dense matmul. The extension is
+compiled on first use (g++ and ninja, `-march=native`; cached by torch under
 `~/.cache/torch_extensions`); when that fails, `available()` is False and dispatch uses the
 reference kernel.
 """
@@ -14,11 +19,13 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from rsavq.config import ChannelAxis, LayerSpec
 
 logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "lut_gemv.cpp"
+DECODE_TOKENS = 8  # at most this many tokens per call use the LUT GEMV
 _extension = None
 _failed = False
 
@@ -33,13 +40,13 @@ def extension():
             _extension = load(
                 name="rsavq_lut_gemv",
                 sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-fopenmp"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
         except Exception as exc:  # compiler or ninja missing: fall back, say why once
             _failed = True
-            logger.warning("CPU LUT kernel unavailable (%s); using the reference kernel", exc)
+            logger.warning("CPU kernels unavailable (%s); using the reference kernel", exc)
     return _extension
 
 
@@ -50,6 +57,7 @@ def available() -> bool:
 @torch.library.custom_op("rsavq::vq_gemv", mutates_args=())
 def vq_gemv(
     x: torch.Tensor,
+    perm: torch.Tensor,
     codes: list[torch.Tensor],
     codebooks: list[torch.Tensor],
     sizes: list[int],
@@ -57,32 +65,59 @@ def vq_gemv(
     vector_length: int,
     rows: int,
 ) -> torch.Tensor:
-    """`[T, n]` permuted float32 inputs -> `[T, rows]` outputs of all groups (no bias)."""
-    return extension().vq_gemv(x, codes, codebooks, sizes, widths, vector_length, rows)
+    """`[T, n]` float32 inputs -> `[T, rows]` outputs of all input-channel groups (no bias)."""
+    return extension().vq_gemv(x, perm, codes, codebooks, sizes, widths, vector_length, rows)
 
 
 @vq_gemv.register_fake
-def _(x, codes, codebooks, sizes, widths, vector_length, rows):
+def _(x, perm, codes, codebooks, sizes, widths, vector_length, rows):
     return x.new_empty(x.shape[0], rows)
 
 
-def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None) -> torch.Tensor:
-    """The kernel contract on the CPU via lookup tables (input-channel groups only)."""
-    if spec.axis != ChannelAxis.INPUT.value:
-        raise ValueError("the LUT kernel needs input-channel groups")
-    lead, n = x.shape[:-1], x.shape[-1]
-    xp = x.reshape(-1, n).float()[:, perm.long()].contiguous()  # [T, n] permuted
-    widths = [spec.code_bits(g) for g in range(len(spec.group_sizes))]
-    books = [cb.half().contiguous() for cb in codebooks]
-    out = vq_gemv(
-        xp,
-        list(codes),
-        books,
-        list(spec.group_sizes),
-        widths,
-        spec.vector_length,
-        spec.out_features,
+@torch.library.custom_op("rsavq::vq_dequantize", mutates_args=())
+def vq_dequantize(
+    codes: list[torch.Tensor],
+    codebooks: list[torch.Tensor],
+    perm: torch.Tensor,
+    sizes: list[int],
+    widths: list[int],
+    vector_length: int,
+    out_features: int,
+    in_features: int,
+    input_axis: bool,
+) -> torch.Tensor:
+    """The float32 weight `[out_features, in_features]`: rows in the original order, columns in
+    the codes' permuted order when `input_axis` (`W[:, perm]`, to meet `x[:, perm]`)."""
+    return extension().vq_dequantize(
+        codes, codebooks, perm, sizes, widths, vector_length, out_features, in_features, input_axis
     )
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype).reshape(*lead, spec.out_features)
+
+
+@vq_dequantize.register_fake
+def _(codes, codebooks, perm, sizes, widths, vector_length, out_features, in_features, input_axis):
+    return perm.new_empty(out_features, in_features, dtype=torch.float32)
+
+
+def _spec_args(spec: LayerSpec) -> tuple[list[int], list[int], int]:
+    widths = [spec.code_bits(g) for g in range(len(spec.group_sizes))]
+    return list(spec.group_sizes), widths, spec.vector_length
+
+
+def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None) -> torch.Tensor:
+    """The kernel contract on the CPU: LUT GEMV for decode, dequantize + matmul otherwise."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, n)
+    codes, books = list(codes), [cb.half().contiguous() for cb in codebooks]
+    inputs = spec.axis == ChannelAxis.INPUT.value
+    if x2.shape[0] <= DECODE_TOKENS and inputs:
+        out = vq_gemv(
+            x2.float().contiguous(), perm, codes, books, *_spec_args(spec), spec.out_features
+        )
+        if bias is not None:
+            out = out + bias.float()
+        out = out.to(x.dtype)
+    else:
+        args = (*_spec_args(spec), spec.out_features, spec.in_features, inputs)
+        W = vq_dequantize(codes, books, perm, *args)
+        out = F.linear(x2[:, perm.long()] if inputs else x2, W.to(x.dtype), bias)
+    return out.reshape(*lead, spec.out_features)
