@@ -43,3 +43,15 @@ def test_custom_op_has_a_fake_implementation():
     torch.library.opcheck(cpu.vq_gemv, (x, perm, codes, books, [12, 6], widths, 6, 8))
     args = (codes, books, perm, [12, 6], widths, 6, 8, 18, True)
     torch.library.opcheck(cpu.vq_dequantize, args)
+
+
+@pytest.mark.parametrize("tokens", [2, 20])
+def test_traced_by_torch_compile_through_the_custom_ops(tokens):
+    spec, perm, codes, books = random_layer(70, 36, (18, 18), (2, 3))
+    x = torch.randn(tokens, 36)
+
+    def f(x):
+        return cpu.vq_linear(x, codes, books, perm, spec)
+
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), reference.vq_linear(x, codes, books, perm, spec))

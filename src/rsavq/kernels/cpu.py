@@ -15,6 +15,7 @@ reference kernel.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -98,9 +99,16 @@ def _(codes, codebooks, perm, sizes, widths, vector_length, out_features, in_fea
     return perm.new_empty(out_features, in_features, dtype=torch.float32)
 
 
+@functools.lru_cache(maxsize=1024)
 def _spec_args(spec: LayerSpec) -> tuple[list[int], list[int], int]:
     widths = [spec.code_bits(g) for g in range(len(spec.group_sizes))]
     return list(spec.group_sizes), widths, spec.vector_length
+
+
+def _op(op, name: str):
+    """The custom op while `torch.compile` traces; the extension directly in eager mode (the
+    same function without the op's Python dispatch, ~30 us per call: decode calls are short)."""
+    return op if torch.compiler.is_compiling() else getattr(extension(), name)
 
 
 def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None) -> torch.Tensor:
@@ -110,14 +118,13 @@ def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None) -> torch.Te
     codes, books = list(codes), [cb.half().contiguous() for cb in codebooks]
     inputs = spec.axis == ChannelAxis.INPUT.value
     if x2.shape[0] <= DECODE_TOKENS and inputs:
-        out = vq_gemv(
-            x2.float().contiguous(), perm, codes, books, *_spec_args(spec), spec.out_features
-        )
+        args = (*_spec_args(spec), spec.out_features)
+        out = _op(vq_gemv, "vq_gemv")(x2.float().contiguous(), perm, codes, books, *args)
         if bias is not None:
             out = out + bias.float()
         out = out.to(x.dtype)
     else:
         args = (*_spec_args(spec), spec.out_features, spec.in_features, inputs)
-        W = vq_dequantize(codes, books, perm, *args)
+        W = _op(vq_dequantize, "vq_dequantize")(codes, books, perm, *args)
         out = F.linear(x2[:, perm.long()] if inputs else x2, W.to(x.dtype), bias)
     return out.reshape(*lead, spec.out_features)
