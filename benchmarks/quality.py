@@ -41,7 +41,7 @@ from rsavq.config import (
 )
 from rsavq.data import calibration_windows, evaluation_windows, load_corpus
 from rsavq.eval import perplexity
-from rsavq.io import atomic_write, atomic_write_json
+from rsavq.io import atomic_write, atomic_write_json, rewrite_block
 from rsavq.modules import find_linears
 from rsavq.pipeline import quantize_model, summarize
 from rsavq.stats.collect import CollectOptions
@@ -50,7 +50,6 @@ from rsavq.stats.run import CalibrationSpec, collect_model_stats, default_stats_
 logger = logging.getLogger("quality")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande")
-BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
 
 @dataclass(frozen=True)
@@ -328,7 +327,6 @@ def ablation_table(rows: list[dict]) -> str:
 def render(results: dict) -> str:
     rows = list(results["rows"].values())
     parts = [
-        BEGIN,
         "### Quality table",
         "",
         main_table(rows),
@@ -336,20 +334,8 @@ def render(results: dict) -> str:
         "### Ablations",
         "",
         ablation_table(rows),
-        END,
     ]
     return "\n".join(parts)
-
-
-def write_markdown(results: dict, path: Path) -> None:
-    """Replace the block between the quality markers in `path` (append it if absent)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = render(results)
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -383,7 +369,7 @@ def main(argv=None) -> None:
     results = load_results(Path(args.json)) if args.table_only else run_all(args)
     for extra in filter(None, args.merge.split(",")):
         results["rows"].update(load_results(Path(extra))["rows"])
-    write_markdown(results, Path(args.markdown))
+    rewrite_block(args.markdown, "quality", render(results))
     print(render(results))
 
 

@@ -1,6 +1,8 @@
 """Inference speed: VQLinear vs the dense layer it replaces, and whole-model decode, side by side.
 
-    python benchmarks/speed.py [--threads 2] [--json benchmarks/results/speed.json]
+    python benchmarks/speed.py --threads 2                 # -> benchmarks/results/speed.json
+    python benchmarks/speed.py --threads 1 --json benchmarks/results/speed-1thread.json
+    python benchmarks/speed.py --table-only                # rewrite BENCHMARKS.md's tables
 
 Layers (random codes: speed does not depend on their values): shapes in x out 576x1536,
 1536x576, 4096x4096, 11008x4096 at 2/3/4 bits with the default one group (`--groups`); decode
@@ -15,18 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from rsavq.allocation import split_sizes
 from rsavq.config import LayerSpec
-from rsavq.io import atomic_write_json
+from rsavq.io import atomic_write_json, rewrite_block
 from rsavq.kernels import choose_backend, reference
 from rsavq.nn import VQLinear
 from rsavq.packing import pack
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (11008, 4096)]
+TABLES = "benchmarks/results/speed.json,benchmarks/results/speed-1thread.json"
 
 
 def random_vqlinear(n: int, m: int, bits: int, groups: int = 1, seed: int = 0) -> VQLinear:
@@ -132,7 +136,55 @@ def model_row(model_id: str, bits: int, new_tokens: int, groups: int) -> dict:
     }
 
 
-def main() -> None:
+def layer_table(layers: list[dict]) -> str:
+    lines = [
+        "| shape (in x out) | bits | decode: dense / VQ | dense / VQ | reference / VQ "
+        "| prefill 512: dense / VQ | dense / VQ |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    cells = {(r["shape"], r["bits"], r["tokens"]): r for r in layers}
+    for shape, bits in dict.fromkeys((r["shape"], r["bits"]) for r in layers):
+        row = [shape, str(bits)]
+        for tokens in (1, 512):
+            r = cells.get((shape, bits, tokens))
+            if r is None:
+                row += ["-", "-"] + (["-"] if tokens == 1 else [])
+                continue
+            row += [f"{r['dense_ms']:.2f} / {r['vq_ms']:.2f} ms", f"**{r['dense_over_vq']:.2f}**"]
+            if tokens == 1:
+                row.append(f"{r['reference_over_vq']:.0f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def render(results: list[dict]) -> str:
+    """One table per result file (thread count) and its whole-model decode line."""
+    parts = []
+    for result in results:
+        m = result["model"]
+        parts += [
+            f"#### {result['threads']} thread(s), {result.get('groups', 4)} group(s) per layer",
+            "",
+            layer_table(result["layers"]),
+            "",
+            f"Whole model, {m['model']} greedy decode of {m['new_tokens']} tokens: FP "
+            f"{m['fp_tokens_per_s']:.2f} tokens/s, every decoder linear as a {m['bits']}-bit "
+            f"VQLinear {m['vq_tokens_per_s']:.2f} tokens/s: **{m['vq_over_fp']:.2f}x of FP**. "
+            f"Memory of the loaded VQ linears: {m['vq_buffer_bytes'] / 2**20:.1f} MiB for "
+            f"{m['linear_weights'] / 1e6:.1f} M weights = "
+            f"{m['vq_bits_per_weight_in_memory']:.3f} bits/weight.",
+            "",
+        ]
+    return "\n".join(parts)
+
+
+def write_tables(paths: list[str], markdown: str) -> None:
+    results = [json.loads(Path(p).read_text()) for p in paths if Path(p).exists()]
+    if results:
+        rewrite_block(markdown, "speed", render(results))
+
+
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bits", default="2,3,4")
@@ -141,7 +193,12 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--groups", type=int, default=1, help="channel groups per layer (default 1)")
     p.add_argument("--json", default="benchmarks/results/speed.json")
-    args = p.parse_args()
+    p.add_argument("--tables", default=TABLES, help="result JSONs tabulated in --markdown")
+    p.add_argument("--markdown", default="BENCHMARKS.md")
+    p.add_argument("--table-only", action="store_true", help="only rewrite the tables")
+    args = p.parse_args(argv)
+    if args.table_only:
+        return write_tables(args.tables.split(","), args.markdown)
     torch.set_num_threads(args.threads)
     bits = [int(b) for b in args.bits.split(",")]
     result = {
@@ -153,6 +210,7 @@ def main() -> None:
     }
     print(json.dumps(result["model"]))
     atomic_write_json(args.json, result)
+    write_tables(args.tables.split(","), args.markdown)
 
 
 if __name__ == "__main__":

@@ -46,3 +46,17 @@ def atomic_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def rewrite_block(path: str | Path, name: str, block: str) -> Path:
+    """Atomically replace the text between `<!-- name:begin -->` and `<!-- name:end -->` in
+    `path` by `block` (appending the marked block when absent; creating the file if needed)."""
+    path = Path(path)
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else ""
+    marked = f"{begin}\n{block.strip()}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + marked + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + ("\n\n" if text.strip() else "") + marked + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))

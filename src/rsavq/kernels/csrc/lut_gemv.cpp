@@ -12,9 +12,11 @@
 // j % P> is built once (x read through perm; padding past the group's columns counts as zero);
 // every output row then
 // sums the J_g entries its codes pick. With AVX-512 (compiled with -march=native), 64 rows are
-// done at once: the packed words of 16 rows are gathered into one register, the codes of all 16
-// cut out with two shifts, and tables of <= 64 entries are looked up from registers with
-// permutes (larger ones with gathers). The j axis is cut into chunks whose tables fit in L2.
+// done at once: the packed words of 16 rows are loaded a cache line per row and transposed so
+// that one register holds a word of 16 rows, the codes of all 16 cut out with one double shift
+// (VBMI2; two shifts without), and tables of <= 64 entries are
+// looked up from registers with permutes (larger ones with gathers). The j axis is cut into
+// chunks whose tables fit in L2.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -30,7 +32,6 @@ namespace {
 
 constexpr int64_t kMinTable = 16;        // tables padded to a whole register of floats
 constexpr int64_t kTileRows = 64;        // rows per AVX-512 tile (4 registers of 16)
-constexpr int64_t kAhead = 32;           // words (two cache lines) of codes prefetched ahead
 constexpr int64_t kChunkFloats = 1 << 17;  // 512 KiB of tables per j chunk (L2-sized)
 
 struct Group {
@@ -84,88 +85,144 @@ void rows_scalar(const float* L, int64_t T, const Group& G, int64_t r0, int64_t 
 }
 
 #if defined(__AVX512F__)
-// The words `w` of 16 rows starting at `row` (zero past the row's end).
-inline __m512i words16(const Group& G, int64_t row, int64_t w, __m512i lanes) {
-  if (w >= G.W) return _mm512_setzero_si512();
-  return _mm512_i32gather_epi32(lanes, reinterpret_cast<const int*>(G.codes + row * G.W + w), 4);
-}
-
-// 16 table entries picked by `idx` from `tab` (Kp floats).
-inline __m512 lookup(const float* tab, int64_t Kp, __m512i idx) {
-  if (Kp == 16) return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(tab));
-  if (Kp == 32) return _mm512_permutex2var_ps(_mm512_loadu_ps(tab), idx, _mm512_loadu_ps(tab + 16));
-  if (Kp == 64) {
-    const __m512 lo = _mm512_permutex2var_ps(_mm512_loadu_ps(tab), idx, _mm512_loadu_ps(tab + 16));
-    const __m512 hi =
-        _mm512_permutex2var_ps(_mm512_loadu_ps(tab + 32), idx, _mm512_loadu_ps(tab + 48));
-    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), lo, hi);
+// In place: r[i] lane j <- r[j] lane i (a 16 x 16 transpose of 32-bit words).
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
   }
-  return _mm512_i32gather_ps(idx, tab, 4);
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
 }
 
-// Rows [r0, r0 + 64), codes [ja, jb), NT tokens, accumulated into out.
-template <int NT>
+// Words [w0, w0 + 16) of the 16 rows from `row`, transposed into dst[w - w0][row lane] (zero
+// past the rows' end): one cache line per row instead of a gather per word.
+inline void stage16(const Group& G, int64_t row, int64_t w0, uint32_t* dst) {
+  const int64_t n = std::min<int64_t>(16, G.W - w0);
+  const __mmask16 k = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1);
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_epi32(k, G.codes + (row + i) * G.W + w0);
+  transpose16(r);
+  for (int i = 0; i < 16; ++i) _mm512_store_si512(dst + 16 * i, r[i]);
+}
+
+// A token's table for one j, held in registers when it has 16, 32 or 64 entries (KP; else
+// KP = 0: looked up with gathers).
+template <int KP>
+struct Table {
+  __m512 t[KP ? KP / 16 : 1];
+  const float* tab;
+  explicit Table(const float* p) : tab(p) {
+    for (int i = 0; i < KP / 16; ++i) t[i] = _mm512_loadu_ps(p + 16 * i);
+  }
+  // 16 entries picked by the low bits of `idx` (permutes read only the bits they need).
+  __m512 operator()(__m512i idx) const {
+    if constexpr (KP == 16) return _mm512_permutexvar_ps(idx, t[0]);
+    if constexpr (KP == 32) return _mm512_permutex2var_ps(t[0], idx, t[1]);
+    if constexpr (KP == 64) {
+      const __m512 lo = _mm512_permutex2var_ps(t[0], idx, t[1]);
+      const __m512 hi = _mm512_permutex2var_ps(t[2], idx, t[3]);
+      return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), lo, hi);
+    }
+    return _mm512_i32gather_ps(idx, tab, 4);  // idx already masked to the code width
+  }
+};
+
+// The code starting `off` bits into `cur` (continuing into `nxt`), in every lane; unmasked.
+inline __m512i cut(__m512i cur, __m512i nxt, int off) {
+#if defined(__AVX512VBMI2__)
+  return _mm512_shrdv_epi32(cur, nxt, _mm512_set1_epi32(off));
+#else
+  return _mm512_or_si512(_mm512_srl_epi32(cur, _mm_cvtsi32_si128(off)),
+                         _mm512_sll_epi32(nxt, _mm_cvtsi32_si128(32 - off)));  // 32 -> zeros
+#endif
+}
+
+// Rows [r0, r0 + 64), codes [ja, jb), NT tokens, accumulated into out. The words of the 4
+// blocks of 16 rows are staged 16 at a time, transposed, in a ring of 32 words per block.
+template <int NT, int KP>
 void tile_avx512(const float* L, const Group& G, int64_t r0, int64_t ja, int64_t jb, float* out,
                  int64_t m) {
   constexpr int B = kTileRows / 16;
-  const __m512i lanes = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int>(G.W)));
+  alignas(64) uint32_t ring[B][32 * 16];
   const __m512i mask = _mm512_set1_epi32(static_cast<int>((uint64_t{1} << G.width) - 1));
   __m512 acc[NT][B];
   __m512i cur[B], nxt[B], idx[B];
   for (int t = 0; t < NT; ++t)
     for (int b = 0; b < B; ++b) acc[t][b] = _mm512_loadu_ps(out + t * m + r0 + 16 * b);
-  int64_t lw = (ja * G.width) >> 5;
-  for (int b = 0; b < B; ++b) {
-    cur[b] = words16(G, r0 + 16 * b, lw, lanes);
-    nxt[b] = words16(G, r0 + 16 * b, lw + 1, lanes);
-  }
+  int64_t lw = (ja * G.width) >> 5, staged = lw & ~int64_t{15};  // words [.., staged) are in
+  auto word = [&](int b, int64_t w) {
+    return _mm512_load_si512(ring[b] + (w & 31) * 16);
+  };
+  auto stage = [&]() {  // the next 16 words of every block
+    for (int b = 0; b < B; ++b) stage16(G, r0 + 16 * b, staged, ring[b] + (staged & 31) * 16);
+    staged += 16;
+  };
+  stage();
+  if (lw + 1 >= staged) stage();
+  for (int b = 0; b < B; ++b) cur[b] = word(b, lw), nxt[b] = word(b, lw + 1);
   for (int64_t j = ja; j < jb; ++j) {
     const int64_t bit = j * G.width;
     if ((bit >> 5) != lw) {  // codes are <= 16 bits: the next word at most
       ++lw;
-      for (int b = 0; b < B; ++b) {
-        cur[b] = nxt[b];
-        nxt[b] = words16(G, r0 + 16 * b, lw + 1, lanes);
-      }
-      if ((lw & 15) == 0 && lw + kAhead < G.W)  // a new cache line: ask for the one kAhead on
-        for (int64_t r = r0; r < r0 + kTileRows; ++r)
-          _mm_prefetch(reinterpret_cast<const char*>(G.codes + r * G.W + lw + kAhead), _MM_HINT_T0);
+      if (lw + 1 >= staged) stage();
+      for (int b = 0; b < B; ++b) cur[b] = nxt[b], nxt[b] = word(b, lw + 1);
     }
-    const __m128i right = _mm_cvtsi32_si128(static_cast<int>(bit & 31));
-    const __m128i left = _mm_cvtsi32_si128(static_cast<int>(32 - (bit & 31)));  // 32 -> zeros
-    for (int b = 0; b < B; ++b)
-      idx[b] = _mm512_and_si512(
-          _mm512_or_si512(_mm512_srl_epi32(cur[b], right), _mm512_sll_epi32(nxt[b], left)), mask);
+    for (int b = 0; b < B; ++b) {
+      idx[b] = cut(cur[b], nxt[b], static_cast<int>(bit & 31));
+      if constexpr (KP == 0) idx[b] = _mm512_and_si512(idx[b], mask);
+    }
     for (int t = 0; t < NT; ++t) {
-      const float* tab = L + (t * G.J + j) * G.Kp;
-      for (int b = 0; b < B; ++b) acc[t][b] = _mm512_add_ps(acc[t][b], lookup(tab, G.Kp, idx[b]));
+      const Table<KP> table(L + (t * G.J + j) * G.Kp);
+      for (int b = 0; b < B; ++b) acc[t][b] = _mm512_add_ps(acc[t][b], table(idx[b]));
     }
   }
   for (int t = 0; t < NT; ++t)
     for (int b = 0; b < B; ++b) _mm512_storeu_ps(out + t * m + r0 + 16 * b, acc[t][b]);
 }
 
-template <int NT>
+template <int NT, int KP>
 void tiles_avx512(const float* L, const Group& G, int64_t tile0, int64_t tile1, int64_t ja,
                   int64_t jb, float* out, int64_t m) {
-  for (int64_t tile = tile0; tile < tile1; ++tile) {
-    const int64_t r0 = tile * kTileRows;
-    tile_avx512<NT>(L, G, r0, ja, jb, out, m);
+  for (int64_t tile = tile0; tile < tile1; ++tile)
+    tile_avx512<NT, KP>(L, G, tile * kTileRows, ja, jb, out, m);
+}
+
+template <int NT>
+void tiles_nt(const float* L, const Group& G, int64_t tile0, int64_t tile1, int64_t ja,
+              int64_t jb, float* out, int64_t m) {
+  switch (G.K) {  // permutes when the table is exactly 16, 32 or 64 entries
+    case 16: return tiles_avx512<NT, 16>(L, G, tile0, tile1, ja, jb, out, m);
+    case 32: return tiles_avx512<NT, 32>(L, G, tile0, tile1, ja, jb, out, m);
+    case 64: return tiles_avx512<NT, 64>(L, G, tile0, tile1, ja, jb, out, m);
+    default: return tiles_avx512<NT, 0>(L, G, tile0, tile1, ja, jb, out, m);
   }
 }
 
 void tiles(const float* L, int64_t T, const Group& G, int64_t tile0, int64_t tile1, int64_t ja,
            int64_t jb, float* out, int64_t m) {
   switch (T) {
-    case 1: return tiles_avx512<1>(L, G, tile0, tile1, ja, jb, out, m);
-    case 2: return tiles_avx512<2>(L, G, tile0, tile1, ja, jb, out, m);
-    case 3: return tiles_avx512<3>(L, G, tile0, tile1, ja, jb, out, m);
-    case 4: return tiles_avx512<4>(L, G, tile0, tile1, ja, jb, out, m);
+    case 1: return tiles_nt<1>(L, G, tile0, tile1, ja, jb, out, m);
+    case 2: return tiles_nt<2>(L, G, tile0, tile1, ja, jb, out, m);
+    case 3: return tiles_nt<3>(L, G, tile0, tile1, ja, jb, out, m);
+    case 4: return tiles_nt<4>(L, G, tile0, tile1, ja, jb, out, m);
     default:
       for (int64_t t = 0; t < T; ++t)  // one token at a time: its table, its output row
-        tiles_avx512<1>(L + t * G.J * G.Kp, G, tile0, tile1, ja, jb, out + t * m, m);
+        tiles_nt<1>(L + t * G.J * G.Kp, G, tile0, tile1, ja, jb, out + t * m, m);
   }
 }
 constexpr bool kVector = true;
