@@ -55,3 +55,14 @@ def test_traced_by_torch_compile_through_the_custom_ops(tokens):
 
     compiled = torch.compile(f, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), reference.vq_linear(x, codes, books, perm, spec))
+
+
+def test_prefill_workspace_is_not_shared_with_autograd():
+    spec, perm, codes, books = random_layer(16, 24, (24,), (2,))
+    other = random_layer(16, 24, (24,), (3,), seed=1)
+    x = torch.randn(12, 24, requires_grad=True)
+    y = cpu.vq_linear(x, codes, books, perm, spec)
+    cpu.vq_linear(x.detach(), *other[2:], other[1], other[0])  # reuses the workspace
+    y.sum().backward()
+    W = reference.dequantize(codes, books, perm, spec)
+    torch.testing.assert_close(x.grad, W.sum(0).expand(12, -1), rtol=1e-4, atol=1e-4)

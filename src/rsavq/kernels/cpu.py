@@ -6,8 +6,8 @@ are dotted with every codeword once (a table `[T, J, K]`); each output is then a
 entries picked by the packed codes, read straight from the int32 words (AVX-512: 64 rows at a
 time, tables of <= 64 entries held in registers). One call of the op `rsavq::vq_gemv` does every
 group of a layer. Prefill (more tokens, or output-channel groups): `rsavq::vq_dequantize` writes
-the float32 weight once per call (columns left in the permuted order, met by `x[:, perm]`), then
-one dense matmul. The extension is
+the float32 weight once per call into a per-thread buffer reused across calls (columns left in
+the permuted order, met by `x[:, perm]`), then one dense matmul. The extension is
 compiled on first use (g++ and ninja, `-march=native`; cached by torch under
 `~/.cache/torch_extensions`); when that fails, `available()` is False and dispatch uses the
 reference kernel.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ SOURCE = Path(__file__).with_name("csrc") / "lut_gemv.cpp"
 DECODE_TOKENS = 8  # at most this many tokens per call use the LUT GEMV
 _extension = None
 _failed = False
+_local = threading.local()
 
 
 def extension():
@@ -89,9 +91,8 @@ def vq_dequantize(
 ) -> torch.Tensor:
     """The float32 weight `[out_features, in_features]`: rows in the original order, columns in
     the codes' permuted order when `input_axis` (`W[:, perm]`, to meet `x[:, perm]`)."""
-    return extension().vq_dequantize(
-        codes, codebooks, perm, sizes, widths, vector_length, out_features, in_features, input_axis
-    )
+    args = (codes, codebooks, perm, sizes, widths, vector_length, out_features, in_features)
+    return extension().vq_dequantize(*args, input_axis, None)
 
 
 @vq_dequantize.register_fake
@@ -105,10 +106,28 @@ def _spec_args(spec: LayerSpec) -> tuple[list[int], list[int], int]:
     return list(spec.group_sizes), widths, spec.vector_length
 
 
-def _op(op, name: str):
-    """The custom op while `torch.compile` traces; the extension directly in eager mode (the
-    same function without the op's Python dispatch, ~30 us per call: decode calls are short)."""
-    return op if torch.compiler.is_compiling() else getattr(extension(), name)
+def _workspace(numel: int) -> torch.Tensor:
+    """This thread's float32 buffer for dequantized weights (grown to the largest layer seen)."""
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        _local.buffer = buffer = torch.empty(numel)
+    return buffer
+
+
+# Eager calls go to the extension directly (the same functions without the custom ops' Python
+# dispatch, ~30 us per call: decode calls are short); `torch.compile` traces the custom ops.
+def _gemv(x, perm, codes, books, spec: LayerSpec) -> torch.Tensor:
+    args = (x, perm, codes, books, *_spec_args(spec), spec.out_features)
+    return vq_gemv(*args) if torch.compiler.is_compiling() else extension().vq_gemv(*args)
+
+
+def _dequantize(codes, books, perm, spec: LayerSpec, inputs: bool, reuse: bool) -> torch.Tensor:
+    """The weight for one matmul; in the shared workspace when `reuse` (autograd saves none)."""
+    args = (codes, books, perm, *_spec_args(spec), spec.out_features, spec.in_features, inputs)
+    if torch.compiler.is_compiling():
+        return vq_dequantize(*args)
+    workspace = _workspace(spec.out_features * spec.in_features) if reuse else None
+    return extension().vq_dequantize(*args, workspace)
 
 
 def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None) -> torch.Tensor:
@@ -118,13 +137,12 @@ def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None) -> torch.Te
     codes, books = list(codes), [cb.half().contiguous() for cb in codebooks]
     inputs = spec.axis == ChannelAxis.INPUT.value
     if x2.shape[0] <= DECODE_TOKENS and inputs:
-        args = (*_spec_args(spec), spec.out_features)
-        out = _op(vq_gemv, "vq_gemv")(x2.float().contiguous(), perm, codes, books, *args)
+        out = _gemv(x2.float().contiguous(), perm, codes, books, spec)
         if bias is not None:
             out = out + bias.float()
         out = out.to(x.dtype)
     else:
-        args = (*_spec_args(spec), spec.out_features, spec.in_features, inputs)
-        W = _op(vq_dequantize, "vq_dequantize")(codes, books, perm, *args)
+        reuse = not (torch.is_grad_enabled() and x.requires_grad)
+        W = _dequantize(codes, books, perm, spec, inputs, reuse)
         out = F.linear(x2[:, perm.long()] if inputs else x2, W.to(x.dtype), bias)
     return out.reshape(*lead, spec.out_features)

@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <optional>
 #include <cstdint>
 #include <vector>
 
@@ -286,15 +287,19 @@ torch::Tensor vq_gemv(torch::Tensor x, torch::Tensor perm, std::vector<torch::Te
 // The weight [m, n] as float32 for prefill (dequantize once, then one dense matmul): rows in the
 // original order (output-axis groups scatter their rows through perm), columns in the permuted
 // order of the codes (input-axis layers: W[:, perm]; multiply x[:, perm], cheaper than scattering
-// the columns of W).
+// the columns of W). Written into `workspace` when given and large enough (a buffer reused across
+// calls: a fresh 64 MiB tensor costs as much in page faults as the dequantization itself).
 torch::Tensor vq_dequantize(std::vector<torch::Tensor> codes, std::vector<torch::Tensor> books,
                             torch::Tensor perm, std::vector<int64_t> sizes,
                             std::vector<int64_t> widths, int64_t v, int64_t m, int64_t n,
-                            bool input_axis) {
+                            bool input_axis, std::optional<torch::Tensor> workspace) {
   const auto order = perm.to(torch::kInt).contiguous();
   TORCH_CHECK(order.dim() == 1 && order.size(0) == (input_axis ? n : m), "perm size");  // rows
   const int32_t* O = order.data_ptr<int32_t>();
-  auto W = torch::empty({m, n}, torch::kFloat);
+  const bool reuse = workspace && workspace->scalar_type() == torch::kFloat &&
+                     workspace->is_contiguous() && workspace->numel() >= m * n;
+  auto W = reuse ? workspace->flatten().narrow(0, 0, m * n).view({m, n})
+                 : torch::empty({m, n}, torch::kFloat);
   float* out = W.data_ptr<float>();
   int64_t start = 0;
   for (size_t g = 0; g < sizes.size(); ++g) {
