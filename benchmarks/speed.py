@@ -9,7 +9,7 @@ Layers (random codes: speed does not depend on their values): shapes in x out 57
 (1 token) and prefill (512 tokens), each timed interleaved with the fp32 dense `F.linear` of the
 same shape and with the reference kernel, in one process; dense/VQ > 1 means VQ is faster. Whole
 model: SmolLM2-135M greedy decode tokens/s, FP vs the same model with every decoder linear
-replaced by a 2-bit VQLinear.
+replaced by a 2-bit (and a 3-bit) VQLinear of random codes.
 """
 
 from __future__ import annotations
@@ -161,20 +161,22 @@ def render(results: list[dict]) -> str:
     """One table per result file (thread count) and its whole-model decode line."""
     parts = []
     for result in results:
-        m = result["model"]
         parts += [
             f"#### {result['threads']} thread(s), {result.get('groups', 4)} group(s) per layer",
             "",
             layer_table(result["layers"]),
             "",
-            f"Whole model, {m['model']} greedy decode of {m['new_tokens']} tokens: FP "
-            f"{m['fp_tokens_per_s']:.2f} tokens/s, every decoder linear as a {m['bits']}-bit "
-            f"VQLinear {m['vq_tokens_per_s']:.2f} tokens/s: **{m['vq_over_fp']:.2f}x of FP**. "
-            f"Memory of the loaded VQ linears: {m['vq_buffer_bytes'] / 2**20:.1f} MiB for "
-            f"{m['linear_weights'] / 1e6:.1f} M weights = "
-            f"{m['vq_bits_per_weight_in_memory']:.3f} bits/weight.",
-            "",
         ]
+        for m in result["models"]:
+            parts += [
+                f"Whole model, {m['model']} greedy decode of {m['new_tokens']} tokens: FP "
+                f"{m['fp_tokens_per_s']:.2f} tokens/s, every decoder linear as a {m['bits']}-bit "
+                f"VQLinear {m['vq_tokens_per_s']:.2f} tokens/s: **{m['vq_over_fp']:.2f}x of FP**; "
+                f"memory of the loaded VQ linears {m['vq_buffer_bytes'] / 2**20:.1f} MiB for "
+                f"{m['linear_weights'] / 1e6:.1f} M weights = "
+                f"{m['vq_bits_per_weight_in_memory']:.3f} bits/weight.",
+                "",
+            ]
     return "\n".join(parts)
 
 
@@ -192,6 +194,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--groups", type=int, default=1, help="channel groups per layer (default 1)")
+    p.add_argument("--model-bits", default="2,3", help="bit widths of the whole-model rows")
     p.add_argument("--json", default="benchmarks/results/speed.json")
     p.add_argument("--tables", default=TABLES, help="result JSONs tabulated in --markdown")
     p.add_argument("--markdown", default="BENCHMARKS.md")
@@ -206,9 +209,12 @@ def main(argv=None) -> None:
         "groups": args.groups,
         "torch": torch.__version__,
         "layers": layer_rows(bits, [int(t) for t in args.tokens.split(",")], args.groups),
-        "model": model_row(args.model, 2, args.new_tokens, args.groups),
+        "models": [
+            model_row(args.model, int(b), args.new_tokens, args.groups)
+            for b in args.model_bits.split(",")
+        ],
     }
-    print(json.dumps(result["model"]))
+    print(json.dumps(result["models"]))
     atomic_write_json(args.json, result)
     write_tables(args.tables.split(","), args.markdown)
 

@@ -36,17 +36,19 @@ def test_tables_from_cached_json(tmp_path):
             _layer("4096x4096", 2, 512, 180.0, 240.0, 500.0),
             _layer("576x1536", 3, 1, 0.3, 0.6, 6.0),
         ],
-        "model": {
-            "model": "smollm2-135m",
-            "bits": 2,
-            "new_tokens": 32,
-            "fp_tokens_per_s": 13.0,
-            "vq_tokens_per_s": 15.6,
-            "vq_over_fp": 1.2,
-            "linear_weights": 106168320,
-            "vq_buffer_bytes": 27002880,
-            "vq_bits_per_weight_in_memory": 2.0347,
-        },
+        "models": [
+            {
+                "model": "smollm2-135m",
+                "bits": 2,
+                "new_tokens": 32,
+                "fp_tokens_per_s": 13.0,
+                "vq_tokens_per_s": 15.6,
+                "vq_over_fp": 1.2,
+                "linear_weights": 106168320,
+                "vq_buffer_bytes": 27002880,
+                "vq_bits_per_weight_in_memory": 2.0347,
+            }
+        ],
     }
     path = tmp_path / "speed.json"
     path.write_text(json.dumps(result))

@@ -40,6 +40,7 @@ def extension():
         try:
             from torch.utils.cpp_extension import load
 
+            logger.info("loading the CPU kernels (compiled on first use: about a minute)")
             _extension = load(
                 name="rsavq_lut_gemv",
                 sources=[str(SOURCE)],
