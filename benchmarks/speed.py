@@ -15,6 +15,7 @@ replaced by a 2-bit (and a 3-bit) VQLinear of random codes.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -94,42 +95,46 @@ def layer_rows(bits_list, tokens_list, groups: int) -> list[dict]:
 
 
 @torch.no_grad()
-def decode_tokens_per_second(model, tokenizer, new_tokens: int) -> float:
-    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+def decode_seconds(model, ids, new_tokens: int) -> float:
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
-    model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
     start = time.perf_counter()
     model.generate(ids, **kwargs)
-    return new_tokens / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
-def model_row(model_id: str, bits: int, new_tokens: int, groups: int) -> dict:
+def model_row(model_id: str, bits: int, new_tokens: int, groups: int, rounds: int = 3) -> dict:
+    """FP and VQ decode of the same prompt, alternated `rounds` times (medians)."""
     from rsavq.models import load_model
     from rsavq.modules import find_linears
     from rsavq.serialization import set_module
 
     model, tokenizer = load_model(model_id)
-    fp = decode_tokens_per_second(model, tokenizer, new_tokens)
-    layers = find_linears(model)
+    vq_model = copy.deepcopy(model)
+    layers = find_linears(vq_model)
     params = sum(layer.weight.numel() for layer in layers.values())
     for i, (name, layer) in enumerate(layers.items()):
-        set_module(
-            model, name, random_vqlinear(layer.in_features, layer.out_features, bits, groups, i)
-        )
+        vq_layer = random_vqlinear(layer.in_features, layer.out_features, bits, groups, i)
+        set_module(vq_model, name, vq_layer)
     vq_bytes = sum(
         b.numel() * b.element_size()
-        for m in model.modules()
+        for m in vq_model.modules()
         if isinstance(m, VQLinear)
         for b in m.buffers()
     )
-    vq = decode_tokens_per_second(model, tokenizer, new_tokens)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    fns = {
+        "fp": lambda: decode_seconds(model, ids, new_tokens),
+        "vq": lambda: decode_seconds(vq_model, ids, new_tokens),
+    }
+    t = interleaved(fns, rounds)
     return {
         "model": model_id,
         "bits": bits,
         "new_tokens": new_tokens,
-        "fp_tokens_per_s": fp,
-        "vq_tokens_per_s": vq,
-        "vq_over_fp": vq / fp,
+        "rounds": rounds,
+        "fp_tokens_per_s": new_tokens / t["fp"],
+        "vq_tokens_per_s": new_tokens / t["vq"],
+        "vq_over_fp": t["fp"] / t["vq"],
         "linear_weights": params,
         "vq_buffer_bytes": vq_bytes,
         "vq_bits_per_weight_in_memory": 8 * vq_bytes / params,
@@ -169,7 +174,8 @@ def render(results: list[dict]) -> str:
         ]
         for m in result["models"]:
             parts += [
-                f"Whole model, {m['model']} greedy decode of {m['new_tokens']} tokens: FP "
+                f"Whole model, {m['model']} greedy decode of {m['new_tokens']} tokens "
+                f"(median of {m.get('rounds', 1)}, alternated): FP "
                 f"{m['fp_tokens_per_s']:.2f} tokens/s, every decoder linear as a {m['bits']}-bit "
                 f"VQLinear {m['vq_tokens_per_s']:.2f} tokens/s: **{m['vq_over_fp']:.2f}x of FP**; "
                 f"memory of the loaded VQ linears {m['vq_buffer_bytes'] / 2**20:.1f} MiB for "
