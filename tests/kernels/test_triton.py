@@ -59,3 +59,12 @@ def test_pinned_backend_and_cuda_dispatch():
     assert choose_backend(torch.empty(2, 12, device="meta")) != Backend.TRITON
     if torch.cuda.is_available():
         assert choose_backend(x.cuda()) == Backend.TRITON
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    from rsavq.errors import UsageError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec, perm, codes, books = random_vq_layer(8, 12, (12,), (2,))
+    with pytest.raises(UsageError, match="TRITON_INTERPRET=1"):
+        vq_triton.vq_linear(torch.randn(1, 12), codes, books, perm, spec)

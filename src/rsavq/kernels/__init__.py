@@ -7,13 +7,13 @@ GPUs; the `[triton]` extra). `choose_backend` picks by device; a module may pin 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from enum import Enum
 
 import torch
 
 from rsavq.config import LayerSpec
-from rsavq.kernels import reference
 from rsavq.kernels.reference import dequantize
 
 __all__ = ["Backend", "choose_backend", "dequantize", "vq_linear"]
@@ -39,18 +39,18 @@ def choose_backend(x: torch.Tensor) -> Backend:
     return Backend.REFERENCE
 
 
+_MODULES = {  # the dispatch table: backend -> module with `vq_linear` (imported on first use)
+    Backend.REFERENCE: "rsavq.kernels.reference",
+    Backend.CPU: "rsavq.kernels.cpu",
+    Backend.TRITON: "rsavq.kernels.triton",
+}
+
+
 def vq_linear(
     x, codes, codebooks, perm, spec: LayerSpec, bias=None, backend: Backend = Backend.AUTO
 ) -> torch.Tensor:
     """`y = x W_hat^T + bias` by the chosen backend (all agree with `reference`)."""
     if backend == Backend.AUTO:
         backend = choose_backend(x)
-    if backend == Backend.CPU:
-        from rsavq.kernels import cpu
-
-        return cpu.vq_linear(x, codes, codebooks, perm, spec, bias)
-    if backend == Backend.TRITON:
-        from rsavq.kernels import triton
-
-        return triton.vq_linear(x, codes, codebooks, perm, spec, bias)
-    return reference.vq_linear(x, codes, codebooks, perm, spec, bias)
+    kernel = importlib.import_module(_MODULES[Backend(backend)])
+    return kernel.vq_linear(x, codes, codebooks, perm, spec, bias)
