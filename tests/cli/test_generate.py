@@ -43,3 +43,24 @@ def test_chat_errors(tiny_model_dir, monkeypatch, capsys, extra, message):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(["chat", "--model", str(tiny_model_dir), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture()
+def quantized_dir(tmp_path, tiny_tokenizer):
+    from helpers import build_tiny_llama
+    from rsavq.config import RSAVQConfig
+    from rsavq.pipeline import quantize_model
+
+    config = RSAVQConfig(bits=2, groups=1, lam=0, kmeans_iters=2, budget_includes_overhead=False)
+    model = build_tiny_llama(len(tiny_tokenizer))
+    quantize_model(model, config, None, tmp_path / "q", tiny_tokenizer, progress=False)
+    return tmp_path / "q"
+
+
+def test_every_backend_generates_the_same_text(quantized_dir, capsys):
+    args = ["generate", "--model", str(quantized_dir), "--prompt", "the dog", "--max-new-tokens"]
+    texts = []
+    for backend in ("reference", "cpu", "auto"):
+        assert main([*args, "6", "--backend", backend]) == 0
+        texts.append(capsys.readouterr().out.split("[")[0])
+    assert texts[0] == texts[1] == texts[2]

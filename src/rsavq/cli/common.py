@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 
 def positive_int(text: str) -> int:
@@ -26,3 +27,21 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="local data directory (default: $RSAVQ_DATA_DIR, else the hub)",
     )
+
+
+def add_backend_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "reference", "cpu", "triton"],
+        help="kernel for the quantized layers: auto (default: triton on CUDA, the C++ kernels on "
+        "the CPU), or pin one",
+    )
+
+
+def apply_backend(model, name: str) -> None:
+    """Pin the quantized layers of `model` to the `--backend` kernel (no-op for `auto`)."""
+    from rsavq.nn import set_backend
+
+    if name != "auto" and set_backend(model, name) == 0:
+        logging.getLogger("rsavq").warning("--backend %s: the model has no quantized layers", name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rsavq import __version__
-from rsavq.cli.common import add_model_args, positive_int
+from rsavq.cli.common import add_backend_arg, add_model_args, apply_backend, positive_int
 from rsavq.errors import UsageError
 from rsavq.eval.zeroshot import parse_tasks
 from rsavq.runtime import resolve_device, resolve_dtype
@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
         "lm-eval-harness (EVALUATION.md).",
     )
     add_model_args(p)
+    add_backend_arg(p)
     p.add_argument(
         "--ppl",
         default="wikitext2",
@@ -55,6 +56,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not corpora and not tasks:
         raise UsageError("nothing to evaluate: give --ppl SOURCES and/or --tasks TASKS")
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    apply_backend(model, args.backend)
     results = []
     for corpus in corpora:
         windows = evaluation_windows(tokenizer, corpus, args.seqlen, args.limit)

@@ -6,13 +6,14 @@ import argparse
 import sys
 import time
 
-from rsavq.cli.common import add_model_args, positive_int
+from rsavq.cli.common import add_backend_arg, add_model_args, apply_backend, positive_int
 from rsavq.errors import UsageError
 from rsavq.runtime import resolve_device, resolve_dtype
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    add_backend_arg(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -37,7 +38,10 @@ def _load(args):
         raise UsageError("need --temperature >= 0 and 0 < --top-p <= 1")
     resolve_model(args.model)
     device = resolve_device(args.device)
-    return load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    apply_backend(model, args.backend)
+    return model, tokenizer
 
 
 def _generate(model, tokenizer, input_ids, args) -> str:

@@ -1,5 +1,5 @@
 """Quantized modules."""
 
-from rsavq.nn.vq_linear import VQLinear
+from rsavq.nn.vq_linear import VQLinear, set_backend
 
-__all__ = ["VQLinear"]
+__all__ = ["VQLinear", "set_backend"]

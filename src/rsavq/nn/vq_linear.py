@@ -85,3 +85,12 @@ class VQLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"group_bits={list(self.spec.group_bits)}, axis={self.spec.axis}"
         )
+
+
+def set_backend(model: nn.Module, backend: Backend | str) -> int:
+    """Pin every `VQLinear` of `model` to `backend` (`auto` restores dispatch); returns how many."""
+    backend = Backend(backend)
+    layers = [m for m in model.modules() if isinstance(m, VQLinear)]
+    for layer in layers:
+        layer.backend = backend
+    return len(layers)
