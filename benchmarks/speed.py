@@ -9,7 +9,9 @@ Layers (random codes: speed does not depend on their values): shapes in x out 57
 (1 token) and prefill (512 tokens), each timed interleaved with the fp32 dense `F.linear` of the
 same shape and with the reference kernel, in one process; dense/VQ > 1 means VQ is faster. Whole
 model: SmolLM2-135M greedy decode tokens/s, FP vs the same model with every decoder linear
-replaced by a 2-bit (and a 3-bit) VQLinear of random codes.
+replaced by a 2-bit (and a 3-bit) VQLinear of random codes. With a CUDA GPU, also the Triton
+kernels vs fp16 cuBLAS at 1, 8 and 512 tokens, and the bytes the VQ call moves per second as a
+fraction of a device-to-device copy's (the practical bandwidth limit).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from rsavq.allocation import split_sizes
 from rsavq.config import LayerSpec
 from rsavq.io import atomic_write_json, rewrite_block
-from rsavq.kernels import choose_backend, reference
+from rsavq.kernels import Backend, choose_backend, reference
 from rsavq.nn import VQLinear
 from rsavq.packing import pack
 
@@ -141,6 +143,84 @@ def model_row(model_id: str, bits: int, new_tokens: int, groups: int, rounds: in
     }
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, numel: int = 2**27) -> float:
+    """Bytes/s of a device-to-device fp16 copy (read + write): the practical bandwidth limit."""
+    a = torch.empty(numel, dtype=torch.float16, device=device)
+    b = torch.empty_like(a)
+    seconds = synced_times({"copy": lambda: b.copy_(a)}, device, repeats=5)["copy"]
+    return 2 * a.numel() * a.element_size() / seconds
+
+
+def synced_times(fns: dict, device: torch.device, repeats: int, inner: int = 1) -> dict:
+    """Median seconds per call, each sample `inner` calls between device synchronizations."""
+
+    def batch(f):
+        def run():
+            for _ in range(inner):
+                f()
+            _sync(device)
+
+        return run
+
+    t = interleaved({name: batch(f) for name, f in fns.items()}, repeats)
+    return {name: seconds / inner for name, seconds in t.items()}
+
+
+@torch.no_grad()
+def gpu_rows(shapes, bits_list, tokens_list, device="cuda", copy_numel=2**27, repeats=10):
+    """Triton `VQLinear` vs fp16 cuBLAS `F.linear`, and the bytes the VQ call moves per second
+    as a fraction of a device copy's (codes, codebooks, perm, x and the output)."""
+    device = torch.device(device)
+    limit = copy_bandwidth(device, copy_numel)
+    rows = []
+    for n, m in shapes:
+        W = (torch.randn(m, n) * 0.02).to(device, torch.float16)
+        for bits in bits_list:
+            module = random_vqlinear(n, m, bits).to(device)
+            module.backend = Backend.TRITON
+            stored = sum(b.numel() * b.element_size() for b in module.buffers())
+            for tokens in tokens_list:
+                x = torch.randn(tokens, n).to(device, torch.float16)
+                fns = {"cublas": lambda x=x, W=W: F.linear(x, W), "vq": lambda x=x, q=module: q(x)}
+                t = synced_times(fns, device, repeats, inner=20 if tokens <= 8 else 3)
+                moved = stored + 2 * tokens * (n + m)
+                rows.append(
+                    {
+                        "shape": f"{n}x{m}",
+                        "bits": bits,
+                        "tokens": tokens,
+                        "cublas_ms": t["cublas"] * 1e3,
+                        "vq_ms": t["vq"] * 1e3,
+                        "cublas_over_vq": t["cublas"] / t["vq"],
+                        "vq_fraction_of_copy_bandwidth": moved / t["vq"] / limit,
+                        "copy_bandwidth_gbs": limit / 1e9,
+                    }
+                )
+                print(json.dumps(rows[-1]))
+    return rows
+
+
+def gpu_table(rows: list[dict]) -> str:
+    lines = [
+        "| shape (in x out) | bits | tokens | fp16 cuBLAS / Triton VQ | cuBLAS / VQ "
+        "| VQ bytes/s vs device copy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['bits']} | {r['tokens']} | {r['cublas_ms']:.3f} / "
+            f"{r['vq_ms']:.3f} ms | **{r['cublas_over_vq']:.2f}** | "
+            f"{100 * r['vq_fraction_of_copy_bandwidth']:.0f}% of "
+            f"{r['copy_bandwidth_gbs']:.0f} GB/s |"
+        )
+    return "\n".join(lines)
+
+
 def layer_table(layers: list[dict]) -> str:
     lines = [
         "| shape (in x out) | bits | decode: dense / VQ | dense / VQ | reference / VQ "
@@ -172,6 +252,8 @@ def render(results: list[dict]) -> str:
             layer_table(result["layers"]),
             "",
         ]
+        if result.get("gpu"):
+            parts += [f"GPU: {result['gpu_name']}", "", gpu_table(result["gpu"]), ""]
         for m in result["models"]:
             parts += [
                 f"Whole model, {m['model']} greedy decode of {m['new_tokens']} tokens "
@@ -205,6 +287,7 @@ def main(argv=None) -> None:
     p.add_argument("--tables", default=TABLES, help="result JSONs tabulated in --markdown")
     p.add_argument("--markdown", default="BENCHMARKS.md")
     p.add_argument("--table-only", action="store_true", help="only rewrite the tables")
+    p.add_argument("--no-gpu", action="store_true", help="skip the Triton-vs-cuBLAS rows")
     args = p.parse_args(argv)
     if args.table_only:
         return write_tables(args.tables.split(","), args.markdown)
@@ -220,6 +303,9 @@ def main(argv=None) -> None:
             for b in args.model_bits.split(",")
         ],
     }
+    if torch.cuda.is_available() and not args.no_gpu:
+        result["gpu_name"] = torch.cuda.get_device_name()
+        result["gpu"] = gpu_rows(SHAPES, bits, [1, 8, 512])
     print(json.dumps(result["models"]))
     atomic_write_json(args.json, result)
     write_tables(args.tables.split(","), args.markdown)

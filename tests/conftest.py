@@ -6,10 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import build_tiny_llama, build_tokenizer, sample_text
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+if not torch.cuda.is_available():  # before anything imports triton: its kernels run interpreted
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
 
 
@@ -62,3 +65,14 @@ def test_tables_from_cached_json(tmp_path):
     assert row in text
     assert "| 576x1536 | 3 | 0.30 / 0.60 ms | **0.50** | 10 | - | - |" in text
     assert "**1.20x of FP**" in text and "2.035 bits/weight" in text
+
+
+def test_gpu_rows_run_under_the_triton_interpreter():
+    pytest.importorskip("triton")  # on a CPU-only machine conftest set TRITON_INTERPRET=1
+    speed = load_speed()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = speed.gpu_rows([(24, 16)], [2], [1, 9], device, copy_numel=2**12, repeats=1)
+    assert [(r["shape"], r["tokens"]) for r in rows] == [("24x16", 1), ("24x16", 9)]
+    assert all(r["vq_ms"] > 0 and r["vq_fraction_of_copy_bandwidth"] > 0 for r in rows)
+    table = speed.gpu_table(rows)
+    assert "| 24x16 | 2 | 9 |" in table and "GB/s |" in table

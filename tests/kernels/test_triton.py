@@ -1,16 +1,11 @@
 """The Triton kernels against the reference kernel (the oracle): on a CUDA GPU when there is one,
-else on the CPU under `TRITON_INTERPRET=1`."""
-
-import os
+else on the CPU under `TRITON_INTERPRET=1` (set by conftest)."""
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from helpers import KERNEL_SHAPES, random_vq_layer  # noqa: E402
-from rsavq.kernels import Backend, choose_backend, reference, vq_linear  # noqa: E402
+from helpers import KERNEL_SHAPES, random_vq_layer
+from rsavq.kernels import Backend, choose_backend, reference, vq_linear
 
 vq_triton = pytest.importorskip("rsavq.kernels.triton")
 
