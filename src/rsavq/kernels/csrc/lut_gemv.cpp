@@ -21,8 +21,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <optional>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #if defined(__AVX512F__)
