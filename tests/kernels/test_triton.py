@@ -12,7 +12,7 @@ vq_triton = pytest.importorskip("rsavq.kernels.triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def on_device(spec, perm, codes, books):
+def on_device(perm, codes, books):
     return perm.to(DEVICE), [c.to(DEVICE) for c in codes], [b.to(DEVICE) for b in books]
 
 
@@ -23,7 +23,7 @@ def test_triton_matches_reference(tokens, m, n, sizes, bits, v, P, axis):
     x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens))
     bias = torch.randn(m)
     want = reference.vq_linear(x, codes, books, perm, spec, bias)
-    perm_d, codes_d, books_d = on_device(spec, perm, codes, books)
+    perm_d, codes_d, books_d = on_device(perm, codes, books)
     got = vq_triton.vq_linear(x.to(DEVICE), codes_d, books_d, perm_d, spec, bias.to(DEVICE))
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
@@ -33,7 +33,7 @@ def test_half_precision_inputs_and_batch_dims(tokens):
     spec, perm, codes, books = random_vq_layer(24, 36, (18, 18), (3, 2))
     x = torch.randn(2, tokens, 36).half()
     want = reference.vq_linear(x.float(), codes, books, perm, spec)
-    perm_d, codes_d, books_d = on_device(spec, perm, codes, books)
+    perm_d, codes_d, books_d = on_device(perm, codes, books)
     got = vq_triton.vq_linear(x.to(DEVICE), codes_d, books_d, perm_d, spec)
     assert got.shape == (2, tokens, 24) and got.dtype == torch.float16
     torch.testing.assert_close(got.float().cpu(), want, rtol=1e-2, atol=2e-2)

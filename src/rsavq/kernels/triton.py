@@ -1,13 +1,14 @@
 """Triton backend: fused dequantize-GEMV (1-8 tokens) and dequantize-GEMM (prefill) on CUDA GPUs.
 
-Both kernels dequantize a `[BLOCK_M, BLOCK_K]` tile of one group's block straight from the packed
-codes and the fp16 codebooks (`dequant_tile`) and never write the weight to memory: the GEMV
-reduces it against every token with a broadcast sum, the GEMM feeds it to `tl.dot`. The channel
-permutation is applied on the fly: input-axis groups gather their columns of `x` through `perm`,
-output-axis groups scatter their rows of `y` through it. Groups run one launch each, accumulating
-into one float32 output. Registered as the custom op `rsavq::vq_matmul` with a fake
-implementation, so `torch.compile` and meta-device loading see its shape. On the CPU the same
-kernels run under `TRITON_INTERPRET=1` (how CI checks them against the reference).
+One kernel, `matmul`, dequantizes `[BLOCK_M, BLOCK_K]` tiles of one group's block straight from
+the packed codes and the fp16 codebooks (`dequant_tile`) and never writes the weight to memory:
+launched as the GEMV it reduces them against every token with a broadcast sum, as the GEMM it
+feeds them to `tl.dot`. The channel permutation is applied on the fly: input-axis groups gather
+their columns of `x` through `perm`, output-axis groups scatter their rows of `y` through it.
+Groups run one launch each, accumulating into one float32 output. Registered as the custom op
+`rsavq::vq_matmul` with a fake implementation, so `torch.compile` and meta-device loading see its
+shape. On the CPU the same kernel runs under `TRITON_INTERPRET=1` (how CI checks it against the
+reference).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def store_y(
 
 
 @triton.jit
-def gemv(
+def matmul(
     x,
     codes,
     books,
@@ -116,52 +117,14 @@ def gemv(
     PERM_COLS: tl.constexpr,
     PERM_ROWS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """Each program: BLOCK_M rows for all (<= BLOCK_T) tokens, a broadcast-sum per tile."""
-    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = r < m
-    t = tl.arange(0, BLOCK_T)
-    tmask = t < T
-    acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, cols, BLOCK_K):
-        w = dequant_tile(codes, books, r, rmask, k0, cols, words, K, width, V, P, D, BLOCK_K)
-        xt = load_x(x, perm, t, tmask, k0, cols, n, col0, PERM_COLS, BLOCK_K).to(tl.float32)
-        acc += tl.sum(xt[:, None, :] * w[None, :, :], axis=2)
-    store_y(out, acc, perm, r, rmask, t, tmask, row0, out_features, PERM_ROWS, ACCUMULATE)
-
-
-@triton.jit
-def gemm(
-    x,
-    codes,
-    books,
-    perm,
-    out,
-    T,
-    n,
-    m,
-    cols,
-    words,
-    K,
-    col0,
-    row0,
-    out_features,
-    width: tl.constexpr,
-    V: tl.constexpr,
-    P: tl.constexpr,
-    D: tl.constexpr,
-    PERM_COLS: tl.constexpr,
-    PERM_ROWS: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
+    DOT: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Each program: a BLOCK_T x BLOCK_M output tile by `tl.dot` over dequantized tiles."""
+    """Each program: a BLOCK_T x BLOCK_M output tile over dequantized weight tiles, reduced by
+    `tl.dot` (GEMM, `DOT`) or by a broadcast sum (GEMV: one token block holds every token)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     tmask, rmask = t < T, r < m
@@ -169,7 +132,9 @@ def gemm(
     for k0 in range(0, cols, BLOCK_K):
         xt = load_x(x, perm, t, tmask, k0, cols, n, col0, PERM_COLS, BLOCK_K)
         w = dequant_tile(codes, books, r, rmask, k0, cols, words, K, width, V, P, D, BLOCK_K)
-        if IEEE:
+        if not DOT:
+            acc += tl.sum(xt.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+        elif IEEE:
             acc += tl.dot(xt, tl.trans(w.to(xt.dtype)), input_precision="ieee")
         else:
             acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
@@ -192,14 +157,15 @@ def _launch(x, codes, books, perm, out, spec: LayerSpec, g: int, col0: int, row0
     )
     args = (x, codes, books, perm, out, T, n, rows, cols, codes.shape[1], books.shape[1])
     args += (col0, row0, spec.out_features)
-    if T <= DECODE_TOKENS:
+    ieee = x.dtype == torch.float32
+    if T <= DECODE_TOKENS:  # GEMV: one token block, small row blocks
         block_t = max(2, triton.next_power_of_2(T))
-        grid = (triton.cdiv(rows, 16),)
-        gemv[grid](*args, **common, BLOCK_T=block_t, BLOCK_M=16, BLOCK_K=128)
+        grid = (1, triton.cdiv(rows, 16))
+        blocks = dict(DOT=False, IEEE=ieee, BLOCK_T=block_t, BLOCK_M=16, BLOCK_K=128)
     else:
         grid = (triton.cdiv(T, 64), triton.cdiv(rows, 64))
-        ieee = x.dtype == torch.float32
-        gemm[grid](*args, **common, IEEE=ieee, BLOCK_T=64, BLOCK_M=64, BLOCK_K=32)
+        blocks = dict(DOT=True, IEEE=ieee, BLOCK_T=64, BLOCK_M=64, BLOCK_K=32)
+    matmul[grid](*args, **common, **blocks)
 
 
 @torch.library.custom_op("rsavq::vq_matmul", mutates_args=())
