@@ -55,3 +55,14 @@ def test_shape_mismatch_detected(checkpoint):
     (checkpoint / "config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match="has shape .* the config says"):
         load_quantized(checkpoint)
+
+
+def test_missing_codes_detected(checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    weights = checkpoint / "model.safetensors"
+    state = load_file(str(weights))
+    del state["model.layers.0.mlp.up_proj.codes_0"]
+    save_file(state, str(weights))
+    with pytest.raises(UsageError, match="lacks tensors .*up_proj.codes_0"):
+        load_quantized(checkpoint)

@@ -7,6 +7,7 @@ loaded onto it (parameters never materialized before loading).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -86,6 +87,14 @@ def read_quantization_config(path: Path) -> dict:
     return qconfig
 
 
+def replace_linears(model: nn.Module, layers: dict[str, dict]) -> None:
+    """Swap every listed linear for an empty `VQLinear` built from its spec, on the linear's
+    device (meta when the model is being built empty)."""
+    for name, spec in layers.items():
+        device = model.get_submodule(name).weight.device
+        set_module(model, name, VQLinear(LayerSpec.from_dict(spec), device=device))
+
+
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype=None):
     """A ready transformers model from a quantized checkpoint directory (eval mode)."""
     from accelerate import init_empty_weights
@@ -97,8 +106,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype=N
     config.quantization_config = None
     with init_empty_weights():  # parameters on meta; buffers (rotary) computed for real
         model = AutoModelForCausalLM.from_config(config)
-    for name, spec in qconfig["layers"].items():
-        set_module(model, name, VQLinear(LayerSpec.from_dict(spec)))
+    replace_linears(model, qconfig["layers"])
     _load_tensors(model, path / WEIGHTS)
     model.config.quantization_config = qconfig
     if dtype is not None:
@@ -128,6 +136,7 @@ def _load_tensors(model: nn.Module, weights: Path) -> None:
         )
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    missing = [n for n, t in tensors if t.is_meta]
     if missing:
         raise UsageError(f"{weights} lacks tensors {missing[:5]}; the checkpoint is incomplete")

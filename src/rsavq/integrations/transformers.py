@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from rsavq.config import FORMAT_VERSION, QUANT_METHOD, LayerSpec
+from rsavq.config import FORMAT_VERSION, QUANT_METHOD
 from rsavq.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ def register() -> bool:
         requires_calibration = True
 
         def _process_model_before_weight_loading(self, model, **kwargs):
+            from rsavq.serialization import replace_linears
+
             replace_linears(model, self.quantization_config.layers)
 
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -72,14 +74,3 @@ def register() -> bool:
 
     _REGISTERED = True
     return True
-
-
-def replace_linears(model, layers: dict[str, dict]) -> None:
-    """Swap every listed linear for an empty `VQLinear` built from its spec (on meta if the model
-    is)."""
-    from rsavq.nn import VQLinear
-    from rsavq.serialization import set_module
-
-    for name, spec in layers.items():
-        device = model.get_submodule(name).weight.device
-        set_module(model, name, VQLinear(LayerSpec.from_dict(spec), device=device))
