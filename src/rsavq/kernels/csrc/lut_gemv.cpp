@@ -70,16 +70,16 @@ inline int64_t code_at(const uint32_t* row, uint64_t bit, int64_t width, uint64_
   return static_cast<int64_t>((both >> off) & mask);
 }
 
-// Rows [r0, r1), codes [ja, jb): one row at a time (any CPU; the AVX-512 tiles' leftovers).
-void rows_scalar(const float* L, int64_t T, const Group& G, int64_t r0, int64_t r1, int64_t ja,
-                 int64_t jb, float* out, int64_t m) {
+// Rows [r0, r1), all codes: one row at a time (any CPU; the AVX-512 tiles' leftovers).
+void rows_scalar(const float* L, int64_t T, const Group& G, int64_t r0, int64_t r1, float* out,
+                 int64_t m) {
   const uint64_t mask = (uint64_t{1} << G.width) - 1;
   for (int64_t r = r0; r < r1; ++r) {
     const uint32_t* row = G.codes + r * G.W;
     for (int64_t t = 0; t < T; ++t) {
       const float* Lt = L + t * G.J * G.Kp;
       float acc = 0.f;
-      for (int64_t j = ja; j < jb; ++j) acc += Lt[j * G.Kp + code_at(row, j * G.width, G.width, mask)];
+      for (int64_t j = 0; j < G.J; ++j) acc += Lt[j * G.Kp + code_at(row, j * G.width, G.width, mask)];
       out[t * m + r] += acc;
     }
   }
@@ -245,7 +245,7 @@ void gather_sum(const std::vector<float>& lut, int64_t T, const Group& G, float*
     }
   });
   at::parallel_for(done, m, 16, [&](int64_t a, int64_t b) {
-    rows_scalar(L, T, G, a, b, 0, G.J, out, m);
+    rows_scalar(L, T, G, a, b, out, m);
   });
 }
 
