@@ -108,3 +108,20 @@ KERNEL_SHAPES = [  # every backend is checked against the reference on these
     (65, 30, (30,), (1,), 10, 2, "input"),
     (128, 100, (100,), (3,), 6, 2, "input"),  # 9-bit codes end on bit 33; chunked tables
 ]
+
+
+PLAIN = {  # the per-layer quantizer without the Hessian-based parts (no calibration needed)
+    "vector_length": 6,
+    "sub_vectors": 2,
+    "compensation": "none",
+    "codebook_overhead": 0.0,
+    "row_scales": False,
+    "refit": False,
+}
+
+
+def plain_config(**overrides):
+    """An `RSAVQConfig` of the Fisher-only method (the paper's shapes), with overrides."""
+    from rsavq.config import RSAVQConfig
+
+    return RSAVQConfig.from_dict({**PLAIN, **overrides})

@@ -60,7 +60,12 @@ def test_bad_number_is_argparse_usage_error():
     ("extra", "message"),
     [
         (["--bits", "7"], "unsupported bits 7"),
-        (["--bits", "2", "--vector-length", "5"], "vector length 5 must be a positive multiple"),
+        (["--bits", "2", "--vector-length", "5", "--sub-vectors", "2"], "vector length 5 must"),
+        (
+            ["--bits", "2", "--block-size", "6"],
+            "block size 6 must be a multiple of the vector length 4",
+        ),
+        (["--bits", "2", "--channel-axis", "output"], "use --channel-axis input"),
     ],
 )
 def test_quantize_bad_settings_exit_2(tiny_model_dir, tmp_path, capsys, extra, message):
@@ -121,7 +126,7 @@ def test_quantize_baselines(tiny_model_dir, text_file, tmp_path, capsys, method)
     args += ["--calib", str(text_file), "--nsamples", "3", "--seqlen", "32", "--out", str(out)]
     assert main([*args, "--group-size", "16", "--kmeans-iters", "2"]) == 0
     printed = capsys.readouterr().out
-    assert ("collecting input Hessians" in printed) == (method == "gptq")
+    assert ("input Hessians from" in printed) == (method == "gptq")
     assert "collecting Fisher" not in printed  # no baseline needs Fisher statistics
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["bits_per_weight"] > 3

@@ -15,8 +15,10 @@ def test_roundtrip_through_dict():
     [
         ({"bits": 9}, "unsupported bits 9"),
         ({"bits": 0.5}, "unsupported bits"),
-        ({"vector_length": 5}, "vector length 5 must be a positive multiple of sub-vectors 2"),
-        ({"vector_length": 12, "sub_vectors": 2}, "exceed 16 bits"),
+        ({"vector_length": 5, "sub_vectors": 2}, "vector length 5 must be a positive multiple of"),
+        ({"block_size": 6}, "block size 6 must be a multiple of the vector length 4"),
+        ({"channel_axis": "output"}, "use --channel-axis input"),
+        ({"vector_length": 12, "sub_vectors": 2, "bits": 3}, "exceed 16 bits"),
         ({"uniform_bits": True, "bits": 2.5}, "uniform bits need a whole number"),
         ({"groups": 0}, "groups and k-means iterations must be >= 1"),
     ],

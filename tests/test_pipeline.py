@@ -5,18 +5,19 @@ import torch
 from safetensors.torch import load_file
 
 import rsavq.pipeline as pipeline
-from helpers import build_tiny_llama
-from rsavq.config import Compensation, RSAVQConfig, ScalarConfig
+from helpers import build_tiny_llama, plain_config
+from rsavq.config import Compensation, ScalarConfig, preset
 from rsavq.errors import UsageError
 from rsavq.modules import find_linears
 from rsavq.nn import VQLinear
 from rsavq.pipeline import quantize_model
 from rsavq.serialization import load_quantized
 from rsavq.stats.collect import CollectOptions
-from rsavq.stats.hessian import input_hessians
 from rsavq.stats.run import CalibrationSpec, fisher_stats
 
-CONFIG = RSAVQConfig(bits=2, groups=2, kmeans_iters=3, budget_includes_overhead=False)
+CONFIG = plain_config(bits=2, groups=2, kmeans_iters=3, budget_includes_overhead=False)
+DEFAULT = preset("default", 2, kmeans_iters=3)  # block-sequential, OBS, scales, refit
+BOTH = pytest.mark.parametrize("config", [CONFIG, DEFAULT], ids=["fisher-only", "default"])
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,10 @@ def stats_dir(tmp_path_factory):
     return out
 
 
+def _windows():
+    return torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(2))
+
+
 def fresh():
     return build_tiny_llama(vocab_size=64, seed=7)
 
@@ -44,12 +49,15 @@ def quantize(out, stats_dir, config=CONFIG):
     from rsavq.stats import load_stats
 
     model = fresh()
-    quantize_model(model, config, load_stats(stats_dir), out, progress=False)
+    quantize_model(
+        model, config, load_stats(stats_dir), out, progress=False, calibration=_windows()
+    )
     return model
 
 
-def test_checkpoint_loads_with_identical_logits(tmp_path, stats_dir):
-    model = quantize(tmp_path / "q", stats_dir)
+@BOTH
+def test_checkpoint_loads_with_identical_logits(tmp_path, stats_dir, config):
+    model = quantize(tmp_path / "q", stats_dir, config)
     assert sum(isinstance(m, VQLinear) for m in model.modules()) == 14
     loaded = load_quantized(tmp_path / "q")
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -58,8 +66,9 @@ def test_checkpoint_loads_with_identical_logits(tmp_path, stats_dir):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # ties restored
 
 
-def test_report_bits_are_the_stored_bits(tmp_path, stats_dir):
-    quantize(tmp_path / "q", stats_dir)
+@BOTH
+def test_report_bits_are_the_stored_bits(tmp_path, stats_dir, config):
+    quantize(tmp_path / "q", stats_dir, config)
     report = json.loads((tmp_path / "q" / "report.json").read_text())
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
     for row in report["layers"]:
@@ -72,8 +81,11 @@ def test_report_bits_are_the_stored_bits(tmp_path, stats_dir):
     assert (tmp_path / "q" / "report.md").read_text().startswith("# RSAVQ report: 14 layers")
 
 
-def test_resume_after_interruption_gives_the_same_checkpoint(tmp_path, stats_dir, monkeypatch):
-    quantize(tmp_path / "full", stats_dir)
+@BOTH
+def test_resume_after_interruption_gives_the_same_checkpoint(
+    tmp_path, stats_dir, monkeypatch, config
+):
+    quantize(tmp_path / "full", stats_dir, config)
     original, calls = pipeline.quantize_layer, []
 
     def dies_on_fifth(*args, **kwargs):
@@ -84,10 +96,10 @@ def test_resume_after_interruption_gives_the_same_checkpoint(tmp_path, stats_dir
 
     monkeypatch.setattr(pipeline, "quantize_layer", dies_on_fifth)
     with pytest.raises(KeyboardInterrupt):
-        quantize(tmp_path / "resumed", stats_dir)
+        quantize(tmp_path / "resumed", stats_dir, config)
     assert len(list((tmp_path / "resumed" / ".partial" / "layers").iterdir())) == 4
     monkeypatch.setattr(pipeline, "quantize_layer", original)
-    quantize(tmp_path / "resumed", stats_dir)
+    quantize(tmp_path / "resumed", stats_dir, config)
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -99,7 +111,9 @@ def test_existing_checkpoint_is_never_overwritten(tmp_path, stats_dir):
     before = (tmp_path / "q" / "model.safetensors").read_bytes()
     with pytest.raises(UsageError, match="already holds a checkpoint"):
         quantize(
-            tmp_path / "q", stats_dir, RSAVQConfig(bits=3, groups=1, budget_includes_overhead=False)
+            tmp_path / "q",
+            stats_dir,
+            plain_config(bits=3, groups=1, budget_includes_overhead=False),
         )
     assert (tmp_path / "q" / "model.safetensors").read_bytes() == before
 
@@ -128,16 +142,11 @@ def test_missing_stats_directory(tmp_path):
 
 
 def test_kmeans_baseline_needs_no_stats(tmp_path):
-    config = RSAVQConfig(
+    config = plain_config(
         bits=2, groups=1, uniform_bits=True, lam=0, kmeans_iters=2, budget_includes_overhead=False
     )
     quantize_model(fresh(), config, None, tmp_path / "q", progress=False)
     assert load_quantized(tmp_path / "q") is not None
-
-
-def _hessians(model):
-    windows = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(2))
-    return input_hessians(model, find_linears(model), windows, progress=False)
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
@@ -146,8 +155,10 @@ def test_scalar_baselines_write_a_plain_checkpoint(tmp_path, method):
 
     model = fresh()
     config = ScalarConfig(method=method, bits=3, group_size=32)
-    hessians = _hessians(model) if method == "gptq" else None
-    records = quantize_model(model, config, None, tmp_path / "q", progress=False, hessians=hessians)
+    calibration = _windows() if method == "gptq" else None
+    records = quantize_model(
+        model, config, None, tmp_path / "q", progress=False, calibration=calibration
+    )
     layer = find_linears(model)["model.layers.0.mlp.down_proj"]  # 48 x 96: 3 groups of 32
     assert len(torch.unique(layer.weight[0])) <= 3 * 8  # 3 groups (act-order permutes them)
     row = next(r for r in records if r.name == "model.layers.0.mlp.down_proj")
@@ -162,7 +173,7 @@ def test_scalar_baselines_write_a_plain_checkpoint(tmp_path, method):
 
 
 def test_gptq_without_hessians_is_refused(tmp_path):
-    with pytest.raises(UsageError, match="input Hessians"):
+    with pytest.raises(UsageError, match="calibration windows"):
         quantize_model(fresh(), ScalarConfig(method="gptq"), None, tmp_path / "q", progress=False)
 
 
@@ -170,15 +181,21 @@ def test_hessian_compensation_in_the_pipeline(tmp_path, stats_dir):
     from rsavq.stats import load_stats
 
     model = fresh()
-    config = RSAVQConfig(bits=2, groups=2, kmeans_iters=2, compensation=Compensation.HESSIAN)
+    config = plain_config(bits=2, groups=2, kmeans_iters=2, compensation=Compensation.HESSIAN)
     quantize_model(
         model,
         config,
         load_stats(stats_dir),
         tmp_path / "q",
         progress=False,
-        hessians=_hessians(model),
-        calibration={"source": "rand"},
+        calibration=_windows(),
+        calibration_id={"source": "rand"},
     )
     loaded = load_quantized(tmp_path / "q")
     assert loaded.config.quantization_config["config"]["compensation"] == "hessian"
+
+
+def test_a_model_without_linear_layers_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="no quantizable layer"):
+        quantize_model(fresh(), plain_config(skip=("*",)), None, tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()

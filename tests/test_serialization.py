@@ -3,13 +3,12 @@ import json
 import pytest
 import torch
 
-from helpers import build_tiny_llama
-from rsavq.config import RSAVQConfig
+from helpers import build_tiny_llama, plain_config
 from rsavq.errors import UsageError
 from rsavq.pipeline import quantize_model
 from rsavq.serialization import load_quantized
 
-CONFIG = RSAVQConfig(
+CONFIG = plain_config(
     bits=2, groups=1, uniform_bits=True, lam=0, kmeans_iters=2, budget_includes_overhead=False
 )
 
@@ -39,6 +38,19 @@ def test_format_version_checked(checkpoint):
     (checkpoint / "config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match="rsavq format 99"):
         load_quantized(checkpoint)
+
+
+def test_format_1_still_loads(checkpoint):
+    """Format 2 only added optional row scales: a format-1 checkpoint loads unchanged."""
+    before = load_quantized(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 1
+    for spec in config["quantization_config"]["layers"].values():
+        del spec["row_scales"]  # format 1 specs have no such key
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(checkpoint)(ids).logits, before(ids).logits)
 
 
 def test_corrupt_or_truncated_weights(checkpoint):

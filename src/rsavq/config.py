@@ -8,6 +8,9 @@ Glossary of tensor names (one vocabulary everywhere):
   group's end); split into `sub_vectors` (P) sub-vectors of `sub_dim = v / P` weights.
 - `codebooks[g]` `[P, K_g, sub_dim]` fp16, `K_g = 2 ** code_bits(g)`, `code_bits = b_g * sub_dim`.
 - `codes[g]` `[m, words]` int32: per row, the `n_vectors(g) * P` codes packed at `code_bits` each.
+- `scales` `[m]` fp16 (when `row_scales`): row i of the weight is `scales[i]` times its decoded row.
+- a *block*: consecutive columns of one channel group that share codebooks; each block is stored
+  as a group of its own (same bits), so more blocks mean more, smaller-scope codebooks.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from enum import Enum
 
 from rsavq.errors import UsageError
 from rsavq.modules import DEFAULT_SKIP
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional per-row scales
+READABLE_FORMAT_VERSIONS = (1, 2)  # version 1 is version 2 without scales
 QUANT_METHOD = "rsavq"  # `quantization_config.quant_method` of rsavq checkpoints
 MAX_CODE_BITS = 16
 
@@ -52,6 +56,11 @@ class Compensation(str, Enum):
     HESSIAN = "hessian"  # ... with GPTQ's input Hessian X^T X (needs input statistics)
 
 
+class ChannelOrder(str, Enum):
+    FISHER = "fisher"  # WCSG: input channels by Fisher curvature (the paper)
+    HESSIAN = "hessian"  # GPTQ's act-order: by diag(X^T X); needs input Hessians
+
+
 class ChannelAxis(str, Enum):
     INPUT = "input"  # columns of W (the paper's choice)
     OUTPUT = "output"  # rows of W, for comparison
@@ -62,8 +71,8 @@ class RSAVQConfig:
     """Everything that defines an RSAVQ quantization run (ALGORITHM.md sections 2-4)."""
 
     bits: float = 2.0  # average code bits per weight; fractional budgets allowed
-    vector_length: int = 6
-    sub_vectors: int = 2
+    vector_length: int = 0  # 0: by bits (`default_vector_length`)
+    sub_vectors: int = 1
     groups: int = 1  # measured best on SmolLM2 (BENCHMARKS.md); the paper uses 4
     lam: float = 0.01
     lambda_mode: LambdaMode = LambdaMode.RELATIVE
@@ -71,7 +80,14 @@ class RSAVQConfig:
     metric: Metric = Metric.EUCLIDEAN
     allocation: Allocation = Allocation.PAPER
     channel_axis: ChannelAxis = ChannelAxis.INPUT
-    compensation: Compensation = Compensation.NONE
+    compensation: Compensation = Compensation.HESSIAN
+    block_size: int = 0  # columns per codebook within a channel group; 0: see codebook_overhead
+    codebook_overhead: float = 0.04  # block_size 0: blocks sized for about this many codebook
+    # bits per weight (never smaller than needed); 0 with block_size 0: one codebook per group
+    row_scales: bool = True  # an fp16 scale per output row; the codebooks see unit-RMS rows
+    refit: bool = True  # after assignment: codebooks and scales refit to the Hessian objective
+    order: ChannelOrder = ChannelOrder.FISHER
+    sequential: bool = True  # input Hessians from the already-quantized prefix, block by block
     uniform_bits: bool = False  # every group at `bits` (with groups=1: no WCSG)
     budget_includes_overhead: bool = False  # True: codebooks + perm count against the budget
     min_group_bits: int = 1
@@ -84,11 +100,18 @@ class RSAVQConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if self.vector_length == 0:
+            object.__setattr__(self, "vector_length", default_vector_length(self.bits))
         validate(self)
 
     @property
     def sub_dim(self) -> int:
         return self.vector_length // self.sub_vectors
+
+    @property
+    def bit_range(self) -> tuple[int, int]:
+        """Bits a group may get: `max_group_bits` capped so codes fit in 16 bits."""
+        return self.min_group_bits, min(self.max_group_bits, MAX_CODE_BITS // self.sub_dim)
 
     @property
     def needs_stats(self) -> bool:
@@ -99,8 +122,12 @@ class RSAVQConfig:
 
     @property
     def needs_hessian(self) -> bool:
-        """True when error compensation uses the input Hessian `X^T X`."""
-        return self.compensation == Compensation.HESSIAN
+        """True when error compensation, refit or the channel order use `X^T X`."""
+        return (
+            self.compensation == Compensation.HESSIAN
+            or self.refit
+            or self.order == ChannelOrder.HESSIAN
+        )
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -119,7 +146,7 @@ class RSAVQConfig:
         kwargs = dict(data)
         if "skip" in kwargs:
             kwargs["skip"] = tuple(kwargs["skip"])
-        return replace(cls(), **_enums(kwargs))
+        return cls(**_enums(kwargs))
 
 
 def _enums(kwargs: dict) -> dict:
@@ -130,6 +157,7 @@ def _enums(kwargs: dict) -> dict:
         "allocation": Allocation,
         "channel_axis": ChannelAxis,
         "compensation": Compensation,
+        "order": ChannelOrder,
     }
     for key, enum in types.items():
         if key in kwargs:
@@ -139,6 +167,11 @@ def _enums(kwargs: dict) -> dict:
                 choices = ", ".join(e.value for e in enum)
                 raise UsageError(f"{key} '{kwargs[key]}' unknown; use one of {choices}") from None
     return kwargs
+
+
+def default_vector_length(bits: float) -> int:
+    """Vector length by width: 4 below 2.5 bits (256-entry codebooks at 2 bits), else 2."""
+    return 4 if bits < 2.5 else 2
 
 
 def validate(config: RSAVQConfig) -> None:
@@ -153,15 +186,25 @@ def validate(config: RSAVQConfig) -> None:
             f"unsupported bits {config.bits}: use a value from "
             f"{config.min_group_bits} to {config.max_group_bits} (2, 3 or 4 typical)"
         )
-    if config.max_group_bits * config.sub_dim > MAX_CODE_BITS:
+    if math.ceil(config.bits) * config.sub_dim > MAX_CODE_BITS:
         raise UsageError(
-            f"codes of {config.max_group_bits} bits x {config.sub_dim} weights exceed "
-            f"{MAX_CODE_BITS} bits; lower max_group_bits or the vector length"
+            f"codes of {math.ceil(config.bits)} bits x {config.sub_dim} weights exceed "
+            f"{MAX_CODE_BITS} bits; lower the vector length"
         )
     if config.uniform_bits and config.bits != int(config.bits):
         raise UsageError("uniform bits need a whole number of bits")
-    if config.compensation != Compensation.NONE and config.channel_axis != ChannelAxis.INPUT:
-        raise UsageError("error compensation works along input channels; use --channel-axis input")
+    input_only = config.compensation != Compensation.NONE or config.refit or config.row_scales
+    if input_only and config.channel_axis != ChannelAxis.INPUT:
+        raise UsageError(
+            "compensation, refit and row scales work along input channels; use "
+            "--channel-axis input, or --compensation none --no-refit --no-row-scales"
+        )
+    if config.block_size < 0 or config.codebook_overhead < 0:
+        raise UsageError("block size and codebook overhead must be >= 0")
+    if config.block_size and config.block_size % v:
+        raise UsageError(
+            f"block size {config.block_size} must be a multiple of the vector length {v}"
+        )
     if config.groups < 1 or config.kmeans_iters < 1 or config.lam < 0 or config.damping < 0:
         raise UsageError("groups and k-means iterations must be >= 1; lambda, damping >= 0")
 
@@ -178,6 +221,7 @@ class LayerSpec:
     sub_vectors: int
     axis: str = ChannelAxis.INPUT.value
     bias: bool = False
+    row_scales: bool = False
 
     @property
     def perm_dtype(self):
@@ -245,6 +289,7 @@ class ScalarConfig:
     act_order: bool = True  # GPTQ only
     damping: float = 0.01  # GPTQ only: fraction of mean(diag H)
     skip: tuple[str, ...] = DEFAULT_SKIP
+    sequential: bool = True  # GPTQ only: Hessians from the already-quantized prefix
 
     def __post_init__(self) -> None:
         if self.method not in ("rtn", "gptq"):
@@ -264,3 +309,36 @@ class ScalarConfig:
         data = asdict(self)
         data["skip"] = list(self.skip)
         return data
+
+
+PRESETS = ("default", "paper", "kmeans")
+
+
+def preset(name: str, bits: float, **overrides) -> RSAVQConfig:
+    """A named configuration at `bits`, with `overrides` (field names) on top.
+
+    - `default`: the best configuration measured (BENCHMARKS.md): vectors by width, blocks of
+      columns sharing codebooks, row scales, block-sequential Hessians, OBS assignment, refit,
+      EDSG.
+    - `paper`: RSAVQ as published: 4 Fisher-sorted groups under an exact budget (codebooks and
+      permutation count), EDSG lambda 0.01 (relative), 6-weight vectors as 2 sub-vectors of 3,
+      one codebook per group, every vector assigned independently, no scales.
+    - `kmeans`: the plain product-VQ baseline: the default's vector shape, one codebook per
+      layer, no EDSG, no WCSG, no scales, no Hessian.
+    """
+    plain = {
+        "compensation": Compensation.NONE,
+        "codebook_overhead": 0.0,
+        "row_scales": False,
+        "refit": False,
+    }
+    if name == "default":
+        base = {}
+    elif name == "paper":
+        base = {**plain, "vector_length": 6, "sub_vectors": 2, "groups": 4}
+        base["budget_includes_overhead"] = True
+    elif name == "kmeans":
+        base = {**plain, "groups": 1, "uniform_bits": True, "lam": 0.0}
+    else:
+        raise UsageError(f"preset '{name}' unknown; use one of {', '.join(PRESETS)}")
+    return RSAVQConfig.from_dict({**base, "bits": bits, **overrides})

@@ -25,9 +25,11 @@ from rsavq.algorithms.scalar import gptq, rtn, scalar_bits
 from rsavq.config import LayerSpec, RSAVQConfig, ScalarConfig
 from rsavq.errors import UsageError
 from rsavq.io import atomic_write, atomic_write_json
-from rsavq.modules import find_linears
+from rsavq.modules import require_linears, weight_matrix
 from rsavq.serialization import quantization_config, save_quantized, set_module
 from rsavq.stats.artifact import FisherStats, config_hash
+from rsavq.stats.hessian import input_hessians
+from rsavq.stats.sequential import sequential_hessians
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class FakeQuantLayer:
     weight: torch.Tensor
     bias: torch.Tensor | None
     bits: int
+    spec = None  # no VQ spec: a plain checkpoint tensor
 
     def stored_bits(self) -> int:
         return self.bits
@@ -64,14 +67,6 @@ class FakeQuantLayer:
     def dequantize(self) -> torch.Tensor:
         return self.weight
 
-    def module(self) -> nn.Linear:
-        out, inp = self.weight.shape
-        linear = nn.Linear(inp, out, bias=self.bias is not None)
-        linear.weight.data.copy_(self.weight)
-        if self.bias is not None:
-            linear.bias.data.copy_(self.bias)
-        return linear
-
 
 def quantize_model(
     model: nn.Module,
@@ -80,38 +75,44 @@ def quantize_model(
     out: str | Path,
     tokenizer=None,
     progress: bool = True,
-    hessians: dict[str, torch.Tensor] | None = None,
-    calibration: dict | None = None,
+    calibration: torch.Tensor | None = None,
+    calibration_id: dict | None = None,
 ) -> list[LayerRecord]:
     """Quantize the model's linears and write the checkpoint to `out`.
 
     RSAVQ configs give `VQLinear`s and an rsavq checkpoint; the scalar baselines give a plain
     checkpoint of their dequantized weights (their bits are those of the GPTQ packed format).
-    `hessians` (`X^T X` per layer) serve GPTQ and `compensation=hessian`; `calibration` describes
-    their data and joins the run's identity.
+    Methods that need input Hessians (`config.needs_hessian`) get them from the `calibration`
+    token windows `[N, T]`: block by block from the already-quantized prefix when
+    `config.sequential`, else in one pass over the FP model. `calibration_id` describes those
+    windows and joins the run's identity.
     """
     out = Path(out)
-    layers = find_linears(model, config.skip)
+    layers = require_linears(model, config.skip)
     if stats is not None:
         stats.check_model(model, layers)
-    if config.needs_hessian and (hessians is None or set(layers) - set(hessians)):
-        raise UsageError("this method needs input Hessians for every layer; collect them first")
+    if config.needs_hessian and calibration is None:
+        raise UsageError("this method needs calibration windows for its input Hessians")
     run = {
         "config": config.to_dict(),
         "model_config_hash": config_hash(model.config),
         "stats": stats.manifest["calibration"] if stats else None,
-        "hessians": calibration if config.needs_hessian else None,
+        "hessians": calibration_id if config.needs_hessian else None,
     }
     work = _prepare(out, run)
     records, specs = [], {}
-    quantizer = _quantizer(config, stats, hessians)
-    for name, layer in tqdm(layers.items(), desc="quantize", unit="layer", disable=not progress):
-        quantized, record = _layer(name, layer, quantizer, stats, work)
-        module = quantized.module().to(layer.weight.device, layer.weight.dtype)
-        set_module(model, name, module)
-        records.append(record)
-        if isinstance(quantized, QuantizedLayer):
-            specs[name] = quantized.spec
+    quantizer = _quantizer(config, stats)
+    bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress)
+    for batch in _hessian_schedule(model, layers, config, calibration, work):
+        for name, hessian in batch.items():
+            layer = layers[name]
+            quantized, record = _layer(name, layer, quantizer, hessian, stats, work)
+            _install(model, name, layer, quantized)
+            records.append(record)
+            if quantized.spec is not None:
+                specs[name] = quantized.spec
+            bar.update()
+    bar.close()
     qconfig = quantization_config(config.to_dict(), specs) if specs else None
     save_quantized(model, out, qconfig, tokenizer)
     write_report(out, records)
@@ -119,22 +120,41 @@ def quantize_model(
     return records
 
 
-def _quantizer(config, stats: FisherStats | None, hessians):
-    """`(name, layer) -> (QuantizedLayer | FakeQuantLayer, EDSG step)` for the method."""
+def _install(model: nn.Module, name: str, layer: nn.Module, quantized) -> None:
+    """Put the result in the model: a `VQLinear` in the layer's place, or a scalar baseline's
+    dequantized weight into the layer itself (so `Conv1D` layers keep their layout)."""
+    weight = weight_matrix(layer)
+    if quantized.spec is None:
+        weight.data.copy_(quantized.weight.to(weight.dtype))
+    else:
+        set_module(model, name, quantized.module().to(weight.device, weight.dtype))
+
+
+def _hessian_schedule(model, layers, config, calibration, work: Path):
+    """Batches `{name: H or None}` in model order (see `stats.sequential`)."""
+    if not config.needs_hessian:
+        yield dict.fromkeys(layers)
+        return
+    done = lambda name: _layer_path(work, name).exists()  # noqa: E731
+    if config.sequential:
+        yield from sequential_hessians(model, layers, calibration, done)
+        return
+    todo = {n: m for n, m in layers.items() if not done(n)}
+    hessians = input_hessians(model, todo, calibration) if todo else {}
+    yield {n: hessians.get(n) for n in layers}
+
+
+def _quantizer(config, stats: FisherStats | None):
+    """`(name, layer, hessian) -> (QuantizedLayer | FakeQuantLayer, EDSG step)` for the method."""
     if isinstance(config, ScalarConfig):
 
-        def scalar(name, layer):
-            W = layer.weight.detach().float().cpu()
+        def scalar(name, layer, hessian):
+            W = weight_matrix(layer).detach().float().cpu()
             if config.method == "rtn":
                 W_hat = rtn(W, config.bits, config.group_size)
             else:
                 W_hat = gptq(
-                    W,
-                    hessians[name],
-                    config.bits,
-                    config.group_size,
-                    config.act_order,
-                    config.damping,
+                    W, hessian, config.bits, config.group_size, config.act_order, config.damping
                 )
             act_order = config.method == "gptq" and config.act_order
             bits = scalar_bits(W.shape, config.bits, config.group_size, act_order)
@@ -142,10 +162,9 @@ def _quantizer(config, stats: FisherStats | None, hessians):
 
         return scalar
 
-    def vq(name, layer):
+    def vq(name, layer, hessian):
         layer_stats = stats.layer(name) if stats is not None else None
-        hessian = hessians.get(name) if hessians else None
-        return quantize_layer(layer.weight, layer_stats, config, layer.bias, hessian)
+        return quantize_layer(weight_matrix(layer), layer_stats, config, layer.bias, hessian)
 
     return vq
 
@@ -182,16 +201,20 @@ def _prepare(out: Path, run: dict) -> Path:
     return work
 
 
-def _layer(name, layer, quantizer, stats, work):
-    path = work / "layers" / f"{name}.safetensors"
+def _layer_path(work: Path, name: str) -> Path:
+    return work / "layers" / f"{name}.safetensors"
+
+
+def _layer(name, layer, quantizer, hessian, stats, work):
+    path = _layer_path(work, name)
     if path.exists():
         return _read_layer(path)
     start = time.perf_counter()
-    quantized, step = quantizer(name, layer)
+    quantized, step = quantizer(name, layer, hessian)
     W_hat = quantized.dequantize()
-    W = layer.weight.detach().float().cpu()
+    W = weight_matrix(layer).detach().float().cpu()
     layer_stats = stats.layer(name) if stats is not None else None
-    if isinstance(quantized, QuantizedLayer):
+    if quantized.spec is not None:
         group_bits = quantized.spec.group_bits
     else:
         group_bits = (round(quantized.bits / W.numel()),)
@@ -213,7 +236,7 @@ def _write_layer(path: Path, quantized, record: LayerRecord) -> None:
     if quantized.bias is not None:
         tensors["bias"] = quantized.bias.detach().contiguous().cpu()
     meta = {"record": json.dumps(record.__dict__)}
-    if isinstance(quantized, QuantizedLayer):
+    if quantized.spec is not None:
         meta["spec"] = json.dumps(quantized.spec.to_dict())
     else:
         meta["stored_bits"] = str(quantized.bits)
@@ -233,6 +256,7 @@ def _read_layer(path: Path):
             [tensors[f"codes_{g}"] for g in range(groups)],
             [tensors[f"codebooks_{g}"] for g in range(groups)],
             tensors.get("bias"),
+            tensors.get("scales"),
         )
     else:
         quantized = FakeQuantLayer(tensors["weight"], tensors.get("bias"), int(meta["stored_bits"]))

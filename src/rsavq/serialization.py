@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rsavq.config import FORMAT_VERSION, QUANT_METHOD, LayerSpec
+from rsavq.config import FORMAT_VERSION, QUANT_METHOD, READABLE_FORMAT_VERSIONS, LayerSpec
 from rsavq.errors import UsageError
 from rsavq.io import atomic_write, atomic_write_json
 from rsavq.nn import VQLinear
@@ -79,12 +79,17 @@ def read_quantization_config(path: Path) -> dict:
             f"{path} is not an rsavq checkpoint (quant_method "
             f"{qconfig.get('quant_method')!r}); quantize it with `rsavq quantize`"
         )
-    if qconfig.get("format_version") != FORMAT_VERSION:
-        raise UsageError(
-            f"{path} has rsavq format {qconfig.get('format_version')}; this rsavq "
-            f"reads {FORMAT_VERSION}: upgrade rsavq or requantize"
-        )
+    check_format_version(qconfig.get("format_version"), str(path))
     return qconfig
+
+
+def check_format_version(version, where: str) -> None:
+    """Refuse a checkpoint format this rsavq cannot read (older readable ones load as they are)."""
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise UsageError(
+            f"{where} has rsavq format {version}; this rsavq reads formats "
+            f"{list(READABLE_FORMAT_VERSIONS)}: upgrade rsavq or requantize"
+        )
 
 
 def replace_linears(model: nn.Module, layers: dict[str, dict]) -> None:

@@ -3,6 +3,7 @@ import io
 import pytest
 from transformers import AutoTokenizer
 
+from helpers import plain_config
 from rsavq.cli import main
 
 
@@ -48,10 +49,9 @@ def test_chat_errors(tiny_model_dir, monkeypatch, capsys, extra, message):
 @pytest.fixture()
 def quantized_dir(tmp_path, tiny_tokenizer):
     from helpers import build_tiny_llama
-    from rsavq.config import RSAVQConfig
     from rsavq.pipeline import quantize_model
 
-    config = RSAVQConfig(bits=2, groups=1, lam=0, kmeans_iters=2, budget_includes_overhead=False)
+    config = plain_config(bits=2, groups=1, lam=0, kmeans_iters=2, budget_includes_overhead=False)
     model = build_tiny_llama(len(tiny_tokenizer))
     quantize_model(model, config, None, tmp_path / "q", tiny_tokenizer, progress=False)
     return tmp_path / "q"

@@ -5,8 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import rsavq  # registers quant_method "rsavq"
-from helpers import build_tiny_llama
-from rsavq.config import RSAVQConfig
+from helpers import build_tiny_llama, plain_config
 from rsavq.nn import VQLinear
 from rsavq.pipeline import quantize_model
 from rsavq.serialization import load_quantized
@@ -17,7 +16,7 @@ IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf") / "q"
-    config = RSAVQConfig(bits=2, groups=2, lam=0, uniform_bits=True, kmeans_iters=2)
+    config = plain_config(bits=2, groups=2, lam=0, uniform_bits=True, kmeans_iters=2)
     quantize_model(build_tiny_llama(vocab_size=64, seed=7), config, None, out, progress=False)
     return out
 

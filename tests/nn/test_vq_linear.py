@@ -1,35 +1,51 @@
+import pytest
 import torch
 
+from helpers import plain_config
 from rsavq.algorithms.rsavq import quantize_layer
-from rsavq.config import RSAVQConfig
 from rsavq.nn import VQLinear
 
 
-def make_module(bias=True):
+SCALES = pytest.mark.parametrize("scales", [False, True], ids=["no-scales", "row-scales"])
+
+
+def make_module(bias=True, scales=False):
     gen = torch.Generator().manual_seed(0)
     W, b = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
-    layer, _ = quantize_layer(
-        W, None, RSAVQConfig(bits=2, groups=2, kmeans_iters=3), b if bias else None
-    )
+    W = W * torch.linspace(0.1, 3, 24)[:, None]  # rows of different magnitude
+    config = plain_config(bits=2, groups=2, kmeans_iters=3, row_scales=scales)
+    layer, _ = quantize_layer(W, None, config, b if bias else None)
     return VQLinear.from_quantized(layer)
 
 
-def test_forward_is_dequantize_then_matmul():
-    module = make_module()
+@SCALES
+def test_forward_is_dequantize_then_matmul(scales):
+    module = make_module(scales=scales)
+    assert (module.scales is not None) == scales
     x = torch.randn(3, 5, 40)
     expected = x @ module.dequantize().T + module.bias
     torch.testing.assert_close(module(x), expected)
 
 
-def test_casting_keeps_codebooks_fp16():
-    module = make_module().to(torch.bfloat16)
+def test_row_scales_follow_the_rows():
+    module = make_module(scales=True)
+    norms = module.dequantize().norm(dim=1)
+    assert norms[-1] > 10 * norms[0]  # one shared codebook, rows 30x apart in magnitude
+    assert module.scales.dtype == torch.float16
+
+
+@SCALES
+def test_casting_keeps_codebooks_fp16(scales):
+    module = make_module(scales=scales).to(torch.bfloat16)
     assert all(cb.dtype == torch.float16 for cb in module.codebooks)
+    assert not scales or module.scales.dtype == torch.float16
     assert module.bias.dtype == torch.bfloat16
     assert module(torch.randn(2, 40, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-def test_built_from_spec_alone_then_loaded():
-    source = make_module(bias=False)
+@SCALES
+def test_built_from_spec_alone_then_loaded(scales):
+    source = make_module(bias=False, scales=scales)
     empty = VQLinear(source.spec, device="meta")
     assert all(t.is_meta for t in empty.buffers())
     empty.load_state_dict(source.state_dict(), assign=True)

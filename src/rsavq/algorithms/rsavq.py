@@ -1,7 +1,9 @@
 """RSAVQ for one linear layer (ALGORITHM.md sections 2-4), as pure functions on tensors.
 
-sensitivity -> sorted groups with bits (exact budget) -> EDSG target `T = W - lambda * ng`
--> per group and sub-vector position: k-means++ then weighted k-means -> packed codes.
+sensitivity -> sorted groups with bits (exact budget) -> blocks of columns sharing codebooks
+-> EDSG target `T = W - lambda * ng` -> per-row scales -> per block: Hessian-weighted k-means on
+the columns as the error feedback left them, then OBS assignment vector by vector (GPTVQ-style)
+-> codebooks and scales refit to the Hessian objective -> packed codes.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import torch
 
 from rsavq.algorithms.kmeans import assign, kmeans
 from rsavq.algorithms.obs import inverse_cholesky, obs_quantize
+from rsavq.algorithms.refit import damped, refit
 from rsavq.allocation import plan_groups, split_sizes
 from rsavq.config import (
     ChannelAxis,
+    ChannelOrder,
     Compensation,
     EdsgSign,
     LambdaMode,
@@ -44,16 +48,19 @@ class QuantizedLayer:
     codes: list[torch.Tensor]  # per group [rows, words] int32
     codebooks: list[torch.Tensor]  # per group [P, K_g, sub_dim] fp16
     bias: torch.Tensor | None = None
+    scales: torch.Tensor | None = None  # [out_features] fp16 when spec.row_scales
 
     def stored_bits(self) -> int:
         """Bits of every stored quantization tensor, counted from the tensors themselves."""
         tensors = [self.perm, *self.codes, *self.codebooks]
+        tensors += [self.scales] if self.scales is not None else []
         return sum(t.numel() * t.element_size() * 8 for t in tensors)
 
     def dequantize(self) -> torch.Tensor:
         from rsavq.kernels import dequantize
 
-        return dequantize(self.codes, self.codebooks, self.perm, self.spec)
+        W = dequantize(self.codes, self.codebooks, self.perm, self.spec)
+        return W if self.scales is None else W * self.scales.float()[:, None]
 
     def module(self):
         from rsavq.nn import VQLinear
@@ -64,6 +71,8 @@ class QuantizedLayer:
         out = {"perm": self.perm}
         for g, (c, cb) in enumerate(zip(self.codes, self.codebooks, strict=True)):
             out[f"codes_{g}"], out[f"codebooks_{g}"] = c, cb
+        if self.scales is not None:
+            out["scales"] = self.scales
         return out
 
 
@@ -75,7 +84,7 @@ def layer_bits(spec: LayerSpec) -> int:
         rows = spec.block_shape(g)[0]
         total += rows * packed_words(spec.codes_per_row(g), spec.code_bits(g)) * 32
         total += spec.sub_vectors * 2 ** spec.code_bits(g) * spec.sub_dim * CODEBOOK_BITS
-    return total
+    return total + (spec.out_features * CODEBOOK_BITS if spec.row_scales else 0)
 
 
 def edsg_target(W: torch.Tensor, stats: LayerFisher | None, config: RSAVQConfig):
@@ -92,16 +101,17 @@ def edsg_target(W: torch.Tensor, stats: LayerFisher | None, config: RSAVQConfig)
 
 
 def make_plan(
-    W: torch.Tensor, stats: LayerFisher | None, config: RSAVQConfig, bias: bool = False
+    W: torch.Tensor,
+    stats: LayerFisher | None,
+    config: RSAVQConfig,
+    bias: bool = False,
+    hessian: torch.Tensor | None = None,
 ) -> tuple[LayerSpec, torch.Tensor]:
-    """WCSG: the layer's spec (groups, bits) and permutation, within the exact budget."""
+    """WCSG: the layer's spec (groups, bits, blocks) and permutation, within the budget."""
     axis = ChannelAxis(config.channel_axis)
     m, n = W.shape
     channels = n if axis == ChannelAxis.INPUT else m
-    if stats is None:
-        sensitivity = torch.ones(channels, dtype=torch.float64)
-    else:
-        sensitivity = channel_sensitivity(stats, axis, config.damping)
+    sensitivity = _sensitivity(stats, config, hessian, channels, axis)
 
     def spec_for(sizes, bits) -> LayerSpec:
         return LayerSpec(
@@ -113,14 +123,16 @@ def make_plan(
             config.sub_vectors,
             axis.value,
             bias,
+            config.row_scales,
         )
 
     def cost(bits) -> float:
-        spec = spec_for(sizes, bits)
+        spec = spec_for(*split_blocks(sizes, bits, rows, config))
         if config.budget_includes_overhead:
             return layer_bits(spec)
         return sum(spec.block_shape(g)[0] * spec.block_shape(g)[1] * b for g, b in enumerate(bits))
 
+    rows = m if axis == ChannelAxis.INPUT else n
     sizes = split_sizes(channels, config.groups)
     plan = plan_groups(
         sensitivity,
@@ -129,10 +141,53 @@ def make_plan(
         config.allocation,
         cost,
         budget=config.bits * m * n,
-        bit_range=(config.min_group_bits, config.max_group_bits),
+        bit_range=config.bit_range,
         uniform=config.uniform_bits,
     )
-    return spec_for(plan.group_sizes, plan.group_bits), plan.perm
+    return spec_for(*split_blocks(plan.group_sizes, plan.group_bits, rows, config)), plan.perm
+
+
+def _sensitivity(stats, config: RSAVQConfig, hessian, channels: int, axis) -> torch.Tensor:
+    if config.order == ChannelOrder.HESSIAN:
+        if hessian is None:
+            raise UsageError("channel order 'hessian' needs input Hessians (X^T X)")
+        return torch.diag(hessian).double()
+    if stats is None:
+        return torch.ones(channels, dtype=torch.float64)
+    return channel_sensitivity(stats, axis, config.damping)
+
+
+def split_blocks(sizes, bits, rows: int, config: RSAVQConfig) -> tuple[list[int], list[int]]:
+    """Cut every channel group into blocks of columns that get codebooks of their own.
+
+    `block_size` columns each (the last block takes the rest), or, with `block_size` 0 and a
+    `codebook_overhead`, as many equal blocks (in whole vectors) as keep the codebooks near that
+    many bits per weight; at least one block per group."""
+    v, out_sizes, out_bits = config.vector_length, [], []
+    for size, b in zip(sizes, bits, strict=True):
+        if config.block_size:
+            parts = [min(config.block_size, size - s) for s in range(0, size, config.block_size)]
+        else:
+            parts = _even_blocks(size, _auto_blocks(size, rows, b, config), v)
+        out_sizes += parts
+        out_bits += [b] * len(parts)
+    return out_sizes, out_bits
+
+
+def _auto_blocks(size: int, rows: int, b: int, config: RSAVQConfig) -> int:
+    if not config.codebook_overhead or size == 0:
+        return 1
+    book = config.sub_vectors * 2 ** (b * config.sub_dim) * config.sub_dim * CODEBOOK_BITS
+    return max(1, int(size * rows * config.codebook_overhead // book))
+
+
+def _even_blocks(size: int, blocks: int, v: int) -> list[int]:
+    vectors = math.ceil(size / v)
+    blocks = max(1, min(blocks, vectors))
+    q, r = divmod(vectors, blocks)
+    parts = [(q + (i < r)) * v for i in range(blocks)]
+    parts[-1] -= sum(parts) - size  # the last block is ragged when size is not whole vectors
+    return parts
 
 
 def _compensation_hessian(config: RSAVQConfig, stats, hessian) -> torch.Tensor:
@@ -184,51 +239,56 @@ def assign_codes(T_block, w_block, codebooks: torch.Tensor, spec: LayerSpec) -> 
     return torch.stack([c.view(rows, -1) for c in codes], dim=2)
 
 
-def quantize_group(T_block, w_block, spec: LayerSpec, g: int, config: RSAVQConfig, generator):
-    """Product VQ of one group: codebooks `[P, K, d]` (fp16) and packed codes `[rows, words]`."""
-    codebooks = fit_codebooks(T_block, w_block, spec, g, config, generator)
-    codes = assign_codes(T_block, w_block, codebooks, spec)
-    return codebooks, pack(codes.reshape(codes.shape[0], -1), spec.code_bits(g))
-
-
-def _decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """`[rows, n_vec, P]` codes -> `[rows, n_vec * v]` weights."""
-    parts = [codebooks[p].float()[codes[..., p]] for p in range(codes.shape[-1])]
-    return torch.stack(parts, dim=2).reshape(codes.shape[0], -1)
-
-
 def quantize_compensated(T, metric, H, spec: LayerSpec, perm, config: RSAVQConfig, generator):
-    """Groups in permuted order, vector by vector, with OBS error feedback (`algorithms.obs`).
+    """Groups (blocks) in permuted order, sub-vector by sub-vector, with OBS error feedback
+    (`algorithms.obs`), as GPTVQ does.
 
-    Each group's codebooks are fitted when the group is reached, on its columns with every earlier
-    group's error already absorbed; then its vectors are assigned one column-segment at a time.
+    A group's codebooks are fitted when the group is reached, on its columns with every earlier
+    error already absorbed, by k-means weighted with each column's OBS importance `1 / U_jj^2`;
+    then each sub-vector `J` takes the codeword that minimizes the OBS error
+    `||(w_J - c) U_JJ^-1||^2`, and the later columns absorb it. Returns per group
+    `(codebooks [P, K, d] fp16, codes [rows, n_vec, P] int64)`.
     """
-    v, order = spec.vector_length, perm.long()
+    order = perm.long()
     edges = [0, *torch.tensor(spec.group_sizes).cumsum(0).tolist()]
-    blocks = [
-        [(s, min(s + v, c1)) for s in range(c0, c1, v)]
-        for c0, c1 in zip(edges[:-1], edges[1:], strict=True)
-    ]
-    metric_p = metric[:, order]
+    segments = [_segments(c0, c1, spec) for c0, c1 in zip(edges[:-1], edges[1:], strict=True)]
+    U = inverse_cholesky(H[order][:, order], config.damping)
+    importance = (1.0 / torch.diag(U).square()).float()
+    metric_p = metric[:, order] * importance
     books: list[torch.Tensor] = []
-    codes: list[list[torch.Tensor]] = [[] for _ in blocks]
+    codes = [
+        torch.zeros(T.shape[0], spec.n_vectors(g), spec.sub_vectors, dtype=torch.int64)
+        for g in range(len(segments))
+    ]
 
     def prepare(g, block):
         w = metric_p[:, edges[g] : edges[g + 1]]
-        books.append(fit_codebooks(block, w, spec, g, config, generator))
+        books.append(fit_codebooks(block, w / w.mean(), spec, g, config, generator))
 
     def quantize(g, k, segment):
-        s, e = blocks[g][k]
-        idx = assign_codes(segment, metric_p[:, s:e], books[g], spec)  # [rows, 1, P]
-        codes[g].append(idx)
-        return _decode(idx, books[g])[:, : e - s]
+        s, e = segments[g][k]
+        book = books[g][k % spec.sub_vectors].float()[:, : e - s]
+        A = torch.linalg.inv(U[s:e, s:e]).float()  # OBS error of a sub-vector: (w - c) A
+        idx, _ = assign(segment @ A, torch.ones_like(segment), book @ A)
+        codes[g][:, k // spec.sub_vectors, k % spec.sub_vectors] = idx
+        return book[idx]
 
-    U = inverse_cholesky(H[order][:, order], config.damping)
-    obs_quantize(T[:, order], U, blocks, quantize, prepare)
-    return [
-        (books[g], pack(torch.cat(c, dim=1).reshape(c[0].shape[0], -1), spec.code_bits(g)))
-        for g, c in enumerate(codes)
-    ]
+    obs_quantize(T[:, order], U, segments, quantize, prepare)
+    return list(zip(books, codes, strict=True))
+
+
+def _segments(c0: int, c1: int, spec: LayerSpec) -> list[tuple[int, int]]:
+    """A group's sub-vectors as column segments `[s, e)`, in code order (ragged at its end)."""
+    v, d = spec.vector_length, spec.sub_dim
+    vectors = math.ceil((c1 - c0) / v)
+    starts = (c0 + k * v + p * d for k in range(vectors) for p in range(spec.sub_vectors))
+    return [(s, min(s + d, c1)) for s in starts if s < c1]
+
+
+def row_scales(T: torch.Tensor) -> torch.Tensor:
+    """fp16 per-row RMS of `T` (1 for an all-zero row): the rows the codebooks see are unit RMS."""
+    rms = T.square().mean(dim=1).sqrt()
+    return torch.where(rms > 0, rms, torch.ones_like(rms)).to(torch.float16)
 
 
 def quantize_layer(
@@ -240,11 +300,14 @@ def quantize_layer(
 ) -> tuple[QuantizedLayer, float]:
     """Quantize `W` `[m, n]`; returns the layer and the EDSG step's relative norm.
 
-    `hessian` (`X^T X`, `[n, n]`) is needed for `compensation=hessian` only.
+    `hessian` (`X^T X`, `[n, n]`) is needed for compensation 'hessian', refit and the Hessian
+    channel order.
     """
     W = W.detach().float().cpu()
-    spec, perm = make_plan(W, stats, config, bias is not None)
+    spec, perm = make_plan(W, stats, config, bias is not None, hessian)
     T, step = edsg_target(W, stats, config)
+    scales = row_scales(T) if config.row_scales else None
+    T_unit = T if scales is None else T / scales.float()[:, None]
     if config.metric == Metric.FISHER_DIAG and stats is not None:
         metric = fisher_diag_weights(stats)
         metric = metric / metric.mean().clamp_min(1e-30)
@@ -253,19 +316,32 @@ def quantize_layer(
     generator = torch.Generator().manual_seed(config.seed)
     if config.compensation == Compensation.NONE:
         groups = [
-            quantize_group(t, w, spec, g, config, generator)
+            _quantize_block(t, w, spec, g, config, generator)
             for g, (t, w) in enumerate(
-                zip(_blocks(T, spec, perm), _blocks(metric, spec, perm), strict=True)
+                zip(_blocks(T_unit, spec, perm), _blocks(metric, spec, perm), strict=True)
             )
         ]
     else:
         H = _compensation_hessian(config, stats, hessian)
-        groups = quantize_compensated(T, metric, H, spec, perm, config, generator)
+        groups = quantize_compensated(T_unit, metric, H, spec, perm, config, generator)
+    books, codes = [b for b, _ in groups], [c for _, c in groups]
+    if config.refit:
+        if hessian is None:
+            raise UsageError("refit needs input Hessians (X^T X) from calibration")
+        order = perm.long()
+        H = damped(hessian[order][:, order], config.damping)
+        books, scales = refit(T[:, order], H, codes, books, scales, spec)
     layer = QuantizedLayer(
         spec,
         perm.to(spec.perm_dtype),
-        [c for _, c in groups],
-        [cb for cb, _ in groups],
+        [pack(c.reshape(c.shape[0], -1), spec.code_bits(g)) for g, c in enumerate(codes)],
+        books,
         None if bias is None else bias.detach(),
+        scales,
     )
     return layer, step
+
+
+def _quantize_block(T_block, w_block, spec: LayerSpec, g: int, config: RSAVQConfig, generator):
+    codebooks = fit_codebooks(T_block, w_block, spec, g, config, generator)
+    return codebooks, assign_codes(T_block, w_block, codebooks, spec)

@@ -15,36 +15,33 @@ METHODS = ("rsavq", "kmeans", "gptq", "rtn")
 
 def add_parser(sub) -> None:
     from rsavq.config import (
+        PRESETS,
         Allocation,
         ChannelAxis,
+        ChannelOrder,
         Compensation,
         EdsgSign,
         LambdaMode,
         Metric,
-        RSAVQConfig,
     )
 
-    d = RSAVQConfig()
     p = sub.add_parser(
         "quantize",
         help="quantize a model with RSAVQ (or a baseline)",
-        description="Fisher statistics (computed or reused), then WCSG + EDSG + "
-        "product VQ layer by layer (resumable); writes a checkpoint and a report. "
-        "--method picks a baseline instead: kmeans (plain product VQ: no EDSG, no WCSG), "
-        "gptq or rtn (scalar, asymmetric, groups of --group-size).",
+        description="Fisher statistics (computed or reused), then block by block: input "
+        "Hessians from the quantized prefix, WCSG groups, EDSG target, product VQ with OBS "
+        "assignment and refit (resumable); writes a checkpoint and a report. --preset picks a "
+        "named configuration (options given on top override it); --method picks a baseline: "
+        "kmeans (plain product VQ), gptq or rtn (scalar, asymmetric, groups of --group-size).",
     )
     add_model_args(p)
     p.add_argument("--bits", type=float, required=True, help="average bits per weight (2, 3, 4)")
     p.add_argument("--method", choices=METHODS, default="rsavq")
+    p.add_argument(
+        "--preset", choices=PRESETS, default="default", help="rsavq configuration to start from"
+    )
     p.add_argument("--group-size", type=positive_int, default=128, help="gptq/rtn group size")
     p.add_argument("--no-act-order", action="store_true", help="gptq: natural column order")
-    p.add_argument(
-        "--compensation",
-        choices=[e.value for e in Compensation],
-        default=d.compensation.value,
-        help="rsavq/kmeans: OBS error feedback across vectors, with F_I (fisher) or the "
-        "input Hessian X^T X (hessian) -- an extension, not in the paper",
-    )
     p.add_argument("--out", required=True, help="checkpoint directory (new, or to resume)")
     p.add_argument(
         "--stats",
@@ -55,42 +52,66 @@ def add_parser(sub) -> None:
     p.add_argument("--calib", default="c4")
     p.add_argument("--nsamples", type=positive_int, default=128)
     p.add_argument("--seqlen", type=positive_int, default=512)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--lambda", dest="lam", type=float, default=d.lam)
-    p.add_argument(
-        "--lambda-mode", choices=[e.value for e in LambdaMode], default=d.lambda_mode.value
-    )
-    p.add_argument(
-        "--edsg-sign",
-        choices=[e.value for e in EdsgSign],
-        default=d.edsg_sign.value,
-        help=argparse.SUPPRESS,
-    )
-    p.add_argument("--groups", type=positive_int, default=d.groups)
-    p.add_argument("--uniform-bits", action="store_true", help="every group at --bits (no WCSG)")
-    p.add_argument("--vector-length", type=positive_int, default=d.vector_length)
-    p.add_argument("--sub-vectors", type=positive_int, default=d.sub_vectors)
-    p.add_argument("--metric", choices=[e.value for e in Metric], default=d.metric.value)
-    p.add_argument(
-        "--allocation", choices=[e.value for e in Allocation], default=d.allocation.value
-    )
-    p.add_argument(
-        "--channel-axis", choices=[e.value for e in ChannelAxis], default=d.channel_axis.value
-    )
-    p.add_argument("--kmeans-iters", type=positive_int, default=d.kmeans_iters)
-    p.add_argument("--kmeans-tol", type=float, default=d.kmeans_tol)
-    p.add_argument("--damping", type=float, default=d.damping)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--damping", type=float, default=None)
     p.add_argument(
         "--skip",
-        default=",".join(d.skip),
-        help=f"comma-separated fnmatch patterns of layers left unquantized ({','.join(d.skip)})",
+        default=None,
+        help="comma-separated fnmatch patterns of layers left unquantized (lm_head,*embed*)",
     )
     p.add_argument(
+        "--one-pass",
+        dest="sequential",
+        action="store_false",
+        default=None,
+        help="input Hessians from one pass over the FP model instead of block by block",
+    )
+    g = p.add_argument_group("rsavq options (override the preset)")
+    g.add_argument("--lambda", dest="lam", type=float, default=None, help="EDSG step")
+    g.add_argument("--lambda-mode", choices=[e.value for e in LambdaMode], default=None)
+    g.add_argument(
+        "--edsg-sign", choices=[e.value for e in EdsgSign], default=None, help=argparse.SUPPRESS
+    )
+    g.add_argument("--groups", type=positive_int, default=None, help="WCSG channel groups")
+    g.add_argument(
+        "--uniform-bits",
+        action="store_true",
+        default=None,
+        help="every group at --bits (no WCSG bit allocation)",
+    )
+    g.add_argument("--vector-length", type=positive_int, default=None)
+    g.add_argument("--sub-vectors", type=positive_int, default=None)
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="columns per codebook (0: sized by --codebook-overhead)",
+    )
+    g.add_argument(
+        "--codebook-overhead",
+        type=float,
+        default=None,
+        help="with --block-size 0: codebook bits per weight to aim at (0: one codebook per group)",
+    )
+    _flag(g, "row-scales", "an fp16 scale per output row")
+    _flag(g, "refit", "refit codebooks and scales to the Hessian objective after assignment")
+    g.add_argument(
+        "--compensation",
+        choices=[e.value for e in Compensation],
+        default=None,
+        help="OBS error feedback while assigning codes, with X^T X (hessian) or F_I (fisher)",
+    )
+    g.add_argument("--order", choices=[e.value for e in ChannelOrder], default=None)
+    g.add_argument("--metric", choices=[e.value for e in Metric], default=None)
+    g.add_argument("--allocation", choices=[e.value for e in Allocation], default=None)
+    g.add_argument("--channel-axis", choices=[e.value for e in ChannelAxis], default=None)
+    g.add_argument("--kmeans-iters", type=positive_int, default=None)
+    g.add_argument("--kmeans-tol", type=float, default=None)
+    g.add_argument(
         "--budget",
         choices=["codes", "stored"],
-        default="stored" if d.budget_includes_overhead else "codes",
-        help="what --bits limits: code bits only (the paper's count; codebooks and permutation "
-        "are reported on top) or every stored bit",
+        default=None,
+        help="what --bits limits: code bits only, or every stored bit",
     )
     p.add_argument(
         "--eval",
@@ -104,40 +125,42 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_cmd_quantize)
 
 
-def _config_from_args(args: argparse.Namespace):
-    from rsavq.config import RSAVQConfig, ScalarConfig
+def _flag(group, name: str, text: str) -> None:
+    dest = name.replace("-", "_")
+    group.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=text)
+    group.add_argument(f"--no-{name}", dest=dest, action="store_false", help=argparse.SUPPRESS)
 
-    skip = tuple(p for p in args.skip.split(",") if p)
+
+OVERRIDES = (
+    "lam", "lambda_mode", "edsg_sign", "groups", "uniform_bits", "vector_length", "sub_vectors",
+    "block_size", "codebook_overhead", "row_scales", "refit", "compensation", "order", "metric",
+    "allocation", "channel_axis", "kmeans_iters", "kmeans_tol", "damping", "sequential",
+)  # fmt: skip
+
+
+def _config_from_args(args: argparse.Namespace):
+    from rsavq.config import ScalarConfig, preset
+
+    skip = {"skip": tuple(p for p in args.skip.split(",") if p)} if args.skip is not None else {}
     if args.method in ("gptq", "rtn"):
         if args.bits != int(args.bits):
             raise UsageError(f"--method {args.method} needs whole --bits, not {args.bits}")
+        damping = {} if args.damping is None else {"damping": args.damping}
+        sequential = {} if args.sequential is None else {"sequential": args.sequential}
         return ScalarConfig(
-            args.method, int(args.bits), args.group_size, not args.no_act_order, args.damping, skip
+            args.method,
+            int(args.bits),
+            args.group_size,
+            not args.no_act_order,
+            **damping,
+            **skip,
+            **sequential,
         )
-    if args.method == "kmeans":  # plain product VQ: one group, uniform bits, no EDSG
-        args.groups, args.uniform_bits, args.lam, args.metric = 1, True, 0.0, "euclidean"
-    return RSAVQConfig.from_dict(
-        {
-            "bits": args.bits,
-            "vector_length": args.vector_length,
-            "sub_vectors": args.sub_vectors,
-            "groups": args.groups,
-            "lam": args.lam,
-            "lambda_mode": args.lambda_mode,
-            "edsg_sign": args.edsg_sign,
-            "metric": args.metric,
-            "allocation": args.allocation,
-            "channel_axis": args.channel_axis,
-            "uniform_bits": args.uniform_bits,
-            "budget_includes_overhead": args.budget == "stored",
-            "kmeans_iters": args.kmeans_iters,
-            "kmeans_tol": args.kmeans_tol,
-            "damping": args.damping,
-            "seed": args.seed,
-            "compensation": args.compensation,
-            "skip": skip,
-        }
-    )
+    given = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    if args.budget is not None:
+        given["budget_includes_overhead"] = args.budget == "stored"
+    name = "kmeans" if args.method == "kmeans" else args.preset
+    return preset(name, args.bits, seed=args.seed, **skip, **given)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -155,10 +178,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     before = _quick_ppl(model, tokenizer, evaluation, args) if evaluation else None
     stats = _stats_for(model, tokenizer, calib, args, config.skip) if config.needs_stats else None
-    hessians, spec = _hessians_for(model, tokenizer, calib, args, config)
+    windows, calibration_id = _calibration_for(tokenizer, calib, args, config)
     start = time.perf_counter()
     records = quantize_model(
-        model, config, stats, args.out, tokenizer, hessians=hessians, calibration=spec
+        model,
+        config,
+        stats,
+        args.out,
+        tokenizer,
+        calibration=windows,
+        calibration_id=calibration_id,
     )
     summary = summarize(records)
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
@@ -203,17 +232,15 @@ def _stats_for(model, tokenizer, calib, args, skip):
     return collect_model_stats(model, tokenizer, args.model, calib, spec, root, options, skip)
 
 
-def _hessians_for(model, tokenizer, calib, args, config):
-    """Input Hessians on the calibration windows when the method needs them (not cached:
-    one forward pass per window)."""
+def _calibration_for(tokenizer, calib, args, config):
+    """Calibration windows for the input Hessians when the method needs them."""
     if not config.needs_hessian:
         return None, None
     from rsavq.data import calibration_windows
-    from rsavq.modules import find_linears
-    from rsavq.stats.hessian import input_hessians
 
     spec = {"source": calib.name, "nsamples": args.nsamples, "seqlen": args.seqlen}
     spec["seed"] = args.seed
-    print(f"collecting input Hessians ({args.nsamples} x {args.seqlen} tokens of {calib.name})")
+    how = "block by block" if config.sequential else "in one pass over the FP model"
+    print(f"input Hessians from {args.nsamples} x {args.seqlen} tokens of {calib.name}, {how}")
     windows = calibration_windows(tokenizer, calib, args.nsamples, args.seqlen, args.seed)
-    return input_hessians(model, find_linears(model, config.skip), windows), spec
+    return windows, spec

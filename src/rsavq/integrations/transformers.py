@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from rsavq.config import FORMAT_VERSION, QUANT_METHOD
-from rsavq.errors import UsageError
+from rsavq.config import QUANT_METHOD
 
 logger = logging.getLogger(__name__)
 _REGISTERED = False
@@ -32,6 +31,8 @@ def register() -> bool:
         from transformers.utils.quantization_config import QuantizationConfigMixin
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
+    from rsavq.serialization import check_format_version
+
     if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:  # registered by another copy of this module
         _REGISTERED = True
         return True
@@ -45,11 +46,7 @@ def register() -> bool:
             self.format_version = format_version
             self.config = config or {}
             self.layers = layers or {}
-            if format_version != FORMAT_VERSION:
-                raise UsageError(
-                    f"rsavq checkpoint format {format_version}; this rsavq reads "
-                    f"{FORMAT_VERSION}: upgrade rsavq or requantize"
-                )
+            check_format_version(format_version, "the checkpoint")
 
     @register_quantizer(QUANT_METHOD)
     class RsavqHfQuantizer(HfQuantizer):

@@ -12,7 +12,7 @@ from rsavq.packing import packed_words
 
 
 class VQLinear(nn.Module):
-    """Drop-in for `nn.Linear`; buffers `perm`, `codes_{g}`, `codebooks_{g}` (+ `bias`).
+    """Drop-in for `nn.Linear`; buffers `perm`, `codes_{g}`, `codebooks_{g}` (+ `scales`, `bias`).
 
     Built empty from a `LayerSpec` alone (so checkpoints load onto the meta device), then filled
     with `load_state_dict` or `from_quantized`.
@@ -36,6 +36,8 @@ class VQLinear(nn.Module):
             self.register_buffer(
                 f"codebooks_{g}", torch.empty(shape, dtype=torch.float16, device=device)
             )
+        scales = torch.empty(spec.out_features, dtype=torch.float16, device=device)
+        self.register_buffer("scales", scales if spec.row_scales else None)  # multiplies y
         self.bias = (
             nn.Parameter(
                 torch.empty(spec.out_features, device=device, dtype=dtype), requires_grad=False
@@ -63,16 +65,28 @@ class VQLinear(nn.Module):
         return [getattr(self, f"codebooks_{g}") for g in range(len(self.spec.group_bits))]
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return reference.dequantize(self.codes, self.codebooks, self.perm, self.spec, dtype)
+        W = reference.dequantize(self.codes, self.codebooks, self.perm, self.spec, dtype)
+        return W if self.scales is None else W * self.scales.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return vq_linear_kernel(
-            x, self.codes, self.codebooks, self.perm, self.spec, self.bias, self.backend
+        if self.scales is None:
+            return vq_linear_kernel(
+                x, self.codes, self.codebooks, self.perm, self.spec, self.bias, self.backend
+            )
+        y = vq_linear_kernel(
+            x, self.codes, self.codebooks, self.perm, self.spec, None, self.backend
         )
+        y = y * self.scales.to(y.dtype)
+        return y if self.bias is None else y + self.bias
 
     def _apply(self, fn, recurse=True):
-        """Move codebooks with the module but keep them fp16 (`model.to(bfloat16)` is safe)."""
-        names = [n for n in self._buffers if n.startswith("codebooks_")]
+        """Move codebooks and scales with the module but keep them fp16 (`model.to(bfloat16)`
+        is safe)."""
+        names = [
+            n
+            for n, t in self._buffers.items()
+            if t is not None and (n.startswith("codebooks_") or n == "scales")
+        ]
         kept = {n: self._buffers.pop(n) for n in names}
         super()._apply(fn, recurse)
         device = fn(torch.empty(0, dtype=torch.float16, device=self.perm.device)).device

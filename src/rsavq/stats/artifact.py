@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from rsavq import __version__
 from rsavq.errors import UsageError
 from rsavq.io import atomic_dir, atomic_write, atomic_write_json
+from rsavq.modules import weight_shape
 from rsavq.stats.accumulator import FisherAccumulator, LayerFisher
 
 FORMAT_VERSION = 1
@@ -73,10 +74,10 @@ class FisherStats:
             )
         for name, layer in layers.items():
             shape = self.manifest["layers"].get(name, {}).get("shape")
-            if shape != list(layer.weight.shape):
+            if shape != list(weight_shape(layer)):
                 raise UsageError(
                     f"statistics in {self.root} do not match layer {name}: shape "
-                    f"{shape} != {list(layer.weight.shape)}; recollect them"
+                    f"{shape} != {list(weight_shape(layer))}; recollect them"
                 )
 
 

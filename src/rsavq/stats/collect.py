@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from rsavq.modules import weight_shape
 from rsavq.stats.accumulator import FisherAccumulator
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def make_accumulators(
     layers: dict[str, nn.Linear], diag_output: bool, device, gram_dtype=torch.float32
 ):
     return {
-        name: FisherAccumulator(*layer.weight.shape, diag_output, device, gram_dtype)
+        name: FisherAccumulator(*weight_shape(layer), diag_output, device, gram_dtype)
         for name, layer in layers.items()
     }
 
@@ -60,9 +61,12 @@ def collect_fisher(
     bar = tqdm(
         total=len(windows), initial=done, desc="fisher", unit="seq", disable=not options.progress
     )
-    with _collection_mode(model, options.gradient_checkpointing), _hooks(layers, accumulators):
+    batch_size = [options.batch_size]  # what 2-D activations `[B * T, n]` are cut back into
+    hooks = _hooks(layers, accumulators, batch_size)
+    with _collection_mode(model, options.gradient_checkpointing), hooks:
         for first in range(done, len(windows), options.batch_size):
             batch = windows[first : first + options.batch_size].to(device)
+            batch_size[0] = len(batch)
             sequence_loss(model, batch).backward()
             bar.update(len(batch))
             seen = first + len(batch)
@@ -104,9 +108,10 @@ def _collection_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator
 
 
 @contextlib.contextmanager
-def _hooks(layers: dict[str, nn.Linear], accumulators: dict[str, FisherAccumulator]):
+def _hooks(layers: dict[str, nn.Module], accumulators: dict, batch_size: list[int]):
     handles = [
-        layer.register_forward_hook(_capture(accumulators[name])) for name, layer in layers.items()
+        layer.register_forward_hook(_capture(accumulators[name], batch_size))
+        for name, layer in layers.items()
     ]
     try:
         yield
@@ -115,19 +120,25 @@ def _hooks(layers: dict[str, nn.Linear], accumulators: dict[str, FisherAccumulat
             handle.remove()
 
 
-def _capture(accumulator: FisherAccumulator):
+def _capture(accumulator: FisherAccumulator, batch_size: list[int]):
     def forward_hook(module, inputs, output):
         if not torch.is_grad_enabled() or not output.requires_grad:
             return
-        x = inputs[0].detach()  # [B, T, n]
+        x = _per_sequence(inputs[0].detach(), batch_size[0])  # [B, T, n]
 
-        def on_grad(gy: torch.Tensor) -> None:  # gy: [B, T, m]
+        def on_grad(gy: torch.Tensor) -> None:  # gy: [B, T, m] (or [B * T, m])
+            gy = _per_sequence(gy, batch_size[0])
             G = torch.bmm(gy.transpose(1, 2).float(), x.float())  # [B, m, n]
             accumulator.add(G)
 
         output.register_hook(on_grad)
 
     return forward_hook
+
+
+def _per_sequence(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """`[B, T, n]` as is; `[B * T, n]` (MLPs that run on flattened tokens) back to `[B, T, n]`."""
+    return t if t.dim() == 3 else t.reshape(batch, -1, t.shape[-1])
 
 
 def time_forward_backward(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:

@@ -11,7 +11,7 @@ from torch import nn
 
 from rsavq.data import Corpus, calibration_windows
 from rsavq.errors import UsageError
-from rsavq.modules import DEFAULT_SKIP, find_linears
+from rsavq.modules import DEFAULT_SKIP, require_linears
 from rsavq.stats.artifact import (
     MANIFEST,
     FisherStats,
@@ -90,7 +90,7 @@ def collect_model_stats(
     """Draw the calibration windows from `corpus`, then `fisher_stats` for the model's linears."""
     c = calibration
     windows = calibration_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed)
-    layers = find_linears(model, skip)
+    layers = require_linears(model, skip)
     return fisher_stats(model, model_id, windows, layers, out, calibration, options)
 
 

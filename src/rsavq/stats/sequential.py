@@ -1,0 +1,105 @@
+"""Block-sequential calibration (as the GPTQ reference implementation does it).
+
+The calibration windows run once up to the first decoder block, whose inputs (positional and
+keyword arguments: attention mask, position embeddings, ...) are captured. Then, block by block,
+the block's linears see those inputs (their input Hessians `X^T X` are accumulated), the caller
+quantizes them, and the block, now quantized, is run again to make the next block's inputs. Only
+one block's activations are held at a time, and every later block is calibrated on what the
+quantized prefix really produces. Generic over HF decoders: the block list is found by
+`modules.decoder_blocks`, and a block's output is its first element when it returns a tuple.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from rsavq.modules import decoder_blocks
+from rsavq.stats.hessian import hessian_hooks, input_hessians
+
+BATCH = 8  # calibration sequences per block call
+
+Inputs = list[tuple[tuple, dict]]  # per batch: the block's positional and keyword arguments
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass at the first block."""
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor) -> Inputs:
+    """What `block` is called with on `windows` `[N, T]`, batch by batch."""
+    captured: Inputs = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Captured
+
+    device = next(model.parameters()).device
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in windows.split(BATCH):
+            with contextlib.suppress(_Captured):
+                model(batch.to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
+    """The next block's inputs: each batch's hidden states replaced by this block's output."""
+    outputs = []
+    for args, kwargs in inputs:
+        out = block(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple | list) else out
+        if args:
+            outputs.append(((hidden, *args[1:]), kwargs))
+        else:
+            outputs.append((args, {**kwargs, "hidden_states": hidden}))
+    return outputs
+
+
+@torch.no_grad()
+def block_hessians(block: nn.Module, layers: dict[str, nn.Module], inputs: Inputs) -> dict:
+    """`{name: H}` for `layers` (inside `block`) on the block's inputs."""
+    with hessian_hooks(layers) as finish:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+        return finish()
+
+
+def sequential_hessians(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    windows: torch.Tensor,
+    done: Callable[[str], bool] = lambda name: False,
+) -> Iterator[dict[str, torch.Tensor | None]]:
+    """Yield `{name: H}` block by block, in model order; the caller quantizes (and swaps in) those
+    layers before asking for the next block. Layers for which `done(name)` holds get `None` (the
+    caller has them already); a block whose layers are all done is not calibrated. Layers outside
+    the decoder blocks come last, from a pass over the whole (by then quantized) model."""
+    blocks_name, blocks = decoder_blocks(model, layers)
+    inside = {name for name in layers if blocks_name and name.startswith(blocks_name + ".")}
+    if blocks:
+        inputs = capture_inputs(model, blocks[0], windows)
+        for i, block in enumerate(blocks):
+            prefix = f"{blocks_name}.{i}."
+            mine = {n: m for n, m in layers.items() if n.startswith(prefix)}
+            todo = {n: m for n, m in mine.items() if not done(n)}
+            hessians = block_hessians(block, todo, inputs) if todo else {}
+            yield {n: hessians.get(n) for n in mine}
+            if i + 1 < len(blocks):
+                inputs = run_block(block, inputs)
+    rest = {n: m for n, m in layers.items() if n not in inside}
+    if rest:
+        todo = {n: m for n, m in rest.items() if not done(n)}
+        hessians = input_hessians(model, todo, windows, progress=False) if todo else {}
+        yield {n: hessians.get(n) for n in rest}

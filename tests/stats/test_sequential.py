@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from helpers import build_tiny_llama
+from rsavq.modules import decoder_blocks, find_linears, weight_matrix
+from rsavq.stats.hessian import input_hessians
+from rsavq.stats.sequential import sequential_hessians
+
+
+def _windows(vocab=64):
+    return torch.randint(0, vocab, (10, 12), generator=torch.Generator().manual_seed(4))
+
+
+def test_block_by_block_equals_one_pass_when_nothing_changes():
+    model = build_tiny_llama(vocab_size=64, layers=3)
+    layers = find_linears(model)
+    one_pass = input_hessians(model, layers, _windows(), progress=False)
+    seen = {}
+    for batch in sequential_hessians(model, layers, _windows()):
+        seen.update(batch)
+    assert list(seen) == list(layers)  # model order, every layer once
+    for name in layers:
+        torch.testing.assert_close(seen[name], one_pass[name], rtol=1e-4, atol=1e-5)
+
+
+def test_later_blocks_see_the_changed_prefix():
+    model = build_tiny_llama(vocab_size=64, layers=3)
+    layers = find_linears(model)
+    batches = sequential_hessians(model, layers, _windows())
+    first = next(batches)  # block 0: now "quantize" it (here: halve its MLP output)
+    with torch.no_grad():
+        weight_matrix(model.model.layers[0].mlp.down_proj).mul_(0.5)
+    second = next(batches)
+    expected = input_hessians(model, layers, _windows(), progress=False)
+    for name in second:
+        torch.testing.assert_close(second[name], expected[name], rtol=1e-4, atol=1e-5)
+    assert set(first) == {n for n in layers if n.startswith("model.layers.0.")}
+
+
+def test_done_layers_get_no_hessian_and_done_blocks_are_not_calibrated():
+    model = build_tiny_llama(vocab_size=64, layers=2)
+    layers = find_linears(model)
+    done = lambda name: name.startswith("model.layers.0.")  # noqa: E731
+    batches = list(sequential_hessians(model, layers, _windows(), done))
+    assert all(h is None for h in batches[0].values())
+    assert all(h is not None for h in batches[1].values())
+
+
+def test_layers_outside_the_blocks_come_last():
+    model = build_tiny_llama(vocab_size=64, layers=2)
+    layers = find_linears(model, skip=("*embed*",))  # lm_head too (tied, still a Linear)
+    batches = list(sequential_hessians(model, layers, _windows()))
+    assert list(batches[-1]) == ["lm_head"]
+    assert decoder_blocks(model, layers)[0] == "model.layers"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2_moe"])
+def test_other_families(family):
+    from families import build_family
+
+    model = build_family(family)
+    layers = find_linears(model)
+    one_pass = input_hessians(model, layers, _windows(), progress=False)
+    seen = {}
+    for batch in sequential_hessians(model, layers, _windows()):
+        seen.update(batch)
+    for name in layers:
+        torch.testing.assert_close(seen[name], one_pass[name], rtol=1e-4, atol=1e-4)
