@@ -1,15 +1,21 @@
 """The quality table of EVALUATION.md on SmolLM2-135M, resumable, and its BENCHMARKS.md tables.
 
-    python benchmarks/quality.py                       # every row, full WikiText-2, full tasks
-    python benchmarks/quality.py --sections main --bits 2,3 --windows 16 --tasks-limit 200
-    python benchmarks/quality.py --table-only          # rewrite BENCHMARKS.md from the JSON
+    python benchmarks/quality.py --sections main                   # headline rows, all 148 windows
+    python benchmarks/quality.py --sections buildup,rsavq --bits 2,3 --windows 16 \
+        --eval-dtype bfloat16 --tasks ''                           # ablations (the fast protocol)
+    python benchmarks/quality.py --only 'rsavq (default)' --bits 3 # one row (rows may run as
+                                                                   # separate processes)
+    python benchmarks/quality.py --table-only                      # rewrite BENCHMARKS.md
 
-Rows (one process, same FP model, same C4 calibration windows and seeds):
-- main, per width: FP | RTN g128 | GPTQ g128 act-order | k-means (product VQ, one group, uniform
-  bits, lambda 0, Euclidean) | +EDSG (k-means + the default lambda) | +WCSG (= RSAVQ, defaults)
-  | RSAVQ + Hessian compensation | +EDSG + Hessian compensation (one group; the compensation is an
-  extension, not the paper's method);
-- ablations at 2 bits: lambda (relative and raw), groups, allocation, metric, EDSG sign.
+Rows (same FP model, same C4 calibration windows and seeds; Hessian methods calibrate block by
+block on the already-quantized prefix unless a row says otherwise):
+- main, per width: FP | RTN g128 | GPTQ g128 act-order | k-means VQ | RSAVQ (paper) |
+  rsavq (default);
+- buildup, per width: k-means VQ, then one mechanism added per row up to the default;
+- rsavq, per width: the paper's parts on the default base: lambda, WCSG groups, channel order;
+- vector, per width: vector length (codebook size) at the default's codebook overhead;
+- compensation (3 bits): the earlier OBS compensation (one codebook per layer, FP-model
+  Hessians), then per-block codebooks, then sequential Hessians: why it hurt before.
 Each finished row is stored in the JSON under a key made of its configuration and the evaluation
 settings, so an interrupted run resumes at the next row, and a layer-level resume inside a row
 comes from the pipeline's `.partial` directory.
@@ -18,31 +24,21 @@ comes from the pipeline's `.partial` directory.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rsavq.config import (
-    Allocation,
-    Compensation,
-    EdsgSign,
-    LambdaMode,
-    Metric,
-    RSAVQConfig,
-    ScalarConfig,
-)
+from rsavq.config import RSAVQConfig, ScalarConfig, preset
 from rsavq.data import calibration_windows, evaluation_windows, load_corpus
 from rsavq.eval import perplexity
-from rsavq.io import atomic_write, atomic_write_json, rewrite_block
-from rsavq.modules import find_linears
+from rsavq.io import atomic_write_json, rewrite_block
 from rsavq.pipeline import quantize_model, summarize
 from rsavq.stats.collect import CollectOptions
 from rsavq.stats.run import CalibrationSpec, collect_model_stats, default_stats_dir
@@ -50,11 +46,12 @@ from rsavq.stats.run import CalibrationSpec, collect_model_stats, default_stats_
 logger = logging.getLogger("quality")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande")
+SECTIONS = ("main", "buildup", "rsavq", "vector", "compensation")
 
 
 @dataclass(frozen=True)
 class Row:
-    section: str  # "main" or an ablation name
+    section: str
     label: str
     bits: int | None  # None: FP
     config: RSAVQConfig | ScalarConfig | None
@@ -64,58 +61,85 @@ class Row:
         return None if self.config is None else self.config.to_dict()
 
 
-def paper_config(bits: int) -> RSAVQConfig:
-    """The paper's RSAVQ: 4 groups, lambda 0.01 (relative), every stored bit within the budget."""
-    return RSAVQConfig(bits=bits, groups=4, lam=0.01, budget_includes_overhead=True)
-
-
 def main_rows(bits: int) -> list[Row]:
-    default = paper_config(bits)
-    kmeans = replace(default, groups=1, uniform_bits=True, lam=0.0)
     return [
         Row("main", "RTN g128", bits, ScalarConfig("rtn", bits)),
         Row("main", "GPTQ g128 act-order", bits, ScalarConfig("gptq", bits)),
-        Row("main", "k-means VQ", bits, kmeans),
-        Row("main", "+EDSG", bits, replace(kmeans, lam=default.lam)),
-        Row("main", "+WCSG (RSAVQ)", bits, default),
-        Row(
-            "main",
-            "RSAVQ + Hessian compensation",
-            bits,
-            replace(default, compensation=Compensation.HESSIAN),
-        ),
-        Row(
-            "main",
-            "+EDSG + Hessian compensation",
-            bits,
-            replace(kmeans, lam=default.lam, compensation=Compensation.HESSIAN),
-        ),
+        Row("main", "k-means VQ", bits, preset("kmeans", bits)),
+        Row("main", "RSAVQ (paper)", bits, preset("paper", bits)),
+        Row("main", "rsavq (default)", bits, preset("default", bits)),
     ]
 
 
-def ablation_rows(bits: int = 2) -> list[Row]:
-    d = paper_config(bits)
+def buildup_rows(bits: int) -> list[Row]:
+    """k-means VQ, then one mechanism at a time, ending at the default."""
+    steps = [
+        ("k-means VQ (one codebook per layer)", {}),
+        ("+ codebooks per block of columns", {"codebook_overhead": 0.04}),
+        ("+ row scales", {"row_scales": True}),
+        ("+ OBS assignment (FP-model Hessians)", {"compensation": "hessian", "sequential": False}),
+        ("+ block-sequential Hessians", {"sequential": True}),
+        ("+ codebook and scale refit", {"refit": True}),
+        ("+ Fisher channel order (WCSG sort, 1 group)", {"uniform_bits": False}),
+        ("+ EDSG (lambda 0.01) = default", {"lam": 0.01}),
+    ]
+    rows, overrides = [], {}
+    for label, step in steps:
+        overrides = {**overrides, **step}
+        rows.append(Row("buildup", label, bits, preset("kmeans", bits, **overrides)))
+    return rows
+
+
+def rsavq_rows(bits: int) -> list[Row]:
     rows = [
-        Row("lambda", f"relative {lam}", bits, replace(d, lam=lam))
-        for lam in (0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+        Row("rsavq", f"lambda {lam}", bits, preset("default", bits, lam=lam))
+        for lam in (0.0, 0.003, 0.03)
     ]
     rows += [
-        Row("lambda", f"raw {lam}", bits, replace(d, lam=lam, lambda_mode=LambdaMode.RAW))
-        for lam in (0.01, 0.05, 0.1)
+        Row("rsavq", f"{g} WCSG groups", bits, preset("default", bits, groups=g)) for g in (2, 4)
     ]
-    rows += [Row("groups", f"{g} groups", bits, replace(d, groups=g)) for g in (1, 2, 4, 8)]
-    rows += [Row("allocation", a.value, bits, replace(d, allocation=a)) for a in Allocation]
-    rows += [Row("metric", m.value, bits, replace(d, metric=m)) for m in Metric]
-    rows += [Row("sign", s.value, bits, replace(d, edsg_sign=s)) for s in EdsgSign]
+    hessian_order = preset("default", bits, order="hessian")
+    rows.append(Row("rsavq", "order by diag(X^T X)", bits, hessian_order))
     return rows
+
+
+def vector_rows(bits: int) -> list[Row]:
+    return [
+        Row("vector", f"vector length {v}", bits, preset("default", bits, vector_length=v))
+        for v in (2, 3, 4)
+    ]
+
+
+def compensation_rows(bits: int = 3) -> list[Row]:
+    old = preset("kmeans", bits, vector_length=6, sub_vectors=2, lam=0.01, uniform_bits=False)
+    rows = [
+        ("+EDSG + compensation as before", {"compensation": "hessian", "sequential": False}),
+        ("+ codebooks per block of columns", {"codebook_overhead": 0.04}),
+        ("+ block-sequential Hessians", {"sequential": True}),
+    ]
+    out, overrides = [], {}
+    for label, step in rows:
+        overrides = {**overrides, **step}
+        config = RSAVQConfig.from_dict({**old.to_dict(), **overrides})
+        out.append(Row("compensation", label, bits, config))
+    return out
+
+
+SECTION_ROWS = {
+    "main": main_rows,
+    "buildup": buildup_rows,
+    "rsavq": rsavq_rows,
+    "vector": vector_rows,
+}
 
 
 def all_rows(widths: list[int], sections: set[str]) -> list[Row]:
     rows = [Row("main", "FP", None, None)] if "main" in sections else []
-    if "main" in sections:
-        for b in widths:
-            rows += main_rows(b)
-    rows += [r for r in ablation_rows() if r.section in sections]
+    for name, make in SECTION_ROWS.items():
+        if name in sections:
+            rows += [row for b in widths for row in make(b)]
+    if "compensation" in sections:
+        rows += compensation_rows()
     return rows
 
 
@@ -133,11 +157,11 @@ class Runner:
         self.args = args
         self._load = lambda: load_model(args.model)
         _, self.tokenizer = self._load()
-        self.calib_spec = CalibrationSpec("c4", args.nsamples, args.seqlen, 0)
         self.calib = load_corpus("c4", args.data_dir)
+        self.calib_spec = CalibrationSpec(self.calib.name, args.nsamples, args.seqlen, 0)
         wiki = load_corpus("wikitext2", args.data_dir)
         self.windows = evaluation_windows(self.tokenizer, wiki, 2048, args.windows)
-        self._stats = self._hessians = None
+        self._stats = None
 
     def stats(self, model):
         if self._stats is None:
@@ -148,21 +172,9 @@ class Runner:
             )
         return self._stats
 
-    def hessians(self, model):
-        if self._hessians is None:
-            from rsavq.stats.hessian import input_hessians
-
-            path = Path(self.args.work) / f"hessians-{self.args.nsamples}x{self.args.seqlen}.pt"
-            if path.exists():
-                self._hessians = torch.load(path)
-            else:
-                c = self.calib_spec
-                windows = calibration_windows(
-                    self.tokenizer, self.calib, c.nsamples, c.seqlen, c.seed
-                )
-                self._hessians = input_hessians(model, find_linears(model), windows)
-                atomic_write(path, lambda tmp: torch.save(self._hessians, tmp))
-        return self._hessians
+    def calibration(self):
+        c = self.calib_spec
+        return calibration_windows(self.tokenizer, self.calib, c.nsamples, c.seqlen, c.seed)
 
     def run(self, row: Row, key: str) -> dict:
         model, _ = self._load()
@@ -174,7 +186,8 @@ class Runner:
         }
         if row.config is not None:
             result.update(self._quantize(model, row.config, Path(self.args.work) / key))
-        ppl = perplexity(model, self.windows, "wikitext2")
+        model.to(getattr(torch, self.args.eval_dtype))
+        ppl = perplexity(model, self.windows, "wikitext2", progress=False)
         result["wikitext2"] = ppl.to_dict()
         if self.args.tasks:
             from rsavq.eval.zeroshot import zero_shot
@@ -192,7 +205,6 @@ class Runner:
 
     def _quantize(self, model, config, out: Path) -> dict:
         stats = self.stats(model) if config.needs_stats else None
-        hessians = self.hessians(model) if config.needs_hessian else None
         start = time.perf_counter()
         records = quantize_model(
             model,
@@ -200,8 +212,9 @@ class Runner:
             stats,
             out,
             self.tokenizer,
-            hessians=hessians,
-            calibration=dataclasses.asdict(self.calib_spec),
+            progress=False,
+            calibration=self.calibration(),
+            calibration_id={"spec": str(self.calib_spec)},
         )
         wall = time.perf_counter() - start
         summary = summarize(records)
@@ -227,12 +240,13 @@ def run_all(args: argparse.Namespace) -> dict:
         "model": args.model,
         "calibration": f"c4 {args.nsamples}x{args.seqlen} seed 0",
         "windows": args.windows,
+        "eval_dtype": args.eval_dtype,
         "tasks": args.tasks,
         "tasks_limit": args.tasks_limit,
     }
     rows = all_rows([int(b) for b in args.bits.split(",")], set(args.sections.split(",")))
     if args.only:
-        rows = [r for r in rows if r.label in args.only.split(",")]
+        rows = [r for r in rows if r.label in args.only.split(";")]
     runner = None
     for row in rows:
         key = row_key(row, settings)
@@ -242,6 +256,7 @@ def run_all(args: argparse.Namespace) -> dict:
         logger.info("row %s / %s / %s bits", row.section, row.label, row.bits)
         result = runner.run(row, key)
         result["settings"] = settings
+        result["order"] = rows.index(row)
         results["rows"][key] = result
         atomic_write_json(path, results)
     return results
@@ -274,7 +289,7 @@ def _settings_line(rows: list[dict]) -> str:
     tasks = f"zero-shot acc_norm (acc for WinoGrande) on {limit}" if s["tasks"] else "no zero-shot"
     return (
         f"{s['model']}, calibration {s['calibration']}; WikiText-2 PPL over {windows} "
-        f"windows x 2048 (fp32); {tasks}."
+        f"windows x 2048 ({s.get('eval_dtype', 'float32')} evaluation); {tasks}."
     )
 
 
@@ -307,19 +322,21 @@ def main_table(rows: list[dict]) -> str:
 def ablation_table(rows: list[dict]) -> str:
     abl = [r for r in rows if r["section"] != "main"]
     if not abl:
-        return (
-            "(no ablation rows measured yet: `python benchmarks/quality.py --sections lambda,...`)"
-        )
+        return "(no ablation rows measured yet: `python benchmarks/quality.py --sections buildup`)"
+    order = {name: i for i, name in enumerate(SECTIONS)}
+    abl.sort(key=lambda r: (order.get(r["section"], 99), r["bits"], r.get("order", 0)))
     lines = [
         _settings_line(abl),
         "",
-        "| ablation (2 bits) | setting | bits/weight | WikiText-2 PPL | median layer rel. error |",
-        "|---|---|---|---|---|",
+        "| section | bits | setting | bits/weight | WikiText-2 PPL | median layer rel. error "
+        "| quantize time |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in abl:
         lines.append(
-            f"| {r['section']} | {r['label']} | {r['bits_per_weight']:.3f} | "
-            f"{_fmt_ppl(r['wikitext2']['ppl'])} | {r['median_relative_error']:.3f} |"
+            f"| {r['section']} | {r['bits']} | {r['label']} | {r['bits_per_weight']:.3f} | "
+            f"{_fmt_ppl(r['wikitext2']['ppl'])} | {r['median_relative_error']:.3f} | "
+            f"{r['wall_seconds']:.0f} s |"
         )
     return "\n".join(lines)
 
@@ -344,7 +361,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--bits", default="2,3,4")
-    p.add_argument("--sections", default="main,lambda,groups,allocation,metric,sign")
+    p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument(
@@ -356,7 +373,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default="runs/quality", help="checkpoints in progress, Hessians")
     p.add_argument("--json", default="benchmarks/results/quality.json")
     p.add_argument("--markdown", default="BENCHMARKS.md")
-    p.add_argument("--only", default="", help="comma-separated row labels to run (default all)")
+    p.add_argument("--only", default="", help="';'-separated row labels to run (default all)")
+    p.add_argument(
+        "--eval-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="dtype of the perplexity and zero-shot evaluation (quantization runs in fp32)",
+    )
     p.add_argument("--merge", default="", help="comma-separated result JSONs added to the tables")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep WORK/<row key>/")
     p.add_argument("--table-only", action="store_true", help="only rewrite the tables")

@@ -1,9 +1,9 @@
 import io
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
-from helpers import plain_config
 from rsavq.cli import main
 
 
@@ -49,11 +49,16 @@ def test_chat_errors(tiny_model_dir, monkeypatch, capsys, extra, message):
 @pytest.fixture()
 def quantized_dir(tmp_path, tiny_tokenizer):
     from helpers import build_tiny_llama
+    from rsavq.config import preset
     from rsavq.pipeline import quantize_model
 
-    config = plain_config(bits=2, groups=1, lam=0, kmeans_iters=2, budget_includes_overhead=False)
+    # the default: row scales, blocks of columns with codebooks of their own
+    config = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2)
     model = build_tiny_llama(len(tiny_tokenizer))
-    quantize_model(model, config, None, tmp_path / "q", tiny_tokenizer, progress=False)
+    windows = torch.randint(0, len(tiny_tokenizer), (4, 16))
+    quantize_model(
+        model, config, None, tmp_path / "q", tiny_tokenizer, progress=False, calibration=windows
+    )
     return tmp_path / "q"
 
 

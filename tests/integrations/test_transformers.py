@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import rsavq  # registers quant_method "rsavq"
 from helpers import build_tiny_llama, plain_config
+from rsavq.config import preset
 from rsavq.nn import VQLinear
 from rsavq.pipeline import quantize_model
 from rsavq.serialization import load_quantized
@@ -13,11 +14,16 @@ from rsavq.serialization import load_quantized
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+@pytest.fixture(scope="module", params=["fisher-only", "default"])
+def checkpoint(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("hf") / "q"
-    config = plain_config(bits=2, groups=2, lam=0, uniform_bits=True, kmeans_iters=2)
-    quantize_model(build_tiny_llama(vocab_size=64, seed=7), config, None, out, progress=False)
+    if request.param == "default":  # row scales, codebooks per block of columns
+        config = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2)
+    else:
+        config = plain_config(bits=2, groups=2, lam=0, uniform_bits=True, kmeans_iters=2)
+    windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+    model = build_tiny_llama(vocab_size=64, seed=7)
+    quantize_model(model, config, None, out, progress=False, calibration=windows)
     return out
 
 

@@ -5,7 +5,6 @@ from helpers import plain_config
 from rsavq.algorithms.rsavq import quantize_layer
 from rsavq.nn import VQLinear
 
-
 SCALES = pytest.mark.parametrize("scales", [False, True], ids=["no-scales", "row-scales"])
 
 
