@@ -5,7 +5,9 @@
     python benchmarks/speed.py --table-only                # rewrite BENCHMARKS.md's tables
 
 Layers (random codes: speed does not depend on their values): shapes in x out 576x1536,
-1536x576, 4096x4096, 11008x4096 at 2/3/4 bits with the default one group (`--groups`); decode
+1536x576, 4096x4096, 11008x4096 at 2/3/4 bits in the default configuration's format (vector
+length by width, blocks of columns with their own codebooks, row scales; one WCSG group unless
+`--groups`); decode
 (1 token) and prefill (512 tokens), each timed interleaved with the fp32 dense `F.linear` of the
 same shape and with the reference kernel, in one process; dense/VQ > 1 means VQ is faster. Whole
 model: SmolLM2-135M greedy decode tokens/s, FP vs the same model with every decoder linear
@@ -25,8 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rsavq.algorithms.rsavq import split_blocks
 from rsavq.allocation import split_sizes
-from rsavq.config import LayerSpec
+from rsavq.config import LayerSpec, preset
 from rsavq.io import atomic_write_json, rewrite_block
 from rsavq.kernels import Backend, choose_backend, reference
 from rsavq.nn import VQLinear
@@ -37,15 +40,25 @@ TABLES = "benchmarks/results/speed.json,benchmarks/results/speed-1thread.json"
 
 
 def random_vqlinear(n: int, m: int, bits: int, groups: int = 1, seed: int = 0) -> VQLinear:
-    spec = LayerSpec(n, m, tuple(split_sizes(n, groups)), (bits,) * groups, 6, 2)
+    """A layer in the default configuration's format at `bits` (vector length, blocks of columns
+    with codebooks of their own, row scales), with random codes, codebooks and scales."""
+    config = preset("default", bits, groups=groups, uniform_bits=True)
+    sizes, group_bits = split_blocks(split_sizes(n, groups), (bits,) * groups, m, config)
+    spec = LayerSpec(
+        n, m, tuple(sizes), tuple(group_bits), config.vector_length, config.sub_vectors,
+        row_scales=config.row_scales,
+    )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     module = VQLinear(spec)
     module.perm.copy_(torch.randperm(n, generator=gen).to(spec.perm_dtype))
-    for g in range(groups):
+    for g in range(len(sizes)):
         K = 2 ** spec.code_bits(g)
         idx = torch.randint(0, K, (m, spec.codes_per_row(g)), generator=gen)
         getattr(module, f"codes_{g}").copy_(pack(idx, spec.code_bits(g)))
-        getattr(module, f"codebooks_{g}").copy_(torch.randn(2, K, spec.sub_dim) * 0.02)
+        book = torch.randn(spec.sub_vectors, K, spec.sub_dim, generator=gen)
+        getattr(module, f"codebooks_{g}").copy_(book)
+    if module.scales is not None:
+        module.scales.copy_(torch.rand(m, generator=gen) * 0.04)
     return module
 
 

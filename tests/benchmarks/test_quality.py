@@ -43,24 +43,29 @@ def _row(section, label, bits, ppl, bpw=None, shots=None):
 
 
 def test_rows_cover_the_issue_table(quality):
-    rows = quality.all_rows([2, 3, 4], {"main", "lambda", "groups", "allocation", "metric", "sign"})
+    rows = quality.all_rows([2, 3, 4], set(quality.SECTIONS))
     main = [r for r in rows if r.section == "main"]
-    assert [r.label for r in main[:8]] == [
+    assert [r.label for r in main[:6]] == [
         "FP",
         "RTN g128",
         "GPTQ g128 act-order",
         "k-means VQ",
-        "+EDSG",
-        "+WCSG (RSAVQ)",
-        "RSAVQ + Hessian compensation",
-        "+EDSG + Hessian compensation",
+        "RSAVQ (paper)",
+        "rsavq (default)",
     ]
-    kmeans, edsg, rsavq = main[3].config, main[4].config, main[5].config
-    assert (kmeans.lam, kmeans.groups, kmeans.uniform_bits) == (0.0, 1, True)
-    assert edsg.lam == rsavq.lam > 0 and edsg.groups == 1
-    lambdas = [r.label for r in rows if r.section == "lambda"]
-    assert "relative 0.002" in lambdas and "raw 0.1" in lambdas and len(lambdas) == 10
-    assert [r.label for r in rows if r.section == "groups"] == [f"{g} groups" for g in (1, 2, 4, 8)]
+    kmeans, paper, default = main[3].config, main[4].config, main[5].config
+    assert (kmeans.lam, kmeans.groups, kmeans.uniform_bits, kmeans.needs_hessian) == (
+        0.0, 1, True, False,
+    )  # fmt: skip
+    assert (paper.groups, paper.vector_length, paper.sub_vectors) == (4, 6, 2)
+    assert paper.budget_includes_overhead and not paper.needs_hessian
+    assert default == quality.preset("default", 2) and default.sequential
+    buildup = [r.config for r in rows if r.section == "buildup" and r.bits == 2]
+    assert buildup[0] == kmeans and buildup[-1] == default  # one mechanism at a time
+    lambdas = [r.config.lam for r in rows if r.section == "rsavq" and r.bits == 2]
+    assert lambdas[:3] == [0.0, 0.003, 0.03]
+    old, blocks, sequential = [r.config for r in rows if r.section == "compensation"]
+    assert not old.sequential and old.codebook_overhead == 0 and sequential.sequential
 
 
 def test_row_keys_change_with_config_and_settings(quality):
@@ -76,7 +81,7 @@ def test_tables_from_cached_json(quality, tmp_path):
         "rows": {
             "a": _row("main", "FP", None, 19.13, shots={"arc_easy": 0.5, "piqa": 0.6}),
             "b": _row("main", "RTN g128", 2, 1.8e6, 2.266, {"arc_easy": 0.25, "piqa": 0.5}),
-            "c": _row("lambda", "relative 0.01", 2, 2.6e7, 1.814),
+            "c": _row("rsavq", "lambda 0.03", 2, 2.6e7, 1.814),
         }
     }
     path = tmp_path / "q.json"
@@ -88,7 +93,7 @@ def test_tables_from_cached_json(quality, tmp_path):
     assert text.startswith("# Benchmarks\n\nintro\n")
     assert "| FP | FP | 32 (fp32) | 19.13 | 50.0 | - | 60.0 | - | 55.0 | - |" in text
     assert "| 2 | RTN g128 | 2.266 | 1.80e+06 | 25.0 | - | 50.0 | - | 37.5 | 61 s |" in text
-    assert "| lambda | relative 0.01 | 1.814 | 2.60e+07 | 0.250 |" in text
+    assert "| rsavq | 2 | lambda 0.03 | 1.814 | 2.60e+07 | 0.250 | 61 s |" in text
     assert text.index("| FP | FP |") < text.index("| 2 | RTN g128 |")  # FP first
     assert "16 windows x 2048" in text and "first 100 examples per task" in text
     quality.main(["--table-only", "--json", str(path), "--markdown", str(md)])
