@@ -19,24 +19,35 @@ def _register_with_transformers() -> None:
 _register_with_transformers()
 
 __all__ = [
+    "Calibration",
     "DataError",
     "ModelNotFoundError",
     "RSAVQConfig",
     "RsavqError",
+    "ScalarConfig",
     "UsageError",
     "__version__",
+    "load_model",
     "load_quantized",
+    "preset",
+    "quantize",
 ]
+
+_LAZY = {  # name -> module: imported on first use (no heavy import at start)
+    "Calibration": "rsavq.api",
+    "quantize": "rsavq.api",
+    "RSAVQConfig": "rsavq.config",
+    "ScalarConfig": "rsavq.config",
+    "preset": "rsavq.config",
+    "load_model": "rsavq.models",
+    "load_quantized": "rsavq.serialization",
+}
 
 
 def __getattr__(name: str):
-    """Lazy exports: `rsavq.load_quantized`, `rsavq.RSAVQConfig` (no heavy import at start)."""
-    if name == "load_quantized":
-        from rsavq.serialization import load_quantized
+    """Lazy exports (`rsavq.quantize`, `rsavq.preset`, `rsavq.load_quantized`, ...)."""
+    if name in _LAZY:
+        import importlib
 
-        return load_quantized
-    if name == "RSAVQConfig":
-        from rsavq.config import RSAVQConfig
-
-        return RSAVQConfig
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'rsavq' has no attribute {name!r}")

@@ -164,9 +164,10 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    from rsavq.api import Calibration, quantize
     from rsavq.data import load_corpus
     from rsavq.models import load_model, resolve_model
-    from rsavq.pipeline import check_output_dir, quantize_model, summarize
+    from rsavq.pipeline import check_output_dir, summarize
 
     config = _config_from_args(args)
     check_output_dir(Path(args.out))
@@ -177,17 +178,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     evaluation = load_corpus(args.eval, args.data_dir, args.text_field) if args.eval else None
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     before = _quick_ppl(model, tokenizer, evaluation, args) if evaluation else None
-    stats = _stats_for(model, tokenizer, calib, args, config.skip) if config.needs_stats else None
-    windows, calibration_id = _calibration_for(tokenizer, calib, args, config)
+    _say_what_runs(model, config, calib, args)
     start = time.perf_counter()
-    records = quantize_model(
+    records = quantize(
         model,
         config,
-        stats,
-        args.out,
-        tokenizer,
-        calibration=windows,
-        calibration_id=calibration_id,
+        tokenizer=tokenizer,
+        calibration=Calibration(calib, args.nsamples, args.seqlen, args.seed),
+        out=args.out,
+        stats=args.stats,
+        model_id=args.model,
     )
     summary = summarize(records)
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
@@ -213,34 +213,18 @@ def _quick_ppl(model, tokenizer, corpus, args):
     return perplexity(model, windows, corpus.name)
 
 
-def _stats_for(model, tokenizer, calib, args, skip):
-    from rsavq.stats import load_stats
+def _say_what_runs(model, config, calib, args) -> None:
     from rsavq.stats.artifact import MANIFEST
-    from rsavq.stats.collect import CollectOptions
-    from rsavq.stats.run import CalibrationSpec, collect_model_stats, default_stats_dir
+    from rsavq.stats.run import CalibrationSpec, default_stats_dir
 
-    spec = CalibrationSpec(calib.name, args.nsamples, args.seqlen, args.seed)
-    root = Path(args.stats) if args.stats else default_stats_dir(model, spec)
-    if (root / MANIFEST).exists():
-        print(f"reusing Fisher statistics in {root}")
-        return load_stats(root)
-    print(
-        f"collecting Fisher statistics into {root} ({args.nsamples} x {args.seqlen} tokens "
-        f"of {calib.name})"
-    )
-    options = CollectOptions(checkpoint_every=16)
-    return collect_model_stats(model, tokenizer, args.model, calib, spec, root, options, skip)
-
-
-def _calibration_for(tokenizer, calib, args, config):
-    """Calibration windows for the input Hessians when the method needs them."""
-    if not config.needs_hessian:
-        return None, None
-    from rsavq.data import calibration_windows
-
-    spec = {"source": calib.name, "nsamples": args.nsamples, "seqlen": args.seqlen}
-    spec["seed"] = args.seed
-    how = "block by block" if config.sequential else "in one pass over the FP model"
-    print(f"input Hessians from {args.nsamples} x {args.seqlen} tokens of {calib.name}, {how}")
-    windows = calibration_windows(tokenizer, calib, args.nsamples, args.seqlen, args.seed)
-    return windows, spec
+    tokens = f"{args.nsamples} x {args.seqlen} tokens of {calib.name}"
+    if config.needs_stats:
+        spec = CalibrationSpec(calib.name, args.nsamples, args.seqlen, args.seed)
+        root = Path(args.stats) if args.stats else default_stats_dir(model, spec)
+        if (root / MANIFEST).exists():
+            print(f"reusing Fisher statistics in {root}")
+        else:
+            print(f"collecting Fisher statistics into {root} ({tokens})")
+    if config.needs_hessian:
+        how = "block by block" if config.sequential else "in one pass over the FP model"
+        print(f"input Hessians from {tokens}, {how}")

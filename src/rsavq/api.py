@@ -1,0 +1,113 @@
+"""The Python API: quantize a loaded model in place, in one call.
+
+    import rsavq
+    model, tokenizer = rsavq.load_model("smollm2-135m")
+    rsavq.quantize(model, rsavq.preset("default", bits=3), tokenizer=tokenizer, out="q3/")
+    model = rsavq.load_quantized("q3/")          # later, or AutoModelForCausalLM.from_pretrained
+
+The command line (`rsavq quantize`) is a thin layer over `quantize`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from rsavq.config import RSAVQConfig, ScalarConfig, preset
+from rsavq.data import Corpus, calibration_windows, load_corpus
+from rsavq.errors import UsageError
+from rsavq.pipeline import LayerRecord, quantize_model
+from rsavq.stats.artifact import MANIFEST, FisherStats, load_stats
+from rsavq.stats.collect import CollectOptions
+from rsavq.stats.run import CalibrationSpec, collect_model_stats, default_stats_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where calibration text comes from: a source name (`c4`, `wikitext2`, a file path) or a
+    loaded `Corpus`, and how many windows of how many tokens are drawn from it."""
+
+    source: str | Corpus = "c4"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    data_dir: str | Path | None = None  # default: $RSAVQ_DATA_DIR, else the hub
+
+    def corpus(self) -> Corpus:
+        if isinstance(self.source, Corpus):
+            return self.source
+        return load_corpus(self.source, self.data_dir)
+
+    def spec(self, corpus: Corpus) -> CalibrationSpec:
+        return CalibrationSpec(corpus.name, self.nsamples, self.seqlen, self.seed)
+
+
+def quantize(
+    model: nn.Module,
+    config: RSAVQConfig | ScalarConfig | None = None,
+    *,
+    tokenizer=None,
+    calibration: Calibration | None = None,
+    out: str | Path | None = None,
+    stats: str | Path | FisherStats | None = None,
+    model_id: str = "model",
+    progress: bool = True,
+) -> list[LayerRecord]:
+    """Quantize `model` in place (its linears become `VQLinear`s) and write the checkpoint to
+    `out` (a temporary directory, removed afterwards, when `out` is None).
+
+    `config` defaults to `preset("default", bits=3)`. Fisher statistics (for EDSG and WCSG) are
+    collected from `calibration` unless `stats` gives them (a directory is reused when complete,
+    filled otherwise; by default a cache entry keyed by model and calibration); the input Hessians
+    come from the same calibration windows, block by block. `tokenizer` is needed whenever
+    calibration text must be tokenized. Returns the per-layer records of the report."""
+    config = config or preset("default", 3)
+    calibration = calibration or Calibration()
+    needs_text = config.needs_hessian or (config.needs_stats and not _complete(stats))
+    if needs_text and tokenizer is None:
+        raise UsageError("this configuration calibrates on text: pass tokenizer=")
+    corpus = calibration.corpus() if needs_text else None
+    fisher = _fisher(model, tokenizer, corpus, calibration, stats, model_id, config, progress)
+    windows = None
+    if config.needs_hessian:
+        c = calibration
+        windows = calibration_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed)
+    identity = {"source": corpus.name, "nsamples": calibration.nsamples} if corpus else None
+    if identity:
+        identity.update(seqlen=calibration.seqlen, seed=calibration.seed)
+    if out is not None:
+        return quantize_model(model, config, fisher, out, tokenizer, progress, windows, identity)
+    with tempfile.TemporaryDirectory() as tmp:
+        return quantize_model(
+            model, config, fisher, Path(tmp) / "q", tokenizer, progress, windows, identity
+        )
+
+
+def _complete(stats) -> bool:
+    if isinstance(stats, FisherStats):
+        return True
+    return stats is not None and (Path(stats) / MANIFEST).exists()
+
+
+def _fisher(model, tokenizer, corpus, calibration, stats, model_id, config, progress):
+    if not config.needs_stats:
+        return None
+    if isinstance(stats, FisherStats):
+        return stats
+    if _complete(stats):
+        logger.info("reusing Fisher statistics in %s", stats)
+        return load_stats(stats)
+    spec = calibration.spec(corpus)
+    root = Path(stats) if stats is not None else default_stats_dir(model, spec)
+    if (root / MANIFEST).exists():
+        logger.info("reusing Fisher statistics in %s", root)
+        return load_stats(root)
+    logger.info("collecting Fisher statistics into %s", root)
+    options = CollectOptions(checkpoint_every=16, progress=progress)
+    return collect_model_stats(model, tokenizer, model_id, corpus, spec, root, options, config.skip)
