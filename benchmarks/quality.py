@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +38,16 @@ from rsavq.config import RSAVQConfig, ScalarConfig, preset
 from rsavq.data import calibration_windows, evaluation_windows, load_corpus
 from rsavq.eval import perplexity
 from rsavq.io import atomic_write_json, rewrite_block
+from rsavq.models import load_model
 from rsavq.pipeline import quantize_model, summarize
+from rsavq.serialization import load_quantized
 from rsavq.stats.collect import CollectOptions
 from rsavq.stats.run import CalibrationSpec, collect_model_stats, default_stats_dir
 
 logger = logging.getLogger("quality")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande")
+ROW_FILE = "row.json"  # beside a kept checkpoint: its bits, times and errors
 SECTIONS = ("main", "buildup", "rsavq", "vector", "compensation")
 
 
@@ -152,7 +154,6 @@ class Runner:
     """Loads the FP model per row, quantizes, evaluates; holds the shared calibration data."""
 
     def __init__(self, args: argparse.Namespace):
-        from rsavq.models import load_model
 
         self.args = args
         self._load = lambda: load_model(args.model)
@@ -176,16 +177,18 @@ class Runner:
         c = self.calib_spec
         return calibration_windows(self.tokenizer, self.calib, c.nsamples, c.seqlen, c.seed)
 
-    def run(self, row: Row, key: str) -> dict:
-        model, _ = self._load()
+    def run(self, row: Row) -> dict:
         result: dict = {
             "section": row.section,
             "label": row.label,
             "bits": row.bits,
             "config": row.config_dict,
         }
-        if row.config is not None:
-            result.update(self._quantize(model, row.config, Path(self.args.work) / key))
+        if row.config is None:
+            model, _ = self._load()
+        else:
+            model, numbers = self._quantized(row.config)
+            result.update(numbers)
         model.to(getattr(torch, self.args.eval_dtype))
         ppl = perplexity(model, self.windows, "wikitext2", progress=False)
         result["wikitext2"] = ppl.to_dict()
@@ -203,6 +206,22 @@ class Runner:
             result["zero_shot"] = shots.to_dict()
         return result
 
+    def _quantized(self, config) -> tuple[torch.nn.Module, dict]:
+        """The row's quantized model and its numbers: quantized now, or loaded from the
+        checkpoint an earlier run of the same configuration (other evaluation settings) kept."""
+        blob = json.dumps({"config": config.to_dict(), "calibration": str(self.calib_spec)})
+        out = Path(self.args.work) / hashlib.sha256(blob.encode()).hexdigest()[:16]
+        if (out / ROW_FILE).exists():
+            logger.info("evaluating the checkpoint kept in %s", out)
+            numbers = json.loads((out / ROW_FILE).read_text())
+            if isinstance(config, RSAVQConfig):
+                return load_quantized(out), numbers
+            return load_model(str(out))[0], numbers
+        model, _ = self._load()
+        numbers = self._quantize(model, config, out)
+        atomic_write_json(out / ROW_FILE, numbers)
+        return model, numbers
+
     def _quantize(self, model, config, out: Path) -> dict:
         stats = self.stats(model) if config.needs_stats else None
         start = time.perf_counter()
@@ -219,8 +238,6 @@ class Runner:
         wall = time.perf_counter() - start
         summary = summarize(records)
         errors = sorted(r.metrics["relative_error"] for r in records)
-        if not self.args.keep_checkpoints:  # the row keeps the numbers, not the checkpoint
-            shutil.rmtree(out, ignore_errors=True)
         return {
             "bits_per_weight": summary["bits_per_weight"],
             "layer_seconds": summary["seconds"],
@@ -254,7 +271,7 @@ def run_all(args: argparse.Namespace) -> dict:
             continue
         runner = runner or Runner(args)
         logger.info("row %s / %s / %s bits", row.section, row.label, row.bits)
-        result = runner.run(row, key)
+        result = runner.run(row)
         result["settings"] = settings
         result["order"] = rows.index(row)
         results["rows"][key] = result
@@ -370,7 +387,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", default=",".join(TASKS), help="'' for no zero-shot")
     p.add_argument("--tasks-limit", type=int, default=None)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
-    p.add_argument("--work", default="runs/quality", help="checkpoints in progress, Hessians")
+    p.add_argument(
+        "--work",
+        default="runs/quality",
+        help="checkpoints, one per configuration: a row evaluated again with other settings "
+        "(windows, dtype, tasks) reuses it",
+    )
     p.add_argument("--json", default="benchmarks/results/quality.json")
     p.add_argument("--markdown", default="BENCHMARKS.md")
     p.add_argument("--only", default="", help="';'-separated row labels to run (default all)")
@@ -381,7 +403,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="dtype of the perplexity and zero-shot evaluation (quantization runs in fp32)",
     )
     p.add_argument("--merge", default="", help="comma-separated result JSONs added to the tables")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep WORK/<row key>/")
     p.add_argument("--table-only", action="store_true", help="only rewrite the tables")
     return p.parse_args(argv)
 
