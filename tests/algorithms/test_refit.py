@@ -79,5 +79,6 @@ def test_plan_splits_groups_into_blocks():
     assert spec.group_sizes == (36, 36, 28, 36, 36, 28)
     auto = plain_config(bits=2, groups=1, uniform_bits=True, codebook_overhead=2.0)
     spec, _ = make_plan(W, None, auto)  # 2 x 64-entry x 3-dim fp16 books = 6144 bits per block
-    assert spec.group_sizes == (54, 54, 48, 44)  # 4 = 64 * 200 * 2.0 // 6144 blocks of whole
-    # vectors (34 vectors: 9, 9, 8, 8), the last one ragged
+    # 4 = 64 * 200 * 2.0 // 6144 blocks of 48 columns (8 vectors of two 6-bit codes: 3 words),
+    # the last one also taking the 8 columns left over
+    assert spec.group_sizes == (48, 48, 48, 56)

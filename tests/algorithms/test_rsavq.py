@@ -148,3 +148,20 @@ def test_compensation_needs_its_hessian():
         quantize_layer(W, None, RSAVQConfig(compensation=Compensation.HESSIAN, lam=0))
     with pytest.raises(UsageError, match="input channels"):
         RSAVQConfig(compensation=Compensation.FISHER, channel_axis=ChannelAxis.OUTPUT)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_default_stored_bits_fit_the_widths_on_smollm2_shapes(bits):
+    """Everything stored (codes, per-block codebooks, scales, permutation) <= bits + 0.15 over a
+    SmolLM2-135M decoder block's seven linears (out x in)."""
+    from rsavq.algorithms.rsavq import split_blocks
+    from rsavq.config import LayerSpec, preset
+
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    config = preset("default", bits)
+    stored = 0
+    for m, n in shapes:
+        sizes, group_bits = split_blocks([n], [bits], m, config)
+        spec = LayerSpec(n, m, tuple(sizes), tuple(group_bits), config.vector_length, 1)
+        stored += layer_bits(LayerSpec(**{**spec.to_dict(), "row_scales": True}))
+    assert stored / sum(m * n for m, n in shapes) <= bits + 0.15

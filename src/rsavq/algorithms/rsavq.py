@@ -161,14 +161,18 @@ def split_blocks(sizes, bits, rows: int, config: RSAVQConfig) -> tuple[list[int]
     """Cut every channel group into blocks of columns that get codebooks of their own.
 
     `block_size` columns each (the last block takes the rest), or, with `block_size` 0 and a
-    `codebook_overhead`, as many equal blocks (in whole vectors) as keep the codebooks near that
-    many bits per weight; at least one block per group."""
+    `codebook_overhead`, as many equal blocks as keep the codebooks near that many bits per
+    weight; at least one block per group. Automatic blocks are cut in whole vectors whose codes
+    fill whole 32-bit words, since each row of each block is packed into words of its own (so
+    only a group's last block pads its rows)."""
     v, out_sizes, out_bits = config.vector_length, [], []
     for size, b in zip(sizes, bits, strict=True):
         if config.block_size:
             parts = [min(config.block_size, size - s) for s in range(0, size, config.block_size)]
         else:
-            parts = _even_blocks(size, _auto_blocks(size, rows, b, config), v)
+            codes = 32 // math.gcd(32, b * config.sub_dim)  # codes that fill whole words
+            quantum = v * (codes // math.gcd(codes, config.sub_vectors))
+            parts = _even_blocks(size, _auto_blocks(size, rows, b, config), quantum)
         out_sizes += parts
         out_bits += [b] * len(parts)
     return out_sizes, out_bits
@@ -181,12 +185,14 @@ def _auto_blocks(size: int, rows: int, b: int, config: RSAVQConfig) -> int:
     return max(1, int(size * rows * config.codebook_overhead // book))
 
 
-def _even_blocks(size: int, blocks: int, v: int) -> list[int]:
-    vectors = math.ceil(size / v)
-    blocks = max(1, min(blocks, vectors))
-    q, r = divmod(vectors, blocks)
-    parts = [(q + (i < r)) * v for i in range(blocks)]
-    parts[-1] -= sum(parts) - size  # the last block is ragged when size is not whole vectors
+def _even_blocks(size: int, blocks: int, quantum: int) -> list[int]:
+    """`blocks` near-equal blocks of whole `quantum`s of columns; the last one also takes the
+    columns left over (so no block is smaller than a quantum unless the group is)."""
+    units = size // quantum
+    blocks = max(1, min(blocks, units))
+    q, r = divmod(units, blocks)
+    parts = [(q + (i < r)) * quantum for i in range(blocks)]
+    parts[-1] += size - sum(parts)
     return parts
 
 
