@@ -1,4 +1,4 @@
-"""The quality table of EVALUATION.md on SmolLM2-135M, resumable, and its BENCHMARKS.md tables.
+"""The quality tables of BENCHMARKS.md on SmolLM2-135M, resumable, and its BENCHMARKS.md tables.
 
     python benchmarks/quality.py --sections main                   # headline rows, all 148 windows
     python benchmarks/quality.py --sections buildup,rsavq --bits 2,3 --windows 16 \

@@ -23,7 +23,7 @@ class GroupPlan:
 
 
 def channel_bits(sensitivity: torch.Tensor, avg_bits: float, rule: Allocation) -> torch.Tensor:
-    """Fractional per-channel bits `[C]` from sensitivities `I_c` (ALGORITHM.md section 2)."""
+    """Fractional per-channel bits `[C]` from sensitivities `I_c` (docs/method.md section 2)."""
     I = sensitivity.double().clamp_min(0)
     if rule == Allocation.PAPER:
         logs = torch.log2(I + 1)

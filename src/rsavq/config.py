@@ -36,7 +36,7 @@ class LambdaMode(str, Enum):
 
 
 class EdsgSign(str, Enum):
-    DESCENT = "descent"  # T = W - lambda * ng (ALGORITHM.md section 3)
+    DESCENT = "descent"  # T = W - lambda * ng (docs/method.md section 3)
     PAPER = "paper"  # T = W + lambda * ng: the paper's literal sign, for the sign test only
 
 
@@ -68,7 +68,7 @@ class ChannelAxis(str, Enum):
 
 @dataclass(frozen=True)
 class RSAVQConfig:
-    """Everything that defines an RSAVQ quantization run (ALGORITHM.md sections 2-4)."""
+    """Everything that defines an RSAVQ quantization run (docs/method.md sections 2-7)."""
 
     bits: float = 2.0  # average code bits per weight; fractional budgets allowed
     vector_length: int = 0  # 0: by bits (`default_vector_length`)

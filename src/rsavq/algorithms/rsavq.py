@@ -1,4 +1,4 @@
-"""RSAVQ for one linear layer (ALGORITHM.md sections 2-4), as pure functions on tensors.
+"""RSAVQ for one linear layer (docs/method.md sections 2-6), as pure functions on tensors.
 
 sensitivity -> sorted groups with bits (exact budget) -> blocks of columns sharing codebooks
 -> EDSG target `T = W - lambda * ng` -> per-row scales -> per block: Hessian-weighted k-means on

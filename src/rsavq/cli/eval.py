@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
         "eval",
         help="evaluate a model's perplexity and zero-shot accuracy",
         description="Perplexity over non-overlapping windows, and zero-shot accuracy through "
-        "lm-eval-harness (EVALUATION.md).",
+        "lm-eval-harness (README: Evaluation protocol).",
     )
     add_model_args(p)
     add_backend_arg(p)

@@ -1,6 +1,6 @@
 """Fisher statistics: Kronecker-factored empirical Fisher and mean gradient per linear layer.
 
-Glossary (ALGORITHM.md section 1), for a layer `y = x W^T`, `W` `[m, n]`:
+Glossary (docs/method.md section 1), for a layer `y = x W^T`, `W` `[m, n]`:
 - `G_s` `[m, n]`: gradient of sequence s's mean next-token loss w.r.t. `W`.
 - `F_O` `[m, m]` = mean_s G_s G_s^T (or only its diagonal `[m]` in the diagonal-output mode).
 - `F_I` `[n, n]` = mean_s G_s^T G_s.

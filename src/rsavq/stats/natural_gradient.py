@@ -1,4 +1,4 @@
-"""Damped Kronecker-factored Fisher algebra used by the quantizer (ALGORITHM.md sections 1-3).
+"""Damped Kronecker-factored Fisher algebra used by the quantizer (docs/method.md sections 1-3).
 
 The layer's Fisher is `F = (F_O (x) F_I) / sq_norm`, so that `trace(F) = sq_norm`, the trace of
 the diagonal empirical Fisher. Hence `F^-1 vec(g) = sq_norm * vec(F_O^-1 g F_I^-1)`. Factors are
