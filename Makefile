@@ -24,10 +24,10 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q
 
-# The main job on the built-in default: quantize the bundled SmolLM2-135M to 3 bits (Fisher
-# statistics from 64 x 512 C4 tokens, cached for reuse), then FP vs quantized WikiText-2
-# perplexity on the first 8 windows of 2048 tokens. Rewrites runs/demo-smollm2-3bit.
-# (At 2 bits every method measured collapses on this 135M model: BENCHMARKS.md.)
+# The main job on the built-in default: quantize the bundled SmolLM2-135M to 3 bits with the
+# default preset (Fisher statistics from 64 x 512 C4 tokens, cached for reuse; input Hessians from
+# the same windows, block by block), then FP vs quantized WikiText-2 perplexity on the first 8
+# windows of 2048 tokens. Rewrites runs/demo-smollm2-3bit.
 DEMO_OUT ?= runs/demo-smollm2-3bit
 demo: setup
 	rm -rf $(DEMO_OUT)
