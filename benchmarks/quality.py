@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +242,9 @@ class Runner:
         return {
             "bits_per_weight": summary["bits_per_weight"],
             "layer_seconds": summary["seconds"],
+            "layers": summary["layers"],
             "wall_seconds": wall,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "median_relative_error": errors[len(errors) // 2],
         }
 
@@ -299,6 +302,15 @@ def _zs(row: dict, task: str) -> str:
     return "-" if task not in values else f"{100 * values[task]:.1f}"
 
 
+def _time(row: dict) -> str:
+    """Wall time of the whole quantization; per layer and the process's peak RSS when known."""
+    text = f"{row['wall_seconds']:.0f} s"
+    if "layers" in row:
+        text += f" ({row['layer_seconds'] / row['layers']:.1f} s/layer"
+        text += f", peak {row['peak_rss_gib']:.1f} GiB)" if "peak_rss_gib" in row else ")"
+    return text
+
+
 def _settings_line(rows: list[dict]) -> str:
     s = rows[0]["settings"]
     windows = rows[0]["wikitext2"]["windows"]
@@ -326,7 +338,7 @@ def main_table(rows: list[dict]) -> str:
     lines = [_settings_line(main), "", head, "|" + "---|" * (len(TASKS) + 6)]
     for r in main:
         bpw = "32 (fp32)" if r["bits"] is None else f"{r['bits_per_weight']:.3f}"
-        secs = "-" if r["bits"] is None else f"{r['wall_seconds']:.0f} s"
+        secs = "-" if r["bits"] is None else _time(r)
         zs = " | ".join(_zs(r, t) for t in TASKS)
         ppl = _fmt_ppl(r["wikitext2"]["ppl"])
         lines.append(
@@ -353,7 +365,7 @@ def ablation_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['section']} | {r['bits']} | {r['label']} | {r['bits_per_weight']:.3f} | "
             f"{_fmt_ppl(r['wikitext2']['ppl'])} | {r['median_relative_error']:.3f} | "
-            f"{r['wall_seconds']:.0f} s |"
+            f"{_time(r)} |"
         )
     return "\n".join(lines)
 
