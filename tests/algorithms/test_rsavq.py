@@ -5,7 +5,7 @@ import torch
 
 from helpers import plain_config
 from rsavq.algorithms.metrics import first_order_term
-from rsavq.algorithms.rsavq import layer_bits, quantize_layer
+from rsavq.algorithms.rsavq import layer_bits, make_plan, quantize_layer
 from rsavq.config import ChannelAxis, Compensation, EdsgSign, RSAVQConfig
 from rsavq.errors import UsageError
 from rsavq.kernels import dequantize
@@ -165,3 +165,16 @@ def test_default_stored_bits_fit_the_widths_on_smollm2_shapes(bits):
         spec = LayerSpec(n, m, tuple(sizes), tuple(group_bits), config.vector_length, 1)
         stored += layer_bits(LayerSpec(**{**spec.to_dict(), "row_scales": True}))
     assert stored / sum(m * n for m, n in shapes) <= bits + 0.15
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_code_budget_holds_with_blocks(bits):
+    """`--budget codes`: the code bits of every block together stay within `bits` per weight
+    (one WCSG group with many blocks must not be priced as its first block only)."""
+    from rsavq.config import preset
+
+    spec, _ = make_plan(random_weight(1536, 576), None, preset("default", bits))
+    assert len(spec.group_sizes) > 1
+    sizes, group_bits = spec.group_sizes, spec.group_bits
+    assert sum(1536 * n * b for n, b in zip(sizes, group_bits, strict=True)) <= bits * 1536 * 576
+    assert set(spec.group_bits) == {bits}

@@ -127,10 +127,9 @@ def make_plan(
         )
 
     def cost(bits) -> float:
-        spec = spec_for(*split_blocks(sizes, bits, rows, config))
         if config.budget_includes_overhead:
-            return layer_bits(spec)
-        return sum(spec.block_shape(g)[0] * spec.block_shape(g)[1] * b for g, b in enumerate(bits))
+            return layer_bits(spec_for(*split_blocks(sizes, bits, rows, config)))
+        return sum(size * rows * b for size, b in zip(sizes, bits, strict=True))
 
     rows = m if axis == ChannelAxis.INPUT else n
     sizes = split_sizes(channels, config.groups)
