@@ -107,9 +107,11 @@ def rsavq_rows(bits: int) -> list[Row]:
 
 
 def vector_rows(bits: int) -> list[Row]:
+    """Vector lengths whose codebooks stay affordable at this width (<= 4096 entries)."""
+    lengths = [v for v in (1, 2, 3, 4) if bits * v <= 12]
     return [
         Row("vector", f"vector length {v}", bits, preset("default", bits, vector_length=v))
-        for v in (2, 3, 4)
+        for v in lengths
     ]
 
 
