@@ -325,13 +325,21 @@ def _settings_line(rows: list[dict]) -> str:
 
 
 def main_table(rows: list[dict]) -> str:
+    """One table per evaluation protocol (windows, dtype, tasks), headline protocol first."""
+    main = [r for r in rows if r["section"] == "main"]
+    protocols: dict[str, list[dict]] = {}
+    for r in main:
+        protocols.setdefault(_settings_line([r]), []).append(r)
+    tables = sorted(protocols.values(), key=lambda rs: -rs[0]["wikitext2"]["windows"])
+    return "\n\n".join(_main_table(rs) for rs in tables)
+
+
+def _main_table(main: list[dict]) -> str:
     order = ["FP"] + [r.label for r in main_rows(2)]
     main = sorted(
-        (r for r in rows if r["section"] == "main"),
+        main,
         key=lambda r: (r["bits"] or 0, order.index(r["label"]) if r["label"] in order else 99),
     )
-    if not main:
-        return ""
     head = (
         "| bits | method | bits/weight | WikiText-2 PPL | "
         + " | ".join(TASKS)
