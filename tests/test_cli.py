@@ -134,6 +134,27 @@ def test_quantize_baselines(tiny_model_dir, text_file, tmp_path, capsys, method)
     assert ("quantization_config" in config) == (method == "kmeans")
 
 
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--preset", "paper"], {"groups": 4, "vector_length": 6, "compensation": "none"}),
+        (["--one-pass", "--lambda", "0"], {"sequential": False, "lam": 0.0, "refit": True}),
+        (["--no-refit", "--block-size", "8"], {"refit": False, "block_size": 8}),
+    ],
+)
+def test_quantize_presets_and_overrides(
+    tiny_model_dir, text_file, tmp_path, capsys, extra, expected
+):
+    out = tmp_path / "q"
+    args = ["quantize", "--model", str(tiny_model_dir), "--bits", "2", "--out", str(out)]
+    args += ["--calib", str(text_file), "--nsamples", "3", "--seqlen", "32", "--kmeans-iters", "2"]
+    assert main([*args, *extra]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]["config"]
+    assert {k: config[k] for k in expected} == expected
+    printed = capsys.readouterr().out
+    assert ("in one pass over the FP model" in printed) == ("--one-pass" in extra)
+
+
 def test_quantize_fractional_bits_for_scalar_refused(tiny_model_dir, tmp_path, capsys):
     args = ["quantize", "--model", str(tiny_model_dir), "--bits", "2.5", "--method", "rtn"]
     assert main([*args, "--out", str(tmp_path / "q")]) == 2
