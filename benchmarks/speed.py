@@ -36,7 +36,7 @@ from rsavq.nn import VQLinear
 from rsavq.packing import pack
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (11008, 4096)]
-TABLES = "benchmarks/results/speed.json,benchmarks/results/speed-1thread.json"
+TABLES = "benchmarks/results/speed-1thread.json"  # speed.json: 2 threads, format 1 (history)
 
 
 def random_vqlinear(n: int, m: int, bits: int, groups: int = 1, seed: int = 0) -> VQLinear:
@@ -260,7 +260,8 @@ def render(results: list[dict]) -> str:
     parts = []
     for result in results:
         parts += [
-            f"#### {result['threads']} thread(s), {result.get('groups', 4)} group(s) per layer",
+            f"#### {result['threads']} thread(s), {result.get('groups', 4)} WCSG group(s) per "
+            f"layer, {result.get('format', 'format 1: vectors of 6 as 2 sub-vectors of 3')}",
             "",
             layer_table(result["layers"]),
             "",
@@ -309,6 +310,7 @@ def main(argv=None) -> None:
     result = {
         "threads": args.threads,
         "groups": args.groups,
+        "format": "format 2: the default's vectors, blocks and row scales",
         "torch": torch.__version__,
         "layers": layer_rows(bits, [int(t) for t in args.tokens.split(",")], args.groups),
         "models": [

@@ -60,7 +60,7 @@ def test_tables_from_cached_json(tmp_path):
     load_speed().main(["--table-only", "--tables", str(path), "--markdown", str(md)])
     text = md.read_text()
     assert "old" not in text and text.endswith("<!-- speed:end -->\n\n## Next\n")
-    assert "#### 2 thread(s), 1 group(s) per layer" in text
+    assert "#### 2 thread(s), 1 WCSG group(s) per layer" in text
     row = "| 4096x4096 | 2 | 4.00 / 2.00 ms | **2.00** | 150 | 180.00 / 240.00 ms | **0.75** |"
     assert row in text
     assert "| 576x1536 | 3 | 0.30 / 0.60 ms | **0.50** | 10 | - | - |" in text
