@@ -96,18 +96,16 @@ def _complete(stats) -> bool:
 
 
 def _fisher(model, tokenizer, corpus, calibration, stats, model_id, config, progress):
+    """The Fisher statistics the config needs: given, reused when complete, else collected."""
     if not config.needs_stats:
         return None
     if isinstance(stats, FisherStats):
         return stats
-    if _complete(stats):
-        logger.info("reusing Fisher statistics in %s", stats)
-        return load_stats(stats)
-    spec = calibration.spec(corpus)
-    root = Path(stats) if stats is not None else default_stats_dir(model, spec)
+    root = Path(stats) if stats is not None else default_stats_dir(model, calibration.spec(corpus))
     if (root / MANIFEST).exists():
         logger.info("reusing Fisher statistics in %s", root)
         return load_stats(root)
     logger.info("collecting Fisher statistics into %s", root)
     options = CollectOptions(checkpoint_every=16, progress=progress)
+    spec = calibration.spec(corpus)
     return collect_model_stats(model, tokenizer, model_id, corpus, spec, root, options, config.skip)

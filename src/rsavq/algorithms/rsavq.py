@@ -308,6 +308,8 @@ def quantize_layer(
     `hessian` (`X^T X`, `[n, n]`) is needed for compensation 'hessian', refit and the Hessian
     channel order.
     """
+    if config.refit and hessian is None:
+        raise UsageError("refit needs input Hessians (X^T X) from calibration")
     W = W.detach().float().cpu()
     spec, perm = make_plan(W, stats, config, bias is not None, hessian)
     T, step = edsg_target(W, stats, config)
@@ -331,8 +333,6 @@ def quantize_layer(
         groups = quantize_compensated(T_unit, metric, H, spec, perm, config, generator)
     books, codes = [b for b, _ in groups], [c for _, c in groups]
     if config.refit:
-        if hessian is None:
-            raise UsageError("refit needs input Hessians (X^T X) from calibration")
         order = perm.long()
         H = damped(hessian[order][:, order], config.damping)
         books, scales = refit(T[:, order], H, codes, books, scales, spec)
