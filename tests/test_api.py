@@ -36,3 +36,44 @@ def test_without_out_nothing_is_left_behind(tiny_tokenizer, text_file):
 def test_calibrating_configurations_need_a_tokenizer():
     with pytest.raises(rsavq.UsageError, match="pass tokenizer="):
         rsavq.quantize(build_tiny_llama(64), rsavq.preset("default", bits=2))
+
+
+def readme_library_example() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Library") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```", start)]
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch, tiny_tokenizer, text_file):
+    """The README's code as written, on a tiny model and a small local calibration text."""
+    model = build_tiny_llama(len(tiny_tokenizer))
+    real = rsavq.Calibration
+    small = lambda *a, **k: real(str(text_file), nsamples=4, seqlen=16)  # noqa: E731
+    monkeypatch.setattr(rsavq, "load_model", lambda name: (model, tiny_tokenizer))
+    monkeypatch.setattr(rsavq, "Calibration", small)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(readme_library_example(), "README.md", "exec"), namespace)
+    assert (tmp_path / "q3" / "config.json").exists()
+    assert type(namespace["model"].model.layers[0].mlp.down_proj).__name__ == "VQLinear"
+
+
+def test_save_dtype_stores_unquantized_tensors_smaller_and_loads_what_ran(tmp_path):
+    from safetensors import safe_open
+
+    model = build_tiny_llama(64)
+    config = rsavq.preset("kmeans", bits=2, kmeans_iters=2)
+    rsavq.quantize(model, config, out=tmp_path / "q", save_dtype=torch.bfloat16)
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+    assert dtypes["model.embed_tokens.weight"] == "BF16"
+    assert dtypes["model.norm.weight"] == "BF16"
+    assert dtypes["model.layers.0.mlp.down_proj.codebooks_0"] == "F16"
+    loaded = rsavq.load_quantized(tmp_path / "q")  # computes in the config's fp32 again
+    assert loaded.model.embed_tokens.weight.dtype == torch.float32
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

@@ -124,7 +124,8 @@ def test_quantize_baselines(tiny_model_dir, text_file, tmp_path, capsys, method)
     out = tmp_path / method
     args = ["quantize", "--model", str(tiny_model_dir), "--bits", "3", "--method", method]
     args += ["--calib", str(text_file), "--nsamples", "3", "--seqlen", "32", "--out", str(out)]
-    assert main([*args, "--group-size", "16", "--kmeans-iters", "2"]) == 0
+    extra = ["--kmeans-iters", "2"] if method == "kmeans" else ["--group-size", "16"]
+    assert main([*args, *extra]) == 0
     printed = capsys.readouterr().out
     assert ("input Hessians from" in printed) == (method == "gptq")
     assert "collecting Fisher" not in printed  # no baseline needs Fisher statistics
@@ -132,6 +133,13 @@ def test_quantize_baselines(tiny_model_dir, text_file, tmp_path, capsys, method)
     assert report["summary"]["bits_per_weight"] > 3
     config = json.loads((out / "config.json").read_text())
     assert ("quantization_config" in config) == (method == "kmeans")
+
+
+def test_option_of_another_method_is_refused(tiny_model_dir, tmp_path, capsys):
+    args = ["quantize", "--model", str(tiny_model_dir), "--bits", "3", "--method", "gptq"]
+    assert main([*args, "--lambda", "0.1", "--out", str(tmp_path / "q")]) == 2
+    assert "lam: not an option of method gptq" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
 
 
 @pytest.mark.parametrize(
@@ -158,7 +166,7 @@ def test_quantize_presets_and_overrides(
 def test_quantize_fractional_bits_for_scalar_refused(tiny_model_dir, tmp_path, capsys):
     args = ["quantize", "--model", str(tiny_model_dir), "--bits", "2.5", "--method", "rtn"]
     assert main([*args, "--out", str(tmp_path / "q")]) == 2
-    assert "needs whole --bits" in capsys.readouterr().err
+    assert "needs whole bits" in capsys.readouterr().err
 
 
 def test_eval_zero_shot_task_file(tiny_model_dir, tmp_path, capsys):

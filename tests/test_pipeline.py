@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rsavq.pipeline as pipeline
+import rsavq.methods as methods
 from helpers import build_tiny_llama, plain_config
 from rsavq.config import Compensation, ScalarConfig, preset
 from rsavq.errors import UsageError
@@ -86,7 +86,7 @@ def test_resume_after_interruption_gives_the_same_checkpoint(
     tmp_path, stats_dir, monkeypatch, config
 ):
     quantize(tmp_path / "full", stats_dir, config)
-    original, calls = pipeline.quantize_layer, []
+    original, calls = methods.quantize_layer, []
 
     def dies_on_fifth(*args, **kwargs):
         calls.append(1)
@@ -94,11 +94,11 @@ def test_resume_after_interruption_gives_the_same_checkpoint(
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "quantize_layer", dies_on_fifth)
+    monkeypatch.setattr(methods, "quantize_layer", dies_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         quantize(tmp_path / "resumed", stats_dir, config)
-    assert len(list((tmp_path / "resumed" / ".partial" / "layers").iterdir())) == 4
-    monkeypatch.setattr(pipeline, "quantize_layer", original)
+    assert len(list((tmp_path / "resumed" / ".partial" / "items").iterdir())) == 4
+    monkeypatch.setattr(methods, "quantize_layer", original)
     quantize(tmp_path / "resumed", stats_dir, config)
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))

@@ -15,11 +15,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from rsavq.config import RSAVQConfig, ScalarConfig, preset
 from rsavq.data import Corpus, calibration_windows, load_corpus
 from rsavq.errors import UsageError
+from rsavq.methods import FISHER, HESSIAN, method_for
 from rsavq.pipeline import LayerRecord, quantize_model
 from rsavq.stats.artifact import MANIFEST, FisherStats, load_stats
 from rsavq.stats.collect import CollectOptions
@@ -58,6 +60,7 @@ def quantize(
     stats: str | Path | FisherStats | None = None,
     model_id: str = "model",
     progress: bool = True,
+    save_dtype: torch.dtype | None = None,
 ) -> list[LayerRecord]:
     """Quantize `model` in place (its linears become `VQLinear`s) and write the checkpoint to
     `out` (a temporary directory, removed afterwards, when `out` is None).
@@ -66,27 +69,33 @@ def quantize(
     collected from `calibration` unless `stats` gives them (a directory is reused when complete,
     filled otherwise; by default a cache entry keyed by model and calibration); the input Hessians
     come from the same calibration windows, block by block. `tokenizer` is needed whenever
-    calibration text must be tokenized. Returns the per-layer records of the report."""
+    calibration text must be tokenized. `save_dtype` (e.g. `torch.bfloat16`) stores the
+    unquantized tensors (embeddings, norms) in that dtype and rounds the model's copies to match.
+    Returns the per-layer records of the report."""
     config = config or preset("default", 3)
     calibration = calibration or Calibration()
-    needs_text = config.needs_hessian or (config.needs_stats and not _complete(stats))
+    needs = method_for(config).needs(config)
+    needs_text = HESSIAN in needs or (FISHER in needs and not _complete(stats))
     if needs_text and tokenizer is None:
         raise UsageError("this configuration calibrates on text: pass tokenizer=")
     corpus = calibration.corpus() if needs_text else None
-    fisher = _fisher(model, tokenizer, corpus, calibration, stats, model_id, config, progress)
+    fisher = None
+    if FISHER in needs:
+        fisher = _fisher(model, tokenizer, corpus, calibration, stats, model_id, config, progress)
     windows = None
-    if config.needs_hessian:
+    if HESSIAN in needs:
         c = calibration
         windows = calibration_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed)
     identity = {"source": corpus.name, "nsamples": calibration.nsamples} if corpus else None
     if identity:
         identity.update(seqlen=calibration.seqlen, seed=calibration.seed)
+    run = lambda path: quantize_model(  # noqa: E731
+        model, config, fisher, path, tokenizer, progress, windows, identity, save_dtype
+    )
     if out is not None:
-        return quantize_model(model, config, fisher, out, tokenizer, progress, windows, identity)
+        return run(out)
     with tempfile.TemporaryDirectory() as tmp:
-        return quantize_model(
-            model, config, fisher, Path(tmp) / "q", tokenizer, progress, windows, identity
-        )
+        return run(Path(tmp) / "q")
 
 
 def _complete(stats) -> bool:
@@ -96,9 +105,7 @@ def _complete(stats) -> bool:
 
 
 def _fisher(model, tokenizer, corpus, calibration, stats, model_id, config, progress):
-    """The Fisher statistics the config needs: given, reused when complete, else collected."""
-    if not config.needs_stats:
-        return None
+    """The Fisher statistics: given, reused when complete, else collected."""
     if isinstance(stats, FisherStats):
         return stats
     root = Path(stats) if stats is not None else default_stats_dir(model, calibration.spec(corpus))

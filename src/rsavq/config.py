@@ -20,6 +20,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
+from typing import ClassVar
 
 from rsavq.errors import UsageError
 from rsavq.modules import DEFAULT_SKIP
@@ -70,6 +71,7 @@ class ChannelAxis(str, Enum):
 class RSAVQConfig:
     """Everything that defines an RSAVQ quantization run (docs/method.md sections 2-7)."""
 
+    method: ClassVar[str] = "rsavq"  # its entry in `rsavq.methods.METHODS`
     bits: float = 2.0  # average code bits per weight; fractional budgets allowed
     vector_length: int = 0  # 0: by bits (`default_vector_length`)
     sub_vectors: int = 1

@@ -1,35 +1,34 @@
 """Quantize a whole model layer by layer, resumably, and write the checkpoint and report.
 
-Work in progress lives in `OUT/.partial/`: `run.json` (what this run is) and one safetensors file
-per finished layer. A killed run resumes from there; the finished checkpoint replaces it.
+Work in progress lives in `OUT/.partial/`, a `rsavq.store.Store`: the run's identity and one item
+per finished layer. A killed run resumes from there; the finished checkpoint replaces it. The
+method comes from the registry (`rsavq.methods`): the pipeline only gathers the statistics it
+declares and handles its results through their common protocol.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from rsavq.algorithms.metrics import layer_metrics
-from rsavq.algorithms.rsavq import QuantizedLayer, quantize_layer
-from rsavq.algorithms.scalar import gptq, rtn, scalar_bits
-from rsavq.config import LayerSpec, RSAVQConfig, ScalarConfig
+from rsavq.config import RSAVQConfig, ScalarConfig
 from rsavq.errors import UsageError
 from rsavq.io import atomic_write, atomic_write_json
+from rsavq.methods import HESSIAN, Method, method_for
 from rsavq.modules import require_linears, weight_matrix
-from rsavq.serialization import quantization_config, save_quantized, set_module
+from rsavq.serialization import quantization_config, round_unquantized, save_quantized
 from rsavq.stats.artifact import FisherStats, config_hash
 from rsavq.stats.hessian import input_hessians
 from rsavq.stats.sequential import sequential_hessians
+from rsavq.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -49,25 +48,6 @@ class LayerRecord:
     seconds: float
 
 
-@dataclass
-class FakeQuantLayer:
-    """A scalar baseline's result: the dequantized weight and the bits its packed format takes."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    bits: int
-    spec = None  # no VQ spec: a plain checkpoint tensor
-
-    def stored_bits(self) -> int:
-        return self.bits
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight}
-
-    def dequantize(self) -> torch.Tensor:
-        return self.weight
-
-
 def quantize_model(
     model: nn.Module,
     config: RSAVQConfig | ScalarConfig,
@@ -77,6 +57,7 @@ def quantize_model(
     progress: bool = True,
     calibration: torch.Tensor | None = None,
     calibration_id: dict | None = None,
+    save_dtype: torch.dtype | None = None,
 ) -> list[LayerRecord]:
     """Quantize the model's linears and write the checkpoint to `out`.
 
@@ -85,92 +66,57 @@ def quantize_model(
     Methods that need input Hessians (`config.needs_hessian`) get them from the `calibration`
     token windows `[N, T]`: block by block from the already-quantized prefix when
     `config.sequential`, else in one pass over the FP model. `calibration_id` describes those
-    windows and joins the run's identity.
+    windows and joins the run's identity. `save_dtype` stores the unquantized tensors
+    (embeddings, norms, biases) in that dtype, and rounds them so in memory too.
     """
     out = Path(out)
     layers = require_linears(model, config.skip)
+    method = method_for(config)
+    needs = method.needs(config)
     if stats is not None:
         stats.check_model(model, layers)
-    if config.needs_hessian and calibration is None:
+    if HESSIAN in needs and calibration is None:
         raise UsageError("this method needs calibration windows for its input Hessians")
     run = {
         "config": config.to_dict(),
         "model_config_hash": config_hash(model.config),
         "stats": stats.manifest["calibration"] if stats else None,
-        "hessians": calibration_id if config.needs_hessian else None,
+        "hessians": calibration_id if HESSIAN in needs else None,
     }
-    work = _prepare(out, run)
+    store = _open_store(out, run)
     records, specs = [], {}
-    quantizer = _quantizer(config, stats)
     bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress)
-    for batch in _hessian_schedule(model, layers, config, calibration, work):
+    for batch in _hessian_schedule(model, layers, config, HESSIAN in needs, calibration, store):
         for name, hessian in batch.items():
             layer = layers[name]
-            quantized, record = _layer(name, layer, quantizer, hessian, stats, work)
-            _install(model, name, layer, quantized)
+            fisher = stats.layer(name) if stats is not None else None
+            result, record = _layer(name, layer, method, config, fisher, hessian, store)
+            result.install(model, name, layer)
             records.append(record)
-            if quantized.spec is not None:
-                specs[name] = quantized.spec
+            if result.spec() is not None:
+                specs[name] = result.spec()
             bar.update()
     bar.close()
     qconfig = quantization_config(config.to_dict(), specs) if specs else None
-    save_quantized(model, out, qconfig, tokenizer)
+    if save_dtype is not None:
+        round_unquantized(model, save_dtype)
+    save_quantized(model, out, qconfig, tokenizer, save_dtype)
     write_report(out, records)
-    shutil.rmtree(work, ignore_errors=True)
+    store.remove()
     return records
 
 
-def _install(model: nn.Module, name: str, layer: nn.Module, quantized) -> None:
-    """Put the result in the model: a `VQLinear` in the layer's place, or a scalar baseline's
-    dequantized weight into the layer itself (so `Conv1D` layers keep their layout)."""
-    weight = weight_matrix(layer)
-    if quantized.spec is None:
-        weight.data.copy_(quantized.weight.to(weight.dtype))
-    else:
-        set_module(model, name, quantized.module().to(weight.device, weight.dtype))
-
-
-def _hessian_schedule(model, layers, config, calibration, work: Path):
+def _hessian_schedule(model, layers, config, needed: bool, calibration, store: Store):
     """Batches `{name: H or None}` in model order (see `stats.sequential`)."""
-    if not config.needs_hessian:
+    if not needed:
         yield dict.fromkeys(layers)
         return
-    done = lambda name: _layer_path(work, name).exists()  # noqa: E731
     if config.sequential:
-        yield from sequential_hessians(model, layers, calibration, done)
+        yield from sequential_hessians(model, layers, calibration, store.has)
         return
-    todo = {n: m for n, m in layers.items() if not done(n)}
+    todo = {n: m for n, m in layers.items() if not store.has(n)}
     hessians = input_hessians(model, todo, calibration) if todo else {}
     yield {n: hessians.get(n) for n in layers}
-
-
-def _quantizer(config, stats: FisherStats | None):
-    """`(name, layer, hessian) -> (QuantizedLayer | FakeQuantLayer, EDSG step)` for the method."""
-    if isinstance(config, ScalarConfig):
-
-        def scalar(name, layer, hessian):
-            W = weight_matrix(layer).detach().float().cpu()
-            if config.method == "rtn":
-                W_hat = rtn(W, config.bits, config.group_size)
-            else:
-                W_hat = gptq(
-                    W, hessian, config.bits, config.group_size, config.act_order, config.damping
-                )
-            act_order = config.method == "gptq" and config.act_order
-            bits = scalar_bits(W.shape, config.bits, config.group_size, act_order)
-            return FakeQuantLayer(W_hat, _bias(layer), bits), 0.0
-
-        return scalar
-
-    def vq(name, layer, hessian):
-        layer_stats = stats.layer(name) if stats is not None else None
-        return quantize_layer(weight_matrix(layer), layer_stats, config, layer.bias, hessian)
-
-    return vq
-
-
-def _bias(layer: nn.Linear) -> torch.Tensor | None:
-    return None if layer.bias is None else layer.bias.detach().float().cpu()
 
 
 def check_output_dir(out: Path) -> None:
@@ -184,85 +130,44 @@ def check_output_dir(out: Path) -> None:
         raise UsageError(f"{out} is not empty and holds no rsavq work; choose another --out")
 
 
-def _prepare(out: Path, run: dict) -> Path:
-    """Check `out` holds nothing of another run; return the work directory."""
-    work = out / PARTIAL
+def _open_store(out: Path, run: dict) -> Store:
+    """The run's store in `out/.partial` (after checking `out` holds nothing of another run)."""
     check_output_dir(out)
-    if (work / "run.json").exists():
-        if json.loads((work / "run.json").read_text()) != json.loads(json.dumps(run)):
-            raise UsageError(
-                f"{out} holds an interrupted run with other settings; rerun it with "
-                "the same settings to resume, or choose another --out"
-            )
-        done = len(list((work / "layers").glob("*.safetensors")))
-        logger.info("resuming in %s: %d layers already quantized", out, done)
-    else:
-        atomic_write_json(work / "run.json", run)
-    return work
+    store = Store.open(
+        out / PARTIAL,
+        run,
+        refuse=f"{out} holds an interrupted run with other settings; rerun it with the same "
+        "settings to resume, or choose another --out",
+        fix=f"delete {out / PARTIAL} to start over",
+    )
+    if store.keys():
+        logger.info("resuming in %s: %d layers already quantized", out, len(store.keys()))
+    return store
 
 
-def _layer_path(work: Path, name: str) -> Path:
-    return work / "layers" / f"{name}.safetensors"
-
-
-def _layer(name, layer, quantizer, hessian, stats, work):
-    path = _layer_path(work, name)
-    if path.exists():
-        return _read_layer(path)
+def _layer(name, layer, method: Method, config, fisher, hessian, store: Store):
+    """One layer's result and report row: read back when the store has it, else computed and
+    stored."""
+    if store.has(name):
+        tensors, meta = store.get(name)
+        data = json.loads(meta["record"])
+        data["shape"], data["group_bits"] = tuple(data["shape"]), tuple(data["group_bits"])
+        return method.load(tensors, meta), LayerRecord(**data)
     start = time.perf_counter()
-    quantized, step = quantizer(name, layer, hessian)
-    W_hat = quantized.dequantize()
+    result, step = method.quantize(config, layer, fisher, hessian)
     W = weight_matrix(layer).detach().float().cpu()
-    layer_stats = stats.layer(name) if stats is not None else None
-    if quantized.spec is not None:
-        group_bits = quantized.spec.group_bits
-    else:
-        group_bits = (round(quantized.bits / W.numel()),)
     record = LayerRecord(
         name,
         tuple(W.shape),
-        group_bits,
-        quantized.stored_bits() / W.numel(),
+        tuple(result.group_bits),
+        result.stored_bits() / W.numel(),
         step,
-        layer_metrics(W, W_hat, layer_stats),
+        layer_metrics(W, result.dequantize(), fisher),
         time.perf_counter() - start,
     )
-    _write_layer(path, quantized, record)
-    return quantized, record
-
-
-def _write_layer(path: Path, quantized, record: LayerRecord) -> None:
-    tensors = {k: v.contiguous() for k, v in quantized.tensors().items()}
-    if quantized.bias is not None:
-        tensors["bias"] = quantized.bias.detach().contiguous().cpu()
-    meta = {"record": json.dumps(record.__dict__)}
-    if quantized.spec is not None:
-        meta["spec"] = json.dumps(quantized.spec.to_dict())
-    else:
-        meta["stored_bits"] = str(quantized.bits)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-
-def _read_layer(path: Path):
-    with safe_open(str(path), "pt") as handle:
-        meta = handle.metadata()
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    if "spec" in meta:
-        spec = LayerSpec.from_dict(json.loads(meta["spec"]))
-        groups = len(spec.group_bits)
-        quantized = QuantizedLayer(
-            spec,
-            tensors["perm"],
-            [tensors[f"codes_{g}"] for g in range(groups)],
-            [tensors[f"codebooks_{g}"] for g in range(groups)],
-            tensors.get("bias"),
-            tensors.get("scales"),
-        )
-    else:
-        quantized = FakeQuantLayer(tensors["weight"], tensors.get("bias"), int(meta["stored_bits"]))
-    data = json.loads(meta["record"])
-    data["shape"], data["group_bits"] = tuple(data["shape"]), tuple(data["group_bits"])
-    return quantized, LayerRecord(**data)
+    tensors, meta = result.state()
+    store.put(name, tensors, {**meta, "record": json.dumps(record.__dict__)})
+    return result, record
 
 
 def summarize(records: list[LayerRecord]) -> dict:

@@ -53,12 +53,47 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_quantized(model: nn.Module, out: Path, qconfig: dict | None, tokenizer=None) -> None:
+def quantized_tensor_names(model: nn.Module) -> set[str]:
+    """State-dict names of the quantization tensors (codes, codebooks, perm, scales)."""
+    return {
+        f"{name}.{buffer}"
+        for name, module in model.named_modules()
+        if isinstance(module, VQLinear)
+        for buffer, value in module.named_buffers(recurse=False)
+        if value is not None
+    }
+
+
+def round_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round every unquantized floating tensor (embeddings, norms, biases, skipped linears) to
+    `dtype`'s precision in place, keeping the model's compute dtype: the model in memory then
+    computes exactly what a checkpoint stored in `dtype` holds."""
+    skip = quantized_tensor_names(model)
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if name not in skip and tensor.is_floating_point():
+                tensor.data = tensor.data.to(dtype).to(tensor.dtype)
+
+
+def save_quantized(
+    model: nn.Module,
+    out: Path,
+    qconfig: dict | None,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write weights, then config.json (whose presence marks a complete checkpoint).
 
-    `qconfig=None` writes a plain checkpoint (the scalar baselines' dequantized weights)."""
+    `qconfig=None` writes a plain checkpoint (the scalar baselines' dequantized weights).
+    `dtype` stores the unquantized floating tensors in that dtype (default: as they are);
+    `config.json` keeps the model's compute dtype, which `load_quantized` restores."""
     out.mkdir(parents=True, exist_ok=True)
     state = unique_state_dict(model)
+    if dtype is not None:
+        skip = quantized_tensor_names(model)
+        for name, tensor in state.items():
+            if name not in skip and tensor.is_floating_point():
+                state[name] = tensor.to(dtype)
     meta = {"format": "pt", "rsavq_format_version": str(FORMAT_VERSION)}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata=meta))
     if tokenizer is not None:
@@ -101,7 +136,9 @@ def replace_linears(model: nn.Module, layers: dict[str, dict]) -> None:
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype=None):
-    """A ready transformers model from a quantized checkpoint directory (eval mode)."""
+    """A ready transformers model from a quantized checkpoint directory (eval mode), in `dtype`
+    (default: the compute dtype its config.json declares, else fp32; codebooks and scales stay
+    fp16)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -114,8 +151,9 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype=N
     replace_linears(model, qconfig["layers"])
     _load_tensors(model, path / WEIGHTS)
     model.config.quantization_config = qconfig
-    if dtype is not None:
-        model.to(dtype)
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = dtype or declared or torch.float32  # transformers' default when none is declared
+    model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return model.to(device).eval()
 
 

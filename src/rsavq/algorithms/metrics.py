@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rsavq.stats.accumulator import LayerFisher
+from rsavq.algorithms.natural_gradient import LayerFisher
 
 
 def relative_error(W: torch.Tensor, W_hat: torch.Tensor) -> float:

@@ -14,6 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from rsavq.algorithms.kmeans import assign, kmeans
+from rsavq.algorithms.natural_gradient import (
+    LayerFisher,
+    channel_sensitivity,
+    fisher_diag_weights,
+    natural_gradient,
+)
 from rsavq.algorithms.obs import inverse_cholesky, obs_quantize
 from rsavq.algorithms.refit import damped, refit
 from rsavq.allocation import plan_groups, split_sizes
@@ -29,12 +35,6 @@ from rsavq.config import (
 )
 from rsavq.errors import UsageError
 from rsavq.packing import pack, packed_words
-from rsavq.stats.accumulator import LayerFisher
-from rsavq.stats.natural_gradient import (
-    channel_sensitivity,
-    fisher_diag_weights,
-    natural_gradient,
-)
 
 CODEBOOK_BITS = 16  # fp16
 

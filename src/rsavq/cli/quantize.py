@@ -7,10 +7,9 @@ import time
 from pathlib import Path
 
 from rsavq.cli.common import add_model_args, positive_int
-from rsavq.errors import UsageError
 from rsavq.runtime import resolve_device, resolve_dtype
 
-METHODS = ("rsavq", "kmeans", "gptq", "rtn")
+METHODS = ("rsavq", "kmeans", "gptq", "rtn")  # rsavq.methods.METHODS, without importing it
 
 
 def add_parser(sub) -> None:
@@ -40,9 +39,24 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--preset", choices=PRESETS, default="default", help="rsavq configuration to start from"
     )
-    p.add_argument("--group-size", type=positive_int, default=128, help="gptq/rtn group size")
-    p.add_argument("--no-act-order", action="store_true", help="gptq: natural column order")
+    p.add_argument(
+        "--group-size", type=positive_int, default=None, help="gptq/rtn group size (128)"
+    )
+    p.add_argument(
+        "--no-act-order",
+        dest="act_order",
+        action="store_false",
+        default=None,
+        help="gptq: natural column order",
+    )
     p.add_argument("--out", required=True, help="checkpoint directory (new, or to resume)")
+    p.add_argument(
+        "--save-dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="dtype of the unquantized tensors in the checkpoint (embeddings, norms, biases); "
+        "default: the model's",
+    )
     p.add_argument(
         "--stats",
         default=None,
@@ -135,35 +149,26 @@ OVERRIDES = (
     "lam", "lambda_mode", "edsg_sign", "groups", "uniform_bits", "vector_length", "sub_vectors",
     "block_size", "codebook_overhead", "row_scales", "refit", "compensation", "order", "metric",
     "allocation", "channel_axis", "kmeans_iters", "kmeans_tol", "damping", "sequential",
+    "group_size", "act_order",
 )  # fmt: skip
 
 
 def _config_from_args(args: argparse.Namespace):
-    from rsavq.config import ScalarConfig, preset
+    from rsavq.methods import METHODS
 
-    skip = {"skip": tuple(p for p in args.skip.split(",") if p)} if args.skip is not None else {}
-    if args.method in ("gptq", "rtn"):
-        if args.bits != int(args.bits):
-            raise UsageError(f"--method {args.method} needs whole --bits, not {args.bits}")
-        damping = {} if args.damping is None else {"damping": args.damping}
-        sequential = {} if args.sequential is None else {"sequential": args.sequential}
-        return ScalarConfig(
-            args.method,
-            int(args.bits),
-            args.group_size,
-            not args.no_act_order,
-            **damping,
-            **skip,
-            **sequential,
-        )
     given = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    if args.skip is not None:
+        given["skip"] = tuple(p for p in args.skip.split(",") if p)
     if args.budget is not None:
         given["budget_includes_overhead"] = args.budget == "stored"
-    name = "kmeans" if args.method == "kmeans" else args.preset
-    return preset(name, args.bits, seed=args.seed, **skip, **given)
+    if args.method == "rsavq":
+        given["preset_name"] = args.preset
+    return METHODS[args.method].configure(args.bits, seed=args.seed, **given)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
     from rsavq.api import Calibration, quantize
     from rsavq.data import load_corpus
     from rsavq.models import load_model, resolve_model
@@ -188,6 +193,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         out=args.out,
         stats=args.stats,
         model_id=args.model,
+        save_dtype=getattr(torch, args.save_dtype) if args.save_dtype else None,
     )
     summary = summarize(records)
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))

@@ -2,31 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class LayerFisher:
-    """Fisher statistics of one layer (see the glossary in `rsavq.stats`)."""
-
-    F_O: torch.Tensor  # [m, m], or [m] when diag_output
-    F_I: torch.Tensor  # [n, n]
-    g: torch.Tensor  # [m, n]
-    sq_norm: float
-    count: int
-
-    @property
-    def diag_output(self) -> bool:
-        return self.F_O.dim() == 1
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.g.shape)
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"F_O": self.F_O, "F_I": self.F_I, "g": self.g}
+from rsavq.algorithms.natural_gradient import LayerFisher
 
 
 class FisherAccumulator:

@@ -3,7 +3,7 @@
 Layout of a stats directory:
     manifest.json            written last: its presence means the statistics are complete
     layers/<name>.safetensors   F_O, F_I, g (fp32); sq_norm and count in the metadata
-    checkpoint/              partial accumulators of an interrupted run (same layout), then removed
+    checkpoint/              an interrupted run's accumulators (`rsavq.store.Store`), then removed
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from rsavq import __version__
+from rsavq.algorithms.natural_gradient import LayerFisher
 from rsavq.errors import UsageError
-from rsavq.io import atomic_dir, atomic_write, atomic_write_json
+from rsavq.io import atomic_write_json
 from rsavq.modules import weight_shape
-from rsavq.stats.accumulator import FisherAccumulator, LayerFisher
+from rsavq.store import Store, read_item, write_item
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CHECKPOINT = "checkpoint"
+RECOLLECT = "delete the stats directory and recollect"
 VOLATILE_CONFIG_KEYS = {
     "_name_or_path",
     "transformers_version",
@@ -81,29 +81,22 @@ class FisherStats:
                 )
 
 
-def read_layer(path: Path, device="cpu") -> LayerFisher:
+def read_layer(path: Path, device="cpu", fix: str = RECOLLECT) -> LayerFisher:
+    tensors, meta = read_item(path, fix)
     try:
-        tensors = load_file(str(path), device=str(device))
-        with safe_open(str(path), "pt") as handle:
-            meta = handle.metadata()
         count, sq_norm = int(meta["count"]), float(meta["sq_norm"])
-    except (OSError, SafetensorError, KeyError, TypeError, ValueError) as exc:
-        raise UsageError(
-            f"statistics file {path} is missing or corrupt ({exc}); "
-            "delete the stats directory and recollect"
-        ) from exc
-    return LayerFisher(tensors["F_O"], tensors["F_I"], tensors["g"], sq_norm, count)
+        F_O, F_I, g = (tensors[k].to(device) for k in ("F_O", "F_I", "g"))
+    except (KeyError, ValueError) as exc:
+        raise UsageError(f"{path} lacks {exc}: it is corrupt; {fix}") from exc
+    return LayerFisher(F_O, F_I, g, sq_norm, count)
+
+
+def _item(stats: LayerFisher):
+    return stats.state(), {"sq_norm": repr(stats.sq_norm), "count": str(stats.count)}
 
 
 def write_layer(path: Path, stats: LayerFisher) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in stats.state().items()}
-    meta = {"sq_norm": repr(stats.sq_norm), "count": str(stats.count)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-
-def _write_layers(root: Path, accumulators: dict[str, FisherAccumulator]) -> None:
-    for name, acc in accumulators.items():
-        write_layer(root / "layers" / f"{name}.safetensors", acc.stats)
+    write_item(path, *_item(stats))
 
 
 def build_manifest(model, model_id: str, run: dict, accumulators) -> dict:
@@ -127,38 +120,39 @@ def build_manifest(model, model_id: str, run: dict, accumulators) -> dict:
 
 def save_stats(root: Path, manifest: dict, accumulators) -> FisherStats:
     """Write the finished statistics (layers first, manifest last) and drop any checkpoint."""
-    _write_layers(root, accumulators)
+    for name, acc in accumulators.items():
+        write_layer(root / "layers" / f"{name}.safetensors", acc.stats)
     atomic_write_json(root / MANIFEST, manifest)
     shutil.rmtree(root / CHECKPOINT, ignore_errors=True)
     return FisherStats(root, manifest)
 
 
+def _checkpoint(root: Path, manifest: dict) -> Store:
+    return Store.open(
+        root / CHECKPOINT,
+        run_key(manifest),
+        refuse=f"{root} holds a checkpoint of a different run (model, data or settings "
+        "differ); use another --out or delete it to start over",
+        fix=f"delete {root / CHECKPOINT} to start the collection over",
+    )
+
+
 def save_checkpoint(root: Path, manifest: dict, accumulators) -> None:
-    """Replace `root/checkpoint` with the current accumulators, in one rename."""
-
-    def fill(tmp: Path) -> None:
-        _write_layers(tmp, accumulators)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-    atomic_dir(root / CHECKPOINT, fill)
+    """Replace the checkpoint's accumulators with the current ones, all at once."""
+    items = {name: _item(acc.stats) for name, acc in accumulators.items()}
+    _checkpoint(root, manifest).put_all(items)
 
 
 def load_checkpoint(root: Path, manifest: dict, accumulators) -> int:
-    """Restore accumulators from `root/checkpoint` if it was made by the same run; return count."""
-    path = root / CHECKPOINT / MANIFEST
-    if not path.exists():
+    """Restore accumulators from the checkpoint if it was made by the same run; return count."""
+    store = _checkpoint(root, manifest)
+    if not store.keys():
         return 0
-    saved = json.loads(path.read_text())
-    if run_key(saved) != run_key(manifest):
-        raise UsageError(
-            f"{root} holds a checkpoint of a different run (model, data or "
-            "settings differ); use another --out or delete it to start over"
-        )
     for name, acc in accumulators.items():
-        acc.stats = read_layer(root / CHECKPOINT / "layers" / f"{name}.safetensors")
+        acc.stats = read_layer(store.path(name), fix=store.fix)
     counts = {acc.stats.count for acc in accumulators.values()}
     if len(counts) != 1:
-        raise UsageError(f"checkpoint in {root} is inconsistent; delete {root / CHECKPOINT}")
+        raise UsageError(f"checkpoint in {root} is inconsistent; {store.fix}")
     return counts.pop()
 
 

@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from rsavq.config import ChannelAxis
-from rsavq.stats.accumulator import LayerFisher
-from rsavq.stats.natural_gradient import (
+from rsavq.algorithms.natural_gradient import (
+    LayerFisher,
     channel_sensitivity,
     damped,
     fisher_diag_weights,
     natural_gradient,
 )
+from rsavq.config import ChannelAxis
 
 
 def random_stats(m=4, n=3, samples=6, seed=0, rank_deficient_output=False):

@@ -7,10 +7,33 @@ damped as `F + alpha * mean(diag(F)) * I` and solved with Cholesky, never invert
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from rsavq.config import ChannelAxis
-from rsavq.stats.accumulator import LayerFisher
+
+
+@dataclass
+class LayerFisher:
+    """Fisher statistics of one layer (see the glossary in `rsavq.stats`)."""
+
+    F_O: torch.Tensor  # [m, m], or [m] when diag_output
+    F_I: torch.Tensor  # [n, n]
+    g: torch.Tensor  # [m, n]
+    sq_norm: float
+    count: int
+
+    @property
+    def diag_output(self) -> bool:
+        return self.F_O.dim() == 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.g.shape)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"F_O": self.F_O, "F_I": self.F_I, "g": self.g}
 
 
 def damped(F: torch.Tensor, alpha: float) -> torch.Tensor:
