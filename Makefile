@@ -27,12 +27,12 @@ test: setup lint
 # The main job on the built-in default: quantize the bundled SmolLM2-135M to 3 bits with the
 # default preset (Fisher statistics from 64 x 512 C4 tokens, cached for reuse; input Hessians from
 # the same windows, block by block), then FP vs quantized WikiText-2 perplexity on the first 8
-# windows of 2048 tokens. Rewrites runs/demo-smollm2-3bit.
+# windows of 2048 tokens; embeddings and norms stored in bfloat16. Rewrites runs/demo-smollm2-3bit.
 DEMO_OUT ?= runs/demo-smollm2-3bit
 demo: setup
 	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/rsavq quantize --model smollm2-135m --bits 3 --calib c4 --nsamples 64 \
-		--seqlen 512 --out $(DEMO_OUT) --eval wikitext2 --eval-limit 8
+		--seqlen 512 --save-dtype bfloat16 --out $(DEMO_OUT) --eval wikitext2 --eval-limit 8
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

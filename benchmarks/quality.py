@@ -14,6 +14,7 @@ block on the already-quantized prefix unless a row says otherwise):
 - buildup, per width: k-means VQ, then one mechanism added per row up to the default;
 - rsavq, per width: the paper's parts on the default base: lambda, WCSG groups, channel order;
 - vector, per width: vector length (codebook size) at the default's codebook overhead;
+- finetune, per width: the default with block fine-tuning (`rsavq.finetune`) on top;
 - compensation (3 bits): the earlier OBS compensation (one codebook per layer, FP-model
   Hessians), then per-block codebooks, then sequential Hessians: why it hurt before.
 Each finished row is stored in the JSON under a key made of its configuration and the evaluation
@@ -38,10 +39,10 @@ import torch
 from rsavq.config import RSAVQConfig, ScalarConfig, preset
 from rsavq.data import calibration_windows, evaluation_windows, load_corpus
 from rsavq.eval import perplexity
+from rsavq.finetune import BlockTuning
 from rsavq.io import atomic_write_json, rewrite_block
 from rsavq.models import load_model
 from rsavq.pipeline import quantize_model, summarize
-from rsavq.serialization import load_quantized
 from rsavq.stats.collect import CollectOptions
 from rsavq.stats.run import CalibrationSpec, collect_model_stats, default_stats_dir
 
@@ -49,7 +50,7 @@ logger = logging.getLogger("quality")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande")
 ROW_FILE = "row.json"  # beside a kept checkpoint: its bits, times and errors
-SECTIONS = ("main", "buildup", "rsavq", "vector", "compensation")
+SECTIONS = ("main", "buildup", "rsavq", "vector", "compensation", "finetune")
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,18 @@ class Row:
     label: str
     bits: int | None  # None: FP
     config: RSAVQConfig | ScalarConfig | None
+    tuning: BlockTuning | None = None
 
     @property
     def config_dict(self) -> dict | None:
         return None if self.config is None else self.config.to_dict()
+
+    @property
+    def identity(self) -> dict:
+        """What the row's checkpoint depends on (tuning only when there is some, so rows
+        without it keep the keys they had)."""
+        extra = {"tuning": self.tuning.to_dict()} if self.tuning else {}
+        return {"config": self.config_dict, **extra}
 
 
 def main_rows(bits: int) -> list[Row]:
@@ -107,12 +116,22 @@ def rsavq_rows(bits: int) -> list[Row]:
 
 
 def vector_rows(bits: int) -> list[Row]:
-    """Vector lengths whose codebooks stay affordable at this width (<= 4096 entries)."""
+    """Vector lengths whose codebooks stay affordable at this width (<= 4096 entries), then
+    twice the default's codebook overhead (smaller blocks of columns per codebook)."""
     lengths = [v for v in (1, 2, 3, 4) if bits * v <= 12]
-    return [
+    rows = [
         Row("vector", f"vector length {v}", bits, preset("default", bits, vector_length=v))
         for v in lengths
     ]
+    overhead = preset("default", bits, codebook_overhead=0.08)
+    return [*rows, Row("vector", "codebook overhead 0.08 bits/weight", bits, overhead)]
+
+
+def finetune_rows(bits: int) -> list[Row]:
+    """The default, then block fine-tuning on top (issue "Quality II")."""
+    tuning = BlockTuning()
+    label = f"+ block fine-tuning ({tuning.epochs} epochs, lr {tuning.lr:g})"
+    return [Row("finetune", label, bits, preset("default", bits), tuning)]
 
 
 def compensation_rows(bits: int = 3) -> list[Row]:
@@ -135,6 +154,7 @@ SECTION_ROWS = {
     "buildup": buildup_rows,
     "rsavq": rsavq_rows,
     "vector": vector_rows,
+    "finetune": finetune_rows,
 }
 
 
@@ -149,7 +169,7 @@ def all_rows(widths: list[int], sections: set[str]) -> list[Row]:
 
 
 def row_key(row: Row, settings: dict) -> str:
-    blob = json.dumps({"config": row.config_dict, "settings": settings}, sort_keys=True)
+    blob = json.dumps({**row.identity, "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -190,7 +210,7 @@ class Runner:
         if row.config is None:
             model, _ = self._load()
         else:
-            model, numbers = self._quantized(row.config)
+            model, numbers = self._quantized(row)
             result.update(numbers)
         model.to(getattr(torch, self.args.eval_dtype))
         ppl = perplexity(model, self.windows, "wikitext2", progress=False)
@@ -209,23 +229,21 @@ class Runner:
             result["zero_shot"] = shots.to_dict()
         return result
 
-    def _quantized(self, config) -> tuple[torch.nn.Module, dict]:
+    def _quantized(self, row: Row) -> tuple[torch.nn.Module, dict]:
         """The row's quantized model and its numbers: quantized now, or loaded from the
         checkpoint an earlier run of the same configuration (other evaluation settings) kept."""
-        blob = json.dumps({"config": config.to_dict(), "calibration": str(self.calib_spec)})
+        blob = json.dumps({**row.identity, "calibration": str(self.calib_spec)})
         out = Path(self.args.work) / hashlib.sha256(blob.encode()).hexdigest()[:16]
         if (out / ROW_FILE).exists():
             logger.info("evaluating the checkpoint kept in %s", out)
             numbers = json.loads((out / ROW_FILE).read_text())
-            if isinstance(config, RSAVQConfig):
-                return load_quantized(out), numbers
-            return load_model(str(out))[0], numbers
+            return load_model(str(out))[0], numbers  # rsavq or plain checkpoint alike
         model, _ = self._load()
-        numbers = self._quantize(model, config, out)
+        numbers = self._quantize(model, row.config, out, row.tuning)
         atomic_write_json(out / ROW_FILE, numbers)
         return model, numbers
 
-    def _quantize(self, model, config, out: Path) -> dict:
+    def _quantize(self, model, config, out: Path, tuning: BlockTuning | None) -> dict:
         stats = self.stats(model) if config.needs_stats else None
         start = time.perf_counter()
         records = quantize_model(
@@ -237,6 +255,7 @@ class Runner:
             progress=False,
             calibration=self.calibration(),
             calibration_id={"spec": str(self.calib_spec)},
+            tuning=tuning,
         )
         wall = time.perf_counter() - start
         summary = summarize(records)

@@ -19,6 +19,7 @@ def _register_with_transformers() -> None:
 _register_with_transformers()
 
 __all__ = [
+    "BlockTuning",
     "Calibration",
     "DataError",
     "ModelNotFoundError",
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 _LAZY = {  # name -> module: imported on first use (no heavy import at start)
+    "BlockTuning": "rsavq.finetune",
     "Calibration": "rsavq.api",
     "quantize": "rsavq.api",
     "RSAVQConfig": "rsavq.config",

@@ -21,8 +21,9 @@ from torch import nn
 from rsavq.config import RSAVQConfig, ScalarConfig, preset
 from rsavq.data import Corpus, calibration_windows, load_corpus
 from rsavq.errors import UsageError
+from rsavq.finetune import BlockTuning
 from rsavq.methods import FISHER, HESSIAN, method_for
-from rsavq.pipeline import LayerRecord, quantize_model
+from rsavq.pipeline import LayerRecord, check_tuning, quantize_model
 from rsavq.stats.artifact import MANIFEST, FisherStats, load_stats
 from rsavq.stats.collect import CollectOptions
 from rsavq.stats.run import CalibrationSpec, collect_model_stats, default_stats_dir
@@ -61,6 +62,7 @@ def quantize(
     model_id: str = "model",
     progress: bool = True,
     save_dtype: torch.dtype | None = None,
+    finetune: BlockTuning | None = None,
 ) -> list[LayerRecord]:
     """Quantize `model` in place (its linears become `VQLinear`s) and write the checkpoint to
     `out` (a temporary directory, removed afterwards, when `out` is None).
@@ -71,10 +73,13 @@ def quantize(
     come from the same calibration windows, block by block. `tokenizer` is needed whenever
     calibration text must be tokenized. `save_dtype` (e.g. `torch.bfloat16`) stores the
     unquantized tensors (embeddings, norms) in that dtype and rounds the model's copies to match.
+    `finetune=rsavq.BlockTuning(...)` fine-tunes each decoder block once quantized.
     Returns the per-layer records of the report."""
     config = config or preset("default", 3)
     calibration = calibration or Calibration()
     needs = method_for(config).needs(config)
+    if finetune is not None:
+        check_tuning(config)  # before any statistics are collected
     needs_text = HESSIAN in needs or (FISHER in needs and not _complete(stats))
     if needs_text and tokenizer is None:
         raise UsageError("this configuration calibrates on text: pass tokenizer=")
@@ -90,7 +95,7 @@ def quantize(
     if identity:
         identity.update(seqlen=calibration.seqlen, seed=calibration.seed)
     run = lambda path: quantize_model(  # noqa: E731
-        model, config, fisher, path, tokenizer, progress, windows, identity, save_dtype
+        model, config, fisher, path, tokenizer, progress, windows, identity, save_dtype, finetune
     )
     if out is not None:
         return run(out)

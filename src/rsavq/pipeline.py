@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from rsavq.algorithms.metrics import layer_metrics
 from rsavq.config import RSAVQConfig, ScalarConfig
 from rsavq.errors import UsageError
+from rsavq.finetune import BlockTuning, tune_block, tuned_state
 from rsavq.io import atomic_write, atomic_write_json
 from rsavq.methods import HESSIAN, Method, method_for
 from rsavq.modules import require_linears, weight_matrix
@@ -58,6 +59,7 @@ def quantize_model(
     calibration: torch.Tensor | None = None,
     calibration_id: dict | None = None,
     save_dtype: torch.dtype | None = None,
+    tuning: BlockTuning | None = None,
 ) -> list[LayerRecord]:
     """Quantize the model's linears and write the checkpoint to `out`.
 
@@ -67,7 +69,8 @@ def quantize_model(
     token windows `[N, T]`: block by block from the already-quantized prefix when
     `config.sequential`, else in one pass over the FP model. `calibration_id` describes those
     windows and joins the run's identity. `save_dtype` stores the unquantized tensors
-    (embeddings, norms, biases) in that dtype, and rounds them so in memory too.
+    (embeddings, norms, biases) in that dtype, and rounds them so in memory too. `tuning`
+    fine-tunes each decoder block once quantized (`rsavq.finetune`; block-sequential VQ only).
     """
     out = Path(out)
     layers = require_linears(model, config.skip)
@@ -83,10 +86,15 @@ def quantize_model(
         "stats": stats.manifest["calibration"] if stats else None,
         "hessians": calibration_id if HESSIAN in needs else None,
     }
+    if tuning is not None:
+        check_tuning(config)
+        run["tuning"] = tuning.to_dict()
     store = _open_store(out, run)
-    records, specs = [], {}
+    records, specs, tuned = [], {}, []
     bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress)
-    for batch in _hessian_schedule(model, layers, config, HESSIAN in needs, calibration, store):
+    tune = _tuner(store, tuning, tuned, bar) if tuning is not None else None
+    schedule = _hessian_schedule(model, layers, config, HESSIAN in needs, calibration, store, tune)
+    for batch in schedule:
         for name, hessian in batch.items():
             layer = layers[name]
             fisher = stats.layer(name) if stats is not None else None
@@ -98,25 +106,58 @@ def quantize_model(
             bar.update()
     bar.close()
     qconfig = quantization_config(config.to_dict(), specs) if specs else None
+    if qconfig is not None and tuning is not None:
+        qconfig["finetune"] = {"block": tuning.to_dict()}
     if save_dtype is not None:
         round_unquantized(model, save_dtype)
     save_quantized(model, out, qconfig, tokenizer, save_dtype)
-    write_report(out, records)
+    write_report(out, records, tuned)
     store.remove()
     return records
 
 
-def _hessian_schedule(model, layers, config, needed: bool, calibration, store: Store):
+def _hessian_schedule(model, layers, config, needed: bool, calibration, store: Store, tune):
     """Batches `{name: H or None}` in model order (see `stats.sequential`)."""
     if not needed:
         yield dict.fromkeys(layers)
         return
     if config.sequential:
-        yield from sequential_hessians(model, layers, calibration, store.has)
+        yield from sequential_hessians(model, layers, calibration, store.has, tune)
         return
     todo = {n: m for n, m in layers.items() if not store.has(n)}
     hessians = input_hessians(model, todo, calibration) if todo else {}
     yield {n: hessians.get(n) for n in layers}
+
+
+def check_tuning(config) -> None:
+    """Refuse block fine-tuning where there is no block-sequential VQ pass to run it in."""
+    method = method_for(config)
+    if method.name != "rsavq" or HESSIAN not in method.needs(config) or not config.sequential:
+        raise UsageError(
+            "block fine-tuning runs inside the block-sequential pass of rsavq's VQ methods; "
+            "use --method rsavq without --one-pass, or --finetune none"
+        )
+
+
+def _tuner(store: Store, tuning: BlockTuning, tuned: list, bar):
+    """`tune(index, block, inputs, targets)`: fine-tunes a quantized block once; its tuned
+    tensors are a store item, so a resumed run loads them instead of training again."""
+
+    def tune(index, block, inputs, targets) -> None:
+        key = f"tuned-block-{index}"
+        if store.has(key):
+            tensors, meta = store.get(key)
+            block.load_state_dict(tensors, strict=False)
+        else:
+            bar.set_postfix_str(f"fine-tuning block {index}")
+            before, after = tune_block(block, inputs, targets, tuning, index)
+            meta = {"before": repr(before), "after": repr(after)}
+            store.put(key, tuned_state(block), meta)
+        tuned.append(
+            {"block": index, "before": float(meta["before"]), "after": float(meta["after"])}
+        )
+
+    return tune
 
 
 def check_output_dir(out: Path) -> None:
@@ -182,12 +223,13 @@ def summarize(records: list[LayerRecord]) -> dict:
     }
 
 
-def write_report(out: Path, records: list[LayerRecord]) -> None:
-    """`report.json`, a readable `report.md` table, and `bits.png` (when matplotlib is there)."""
-    atomic_write_json(
-        out / "report.json",
-        {"summary": summarize(records), "layers": [r.__dict__ for r in records]},
-    )
+def write_report(out: Path, records: list[LayerRecord], tuned: list[dict] = ()) -> None:
+    """`report.json` (with each fine-tuned block's relative MSE before and after), a readable
+    `report.md` table, and `bits.png` (when matplotlib is there)."""
+    report = {"summary": summarize(records), "layers": [r.__dict__ for r in records]}
+    if tuned:
+        report["finetune"] = list(tuned)
+    atomic_write_json(out / "report.json", report)
     atomic_write(out / "report.md", lambda tmp: tmp.write_text(report_table(records)))
     try:
         plot_bits(out / "bits.png", records)

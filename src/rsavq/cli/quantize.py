@@ -127,6 +127,16 @@ def add_parser(sub) -> None:
         default=None,
         help="what --bits limits: code bits only, or every stored bit",
     )
+    t = p.add_argument_group("block fine-tuning (docs/method.md section 8)")
+    t.add_argument(
+        "--finetune",
+        choices=["none", "block"],
+        default="none",
+        help="block: after each decoder block is quantized, train its codebooks, scales and "
+        "norms (codes frozen) to match the FP block's outputs on the calibration windows",
+    )
+    t.add_argument("--finetune-epochs", type=positive_int, default=2)
+    t.add_argument("--finetune-lr", type=float, default=3e-3)
     p.add_argument(
         "--eval",
         default=None,
@@ -166,6 +176,14 @@ def _config_from_args(args: argparse.Namespace):
     return METHODS[args.method].configure(args.bits, seed=args.seed, **given)
 
 
+def _tuning(args: argparse.Namespace):
+    if args.finetune == "none":
+        return None
+    from rsavq.finetune import BlockTuning
+
+    return BlockTuning(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed)
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
@@ -175,6 +193,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from rsavq.pipeline import check_output_dir, summarize
 
     config = _config_from_args(args)
+    tuning = _tuning(args)
     check_output_dir(Path(args.out))
     resolve_model(args.model)
     device = resolve_device(args.device)
@@ -194,6 +213,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         stats=args.stats,
         model_id=args.model,
         save_dtype=getattr(torch, args.save_dtype) if args.save_dtype else None,
+        finetune=tuning,
     )
     summary = summarize(records)
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))

@@ -9,24 +9,28 @@ from rsavq.config import ChannelAxis, LayerSpec
 from rsavq.packing import unpack
 
 
-def dequantize_block(codes: torch.Tensor, codebooks: torch.Tensor, spec: LayerSpec, g: int):
-    """Group g's block `[rows, cols]` from packed `codes` `[rows, words]` and `codebooks`
-    `[P, K, sub_dim]`."""
-    rows, cols = spec.block_shape(g)
-    P = spec.sub_vectors
+def unpack_block(codes: torch.Tensor, spec: LayerSpec, g: int) -> torch.Tensor:
+    """Group g's code indices `[rows, n_vec, P]` from its packed words `[rows, words]`."""
+    rows = spec.block_shape(g)[0]
     idx = unpack(codes, spec.code_bits(g), spec.codes_per_row(g))  # [rows, n_vec * P]
-    idx = idx.view(rows, -1, P)  # [rows, n_vec, P]
-    parts = [codebooks[p][idx[..., p]] for p in range(P)]  # P x [rows, n_vec, d]
-    block = torch.stack(parts, dim=2).reshape(rows, -1)  # [rows, n_vec * v]
-    return block[:, :cols]
+    return idx.view(rows, -1, spec.sub_vectors)
 
 
-def dequantize(codes, codebooks, perm: torch.Tensor, spec: LayerSpec, dtype=torch.float32):
-    """The layer's weight `[out_features, in_features]` in the original channel order."""
-    blocks = [
-        dequantize_block(c, cb, spec, g).to(dtype)
-        for g, (c, cb) in enumerate(zip(codes, codebooks, strict=True))
-    ]
+def decode_block(idx: torch.Tensor, codebooks: torch.Tensor, spec: LayerSpec, g: int):
+    """Group g's block `[rows, cols]` from indices `[rows, n_vec, P]` and codebooks
+    `[P, K, sub_dim]` (differentiable in the codebooks)."""
+    rows, cols = spec.block_shape(g)
+    parts = [codebooks[p][idx[..., p]] for p in range(spec.sub_vectors)]  # P x [rows, n_vec, d]
+    return torch.stack(parts, dim=2).reshape(rows, -1)[:, :cols]  # [rows, n_vec * v] cut
+
+
+def dequantize_block(codes: torch.Tensor, codebooks: torch.Tensor, spec: LayerSpec, g: int):
+    """Group g's block `[rows, cols]` from packed `codes` `[rows, words]` and `codebooks`."""
+    return decode_block(unpack_block(codes, spec, g), codebooks, spec, g)
+
+
+def unpermute(blocks: list[torch.Tensor], perm: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """The weight `[out, in]` in the original channel order from its groups' blocks."""
     order = perm.long()
     if spec.axis == ChannelAxis.INPUT.value:
         permuted = torch.cat(blocks, dim=1)
@@ -37,6 +41,15 @@ def dequantize(codes, codebooks, perm: torch.Tensor, spec: LayerSpec, dtype=torc
         W = torch.empty_like(permuted)
         W[order] = permuted
     return W
+
+
+def dequantize(codes, codebooks, perm: torch.Tensor, spec: LayerSpec, dtype=torch.float32):
+    """The layer's weight `[out_features, in_features]` in the original channel order."""
+    blocks = [
+        dequantize_block(c, cb, spec, g).to(dtype)
+        for g, (c, cb) in enumerate(zip(codes, codebooks, strict=True))
+    ]
+    return unpermute(blocks, perm, spec)
 
 
 def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None) -> torch.Tensor:

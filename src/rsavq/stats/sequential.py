@@ -49,8 +49,14 @@ def capture_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor) ->
     return captured
 
 
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states among a block's arguments."""
     return args[0] if args else kwargs["hidden_states"]
+
+
+def block_output(out) -> torch.Tensor:
+    """A block's output hidden states (the first element when it returns a tuple)."""
+    return out[0] if isinstance(out, tuple | list) else out
 
 
 @torch.no_grad()
@@ -58,8 +64,7 @@ def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
     """The next block's inputs: each batch's hidden states replaced by this block's output."""
     outputs = []
     for args, kwargs in inputs:
-        out = block(*args, **kwargs)
-        hidden = out[0] if isinstance(out, tuple | list) else out
+        hidden = block_output(block(*args, **kwargs))
         if args:
             outputs.append(((hidden, *args[1:]), kwargs))
         else:
@@ -81,11 +86,15 @@ def sequential_hessians(
     layers: dict[str, nn.Module],
     windows: torch.Tensor,
     done: Callable[[str], bool] = lambda name: False,
+    tune: Callable[[int, nn.Module, Inputs, list[torch.Tensor]], None] | None = None,
 ) -> Iterator[dict[str, torch.Tensor | None]]:
     """Yield `{name: H}` block by block, in model order; the caller quantizes (and swaps in) those
     layers before asking for the next block. Layers for which `done(name)` holds get `None` (the
-    caller has them already); a block whose layers are all done is not calibrated. Layers outside
-    the decoder blocks come last, from a pass over the whole (by then quantized) model."""
+    caller has them already); a block whose layers are all done is not calibrated. With `tune`,
+    the FP block's outputs on its inputs are kept before the yield, and `tune(index, block,
+    inputs, fp_outputs)` runs on the quantized block before it makes the next block's inputs.
+    Layers outside the decoder blocks come last, from a pass over the whole (by then quantized)
+    model."""
     blocks_name, blocks = decoder_blocks(model, layers)
     inside = {name for name in layers if blocks_name and name.startswith(blocks_name + ".")}
     if blocks:
@@ -95,7 +104,10 @@ def sequential_hessians(
             mine = {n: m for n, m in layers.items() if n.startswith(prefix)}
             todo = {n: m for n, m in mine.items() if not done(n)}
             hessians = block_hessians(block, todo, inputs) if todo else {}
+            targets = [hidden_of(*batch) for batch in run_block(block, inputs)] if tune else None
             yield {n: hessians.get(n) for n in mine}
+            if tune is not None:
+                tune(i, block, inputs, targets)
             if i + 1 < len(blocks):
                 inputs = run_block(block, inputs)
     rest = {n: m for n, m in layers.items() if n not in inside}

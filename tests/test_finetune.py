@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from helpers import build_tiny_llama
+from rsavq.config import preset
+from rsavq.errors import UsageError
+from rsavq.finetune import BlockTuning, micro_batches, trainable, tune_block
+from rsavq.pipeline import quantize_model
+from rsavq.stats.sequential import capture_inputs, hidden_of, run_block
+
+CONFIG = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2)
+
+
+def windows(n=4, t=16, vocab=64):
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def quantized_block(tmp_path):
+    """A tiny model quantized without tuning, its FP twin, and block 0's inputs."""
+    torch.manual_seed(0)
+    fp = build_tiny_llama(64)
+    model = build_tiny_llama(64)
+    model.load_state_dict(fp.state_dict())
+    quantize_model(model, CONFIG, None, tmp_path / "q", progress=False, calibration=windows())
+    inputs = capture_inputs(fp, fp.model.layers[0], windows())
+    targets = [hidden_of(*b) for b in run_block(fp.model.layers[0], inputs)]
+    return model.model.layers[0], inputs, targets
+
+
+def test_micro_batches_cut_batched_arguments_only():
+    hidden = torch.randn(4, 3, 2)
+    shared = torch.randn(1, 3, 2)
+    batches = micro_batches([((hidden,), {"pos": (shared, shared)})], [hidden + 1], 2)
+    assert len(batches) == 2
+    (args, kwargs, target) = batches[1]
+    assert torch.equal(args[0], hidden[2:]) and torch.equal(target, hidden[2:] + 1)
+    assert kwargs["pos"][0] is shared
+
+
+def test_trainable_forward_equals_the_kernel_and_restores_it(tmp_path):
+    block, inputs, _ = quantized_block(tmp_path)
+    args, kwargs = inputs[0]
+    with torch.no_grad():
+        expected = block(*args, **kwargs)[0]
+        with trainable(block) as params:
+            assert params and all(p.requires_grad for p in params)
+            torch.testing.assert_close(block(*args, **kwargs)[0], expected, rtol=1e-4, atol=1e-5)
+        assert "forward" not in vars(block.mlp.down_proj)
+        torch.testing.assert_close(block(*args, **kwargs)[0], expected)
+
+
+def test_tuning_lowers_the_block_error_and_is_deterministic(tmp_path):
+    block, inputs, targets = quantized_block(tmp_path)
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    options = BlockTuning(epochs=3, lr=1e-3)
+    before, after = tune_block(block, inputs, targets, options, 0)
+    assert after < before
+    tuned = {k: v.clone() for k, v in block.state_dict().items()}
+    assert block.mlp.down_proj.codebooks_0.dtype == torch.float16
+    block.load_state_dict(state)
+    assert tune_block(block, inputs, targets, options, 0) == (before, after)
+    assert all(torch.equal(tuned[k], v) for k, v in block.state_dict().items())
+
+
+def test_pipeline_tunes_resumes_and_reports(tmp_path, monkeypatch):
+    import rsavq.pipeline as pipeline
+
+    tuning = BlockTuning(epochs=1, lr=1e-3)
+
+    def run(out):
+        model = build_tiny_llama(64)
+        kwargs = {"progress": False, "calibration": windows(), "tuning": tuning}
+        quantize_model(model, CONFIG, None, out, **kwargs)
+        return model
+
+    torch.manual_seed(0)
+    full = run(tmp_path / "full")
+    original, calls = pipeline.tune_block, []
+
+    def dies_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "tune_block", dies_on_second)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(pipeline, "tune_block", original)
+    torch.manual_seed(0)
+    resumed = run(tmp_path / "resumed")
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    import json
+
+    report = json.loads((tmp_path / "full" / "report.json").read_text())
+    assert [r["block"] for r in report["finetune"]] == [0, 1]
+    assert all(r["after"] <= r["before"] for r in report["finetune"])
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert config["quantization_config"]["finetune"]["block"]["epochs"] == 1
+
+
+def test_tuning_needs_the_sequential_vq_pass(tmp_path):
+    one_pass = preset("default", 2, sequential=False)
+    with pytest.raises(UsageError, match="block-sequential pass"):
+        quantize_model(
+            build_tiny_llama(64), one_pass, None, tmp_path / "q", calibration=windows(),
+            tuning=BlockTuning(),
+        )  # fmt: skip
+    with pytest.raises(UsageError, match="epochs >= 1"):
+        BlockTuning(epochs=0)
+    assert not (tmp_path / "q").exists()
