@@ -149,3 +149,18 @@ def test_calibration_needs_enough_tokens(tiny_tokenizer):
     corpus = Corpus("small", ("a few words only",))
     with pytest.raises(DataError, match="fewer than 4 windows of 64; lower --nsamples/--seqlen"):
         calibration_windows(tiny_tokenizer, corpus, 4, 64)
+
+
+def test_heldout_windows_come_from_documents_calibration_never_reads(tiny_tokenizer):
+    from helpers import WORDS
+    from rsavq.data import Corpus, calibration_windows, heldout_windows
+
+    words = sorted(set(WORDS))  # one distinct word per document
+    corpus = Corpus("docs", tuple(" ".join([w] * 30) for w in words), shuffle=True)
+    calib = calibration_windows(tiny_tokenizer, corpus, 4, 16, seed=3)
+    held = heldout_windows(tiny_tokenizer, corpus, 4, 16, seed=3, count=2)
+    assert held.shape == (2, 16)
+    seen = lambda windows: {w for x in windows for w in tiny_tokenizer.decode(x).split()}  # noqa: E731
+    assert seen(held) and not seen(held) & seen(calib)
+    with pytest.raises(DataError, match="held-out windows"):
+        heldout_windows(tiny_tokenizer, corpus, 4, 16, seed=3, count=500)

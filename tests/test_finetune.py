@@ -53,12 +53,14 @@ def test_tuning_lowers_the_block_error_and_is_deterministic(tmp_path):
     block, inputs, targets = quantized_block(tmp_path)
     state = {k: v.clone() for k, v in block.state_dict().items()}
     options = BlockTuning(epochs=3, lr=1e-3)
-    before, after = tune_block(block, inputs, targets, options, 0)
-    assert after < before
+    held = (inputs[:1], targets[:1])
+    losses = tune_block(block, inputs, targets, options, 0, held)
+    assert losses["after"] < losses["before"]
+    assert set(losses) == {"before", "after", "heldout_before", "heldout_after"}
     tuned = {k: v.clone() for k, v in block.state_dict().items()}
     assert block.mlp.down_proj.codebooks_0.dtype == torch.float16
     block.load_state_dict(state)
-    assert tune_block(block, inputs, targets, options, 0) == (before, after)
+    assert tune_block(block, inputs, targets, options, 0, held) == losses
     assert all(torch.equal(tuned[k], v) for k, v in block.state_dict().items())
 
 
@@ -70,6 +72,7 @@ def test_pipeline_tunes_resumes_and_reports(tmp_path, monkeypatch):
     def run(out):
         model = build_tiny_llama(64)
         kwargs = {"progress": False, "calibration": windows(), "tuning": tuning}
+        kwargs["heldout"] = windows(2)
         quantize_model(model, CONFIG, None, out, **kwargs)
         return model
 
@@ -97,6 +100,7 @@ def test_pipeline_tunes_resumes_and_reports(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "full" / "report.json").read_text())
     assert [r["block"] for r in report["finetune"]] == [0, 1]
     assert all(r["after"] <= r["before"] for r in report["finetune"])
+    assert all("heldout_after" in r for r in report["finetune"])
     config = json.loads((tmp_path / "full" / "config.json").read_text())
     assert config["quantization_config"]["finetune"]["block"]["epochs"] == 1
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from rsavq.config import RSAVQConfig, ScalarConfig, preset
-from rsavq.data import Corpus, calibration_windows, load_corpus
-from rsavq.errors import UsageError
+from rsavq.data import Corpus, calibration_windows, heldout_windows, load_corpus
+from rsavq.errors import DataError, UsageError
 from rsavq.finetune import BlockTuning
 from rsavq.methods import FISHER, HESSIAN, method_for
 from rsavq.pipeline import LayerRecord, check_tuning, quantize_model
@@ -94,13 +94,27 @@ def quantize(
     identity = {"source": corpus.name, "nsamples": calibration.nsamples} if corpus else None
     if identity:
         identity.update(seqlen=calibration.seqlen, seed=calibration.seed)
+    heldout = _heldout(tokenizer, corpus, calibration, finetune) if finetune else None
     run = lambda path: quantize_model(  # noqa: E731
-        model, config, fisher, path, tokenizer, progress, windows, identity, save_dtype, finetune
-    )
+        model, config, fisher, path, tokenizer, progress, windows, identity, save_dtype, finetune,
+        heldout,
+    )  # fmt: skip
     if out is not None:
         return run(out)
     with tempfile.TemporaryDirectory() as tmp:
         return run(Path(tmp) / "q")
+
+
+def _heldout(tokenizer, corpus, c: Calibration, tuning: BlockTuning):
+    """Held-out windows for the fine-tuning report, or None (with a warning) when the source
+    has no unread documents left."""
+    if not tuning.heldout:
+        return None
+    try:
+        return heldout_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed, tuning.heldout)
+    except DataError as exc:
+        logger.warning("no held-out fine-tuning loss: %s", exc)
+        return None
 
 
 def _complete(stats) -> bool:

@@ -274,18 +274,9 @@ def calibration_windows(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, s
     Web-text corpora are read in a seeded random document order, only as far as needed.
     """
     generator = torch.Generator().manual_seed(seed)
-    documents = list(corpus.documents)
-    if corpus.shuffle:
-        order = torch.randperm(len(documents), generator=generator).tolist()
-        documents = [documents[i] for i in order]
-    budget = nsamples * seqlen * 8  # characters; ~4 per token, doubled for safety
-    while True:
-        taken = _take_chars(documents, budget)
-        ids = tokenize(tokenizer, corpus.joiner.join(taken))
-        slots = ids.numel() // seqlen
-        if slots >= nsamples or len(taken) == len(documents):
-            break
-        budget *= 2
+    documents = _ordered(corpus, generator)
+    taken, ids = _enough(tokenizer, corpus, documents, nsamples * seqlen)
+    slots = ids.numel() // seqlen
     if slots < nsamples:
         raise DataError(
             f"{corpus.name} has {ids.numel()} tokens, fewer than {nsamples} windows "
@@ -293,6 +284,43 @@ def calibration_windows(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, s
         )
     chosen = torch.randperm(slots, generator=generator)[:nsamples]
     return ids[: slots * seqlen].view(slots, seqlen)[chosen]
+
+
+def heldout_windows(
+    tokenizer, corpus: Corpus, nsamples: int, seqlen: int, seed: int, count: int
+) -> torch.Tensor:
+    """`count` windows `[count, seqlen]` from documents that `calibration_windows` with the same
+    arguments never reads (the next ones in its seeded order): text to measure over-fitting on."""
+    generator = torch.Generator().manual_seed(seed)
+    documents = _ordered(corpus, generator)
+    taken, _ = _enough(tokenizer, corpus, documents, nsamples * seqlen)
+    rest = documents[len(taken) :]
+    _, ids = _enough(tokenizer, corpus, rest, count * seqlen)
+    if ids.numel() < count * seqlen:
+        raise DataError(
+            f"{corpus.name} has too little text beyond the calibration documents for "
+            f"{count} held-out windows of {seqlen}; lower the count or use a larger source"
+        )
+    return ids[: count * seqlen].view(count, seqlen)
+
+
+def _ordered(corpus: Corpus, generator: torch.Generator) -> list[str]:
+    documents = list(corpus.documents)
+    if corpus.shuffle:
+        order = torch.randperm(len(documents), generator=generator).tolist()
+        documents = [documents[i] for i in order]
+    return documents
+
+
+def _enough(tokenizer, corpus: Corpus, documents: list[str], tokens: int):
+    """The leading documents holding at least `tokens` tokens (or all), and their token ids."""
+    budget = tokens * 8  # characters; ~4 per token, doubled for safety
+    while True:
+        taken = _take_chars(documents, budget)
+        ids = tokenize(tokenizer, corpus.joiner.join(taken)) if taken else torch.empty(0).long()
+        if ids.numel() >= tokens or len(taken) == len(documents):
+            return taken, ids
+        budget *= 2
 
 
 def _take_chars(documents: list[str], budget: int) -> list[str]:

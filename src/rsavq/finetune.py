@@ -23,7 +23,7 @@ from torch import nn
 from rsavq.errors import UsageError
 from rsavq.kernels.reference import decode_block, unpack_block, unpermute
 from rsavq.nn import VQLinear
-from rsavq.stats.sequential import Inputs, block_output, hidden_of
+from rsavq.stats.sequential import Inputs, Pairs, block_output, hidden_of
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +38,18 @@ class BlockTuning:
     lr: float = 3e-3
     micro_batch: int = 2  # sequences per optimizer step
     seed: int = 0
+    heldout: int = 4  # calibration-length windows from unseen documents, to watch over-fitting
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.lr <= 0 or self.micro_batch < 1:
+        if self.epochs < 1 or self.lr <= 0 or self.micro_batch < 1 or self.heldout < 0:
             raise UsageError(
-                "block fine-tuning needs epochs >= 1, lr > 0 and micro_batch >= 1; "
-                f"got {self.epochs}, {self.lr}, {self.micro_batch}"
+                "block fine-tuning needs epochs >= 1, lr > 0, micro_batch >= 1 and heldout >= 0;"
+                f" got {self.epochs}, {self.lr}, {self.micro_batch}, {self.heldout}"
             )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """What the result depends on (the held-out windows only measure it)."""
+        return {k: v for k, v in asdict(self).items() if k != "heldout"}
 
 
 def micro_batches(inputs: Inputs, targets: list[torch.Tensor], size: int):
@@ -136,13 +138,21 @@ def _relative_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def tune_block(
-    block: nn.Module, inputs: Inputs, targets: list[torch.Tensor], options: BlockTuning, index: int
-) -> tuple[float, float]:
-    """Train `block` (quantized) towards `targets` (the FP block's outputs on `inputs`);
-    returns the relative MSE before and after. Deterministic for `options.seed` and `index`.
-    The block keeps the trained state only when it lowered the loss."""
+    block: nn.Module,
+    inputs: Inputs,
+    targets: list[torch.Tensor],
+    options: BlockTuning,
+    index: int,
+    heldout: Pairs | None = None,
+) -> dict[str, float]:
+    """Train `block` (quantized) towards `targets` (the FP block's outputs on `inputs`); returns
+    the relative MSE before and after (and on the `heldout` inputs and targets, never trained
+    on, when given). Deterministic for `options.seed` and `index`. The block keeps the trained
+    state only when it lowered the training loss."""
     batches = micro_batches(inputs, targets, options.micro_batch)
+    held = micro_batches(*heldout, options.micro_batch) if heldout is not None else None
     before = block_loss(block, batches)
+    losses = {"heldout_before": block_loss(block, held)} if held else {}
     saved = {k: v.clone() for k, v in block.state_dict().items()}
     generator = torch.Generator().manual_seed(options.seed * 100003 + index)
     with trainable(block) as params, torch.enable_grad():
@@ -158,8 +168,10 @@ def tune_block(
     if not after < before:
         block.load_state_dict(saved)
         after = before
+    if held:
+        losses["heldout_after"] = block_loss(block, held)
     logger.info("block %d fine-tuned: relative MSE %.4g -> %.4g", index, before, after)
-    return before, after
+    return {"before": before, "after": after, **losses}
 
 
 def tuned_state(block: nn.Module) -> dict[str, torch.Tensor]:

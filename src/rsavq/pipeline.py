@@ -60,6 +60,7 @@ def quantize_model(
     calibration_id: dict | None = None,
     save_dtype: torch.dtype | None = None,
     tuning: BlockTuning | None = None,
+    heldout: torch.Tensor | None = None,
 ) -> list[LayerRecord]:
     """Quantize the model's linears and write the checkpoint to `out`.
 
@@ -70,7 +71,8 @@ def quantize_model(
     `config.sequential`, else in one pass over the FP model. `calibration_id` describes those
     windows and joins the run's identity. `save_dtype` stores the unquantized tensors
     (embeddings, norms, biases) in that dtype, and rounds them so in memory too. `tuning`
-    fine-tunes each decoder block once quantized (`rsavq.finetune`; block-sequential VQ only).
+    fine-tunes each decoder block once quantized (`rsavq.finetune`; block-sequential VQ only);
+    its error on the `heldout` windows (never trained on) goes into the report.
     """
     out = Path(out)
     layers = require_linears(model, config.skip)
@@ -93,7 +95,9 @@ def quantize_model(
     records, specs, tuned = [], {}, []
     bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress)
     tune = _tuner(store, tuning, tuned, bar) if tuning is not None else None
-    schedule = _hessian_schedule(model, layers, config, HESSIAN in needs, calibration, store, tune)
+    schedule = _hessian_schedule(model, layers, config, HESSIAN in needs, calibration, store)
+    if tune is not None:  # checked above: the block-sequential pass
+        schedule = sequential_hessians(model, layers, calibration, store.has, tune, heldout)
     for batch in schedule:
         for name, hessian in batch.items():
             layer = layers[name]
@@ -116,13 +120,13 @@ def quantize_model(
     return records
 
 
-def _hessian_schedule(model, layers, config, needed: bool, calibration, store: Store, tune):
+def _hessian_schedule(model, layers, config, needed: bool, calibration, store: Store):
     """Batches `{name: H or None}` in model order (see `stats.sequential`)."""
     if not needed:
         yield dict.fromkeys(layers)
         return
     if config.sequential:
-        yield from sequential_hessians(model, layers, calibration, store.has, tune)
+        yield from sequential_hessians(model, layers, calibration, store.has)
         return
     todo = {n: m for n, m in layers.items() if not store.has(n)}
     hessians = input_hessians(model, todo, calibration) if todo else {}
@@ -143,21 +147,28 @@ def _tuner(store: Store, tuning: BlockTuning, tuned: list, bar):
     """`tune(index, block, inputs, targets)`: fine-tunes a quantized block once; its tuned
     tensors are a store item, so a resumed run loads them instead of training again."""
 
-    def tune(index, block, inputs, targets) -> None:
+    def tune(index, block, data) -> None:
         key = f"tuned-block-{index}"
         if store.has(key):
             tensors, meta = store.get(key)
             block.load_state_dict(tensors, strict=False)
+            losses = {k: float(v) for k, v in meta.items()}
         else:
             bar.set_postfix_str(f"fine-tuning block {index}")
-            before, after = tune_block(block, inputs, targets, tuning, index)
-            meta = {"before": repr(before), "after": repr(after)}
-            store.put(key, tuned_state(block), meta)
-        tuned.append(
-            {"block": index, "before": float(meta["before"]), "after": float(meta["after"])}
-        )
+            (inputs, targets), *held = data
+            losses = tune_block(block, inputs, targets, tuning, index, *held)
+            store.put(key, tuned_state(block), {k: repr(v) for k, v in losses.items()})
+            bar.set_postfix_str(f"block {index} rel. MSE {_losses_text(losses)}")
+        tuned.append({"block": index, **losses})
 
     return tune
+
+
+def _losses_text(losses: dict[str, float]) -> str:
+    text = f"{losses['before']:.3g} -> {losses['after']:.3g}"
+    if "heldout_after" in losses:
+        text += f" (held out {losses['heldout_before']:.3g} -> {losses['heldout_after']:.3g})"
+    return text
 
 
 def check_output_dir(out: Path) -> None:

@@ -23,6 +23,7 @@ from rsavq.stats.hessian import hessian_hooks, input_hessians
 BATCH = 8  # calibration sequences per block call
 
 Inputs = list[tuple[tuple, dict]]  # per batch: the block's positional and keyword arguments
+Pairs = tuple[Inputs, list[torch.Tensor]]  # a block's inputs and the FP block's outputs on them
 
 
 class _Captured(Exception):
@@ -86,30 +87,35 @@ def sequential_hessians(
     layers: dict[str, nn.Module],
     windows: torch.Tensor,
     done: Callable[[str], bool] = lambda name: False,
-    tune: Callable[[int, nn.Module, Inputs, list[torch.Tensor]], None] | None = None,
+    tune: Callable[[int, nn.Module, list[Pairs]], None] | None = None,
+    heldout: torch.Tensor | None = None,
 ) -> Iterator[dict[str, torch.Tensor | None]]:
     """Yield `{name: H}` block by block, in model order; the caller quantizes (and swaps in) those
     layers before asking for the next block. Layers for which `done(name)` holds get `None` (the
     caller has them already); a block whose layers are all done is not calibrated. With `tune`,
     the FP block's outputs on its inputs are kept before the yield, and `tune(index, block,
-    inputs, fp_outputs)` runs on the quantized block before it makes the next block's inputs.
+    [(inputs, fp_outputs), ...])` runs on the quantized block before it makes the next block's
+    inputs; the list holds the calibration windows, then the `heldout` windows (which never
+    enter a Hessian) when given.
     Layers outside the decoder blocks come last, from a pass over the whole (by then quantized)
     model."""
     blocks_name, blocks = decoder_blocks(model, layers)
     inside = {name for name in layers if blocks_name and name.startswith(blocks_name + ".")}
     if blocks:
-        inputs = capture_inputs(model, blocks[0], windows)
+        sets = [windows] + ([heldout] if tune is not None and heldout is not None else [])
+        streams = [capture_inputs(model, blocks[0], w) for w in sets]
         for i, block in enumerate(blocks):
             prefix = f"{blocks_name}.{i}."
             mine = {n: m for n, m in layers.items() if n.startswith(prefix)}
             todo = {n: m for n, m in mine.items() if not done(n)}
-            hessians = block_hessians(block, todo, inputs) if todo else {}
-            targets = [hidden_of(*batch) for batch in run_block(block, inputs)] if tune else None
+            hessians = block_hessians(block, todo, streams[0]) if todo else {}
+            if tune is not None:
+                targets = [[hidden_of(*b) for b in run_block(block, x)] for x in streams]
             yield {n: hessians.get(n) for n in mine}
             if tune is not None:
-                tune(i, block, inputs, targets)
+                tune(i, block, list(zip(streams, targets, strict=True)))
             if i + 1 < len(blocks):
-                inputs = run_block(block, inputs)
+                streams = [run_block(block, x) for x in streams]
     rest = {n: m for n, m in layers.items() if n not in inside}
     if rest:
         todo = {n: m for n, m in rest.items() if not done(n)}
