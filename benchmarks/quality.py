@@ -10,7 +10,7 @@
 Rows (same FP model, same C4 calibration windows and seeds; Hessian methods calibrate block by
 block on the already-quantized prefix unless a row says otherwise):
 - main, per width: FP | RTN g128 | GPTQ g128 act-order | k-means VQ | RSAVQ (paper) |
-  rsavq (default);
+  rsavq without fine-tuning (the Quality I default) | rsavq (default: with block fine-tuning);
 - buildup, per width: k-means VQ, then one mechanism added per row up to the default;
 - rsavq, per width: the paper's parts on the default base: lambda, WCSG groups, channel order;
 - vector, per width: vector length (codebook size) at the default's codebook overhead;
@@ -73,13 +73,17 @@ class Row:
         return {"config": self.config_dict, **extra}
 
 
+NO_TUNING = "rsavq, no fine-tuning (Quality I default)"
+
+
 def main_rows(bits: int) -> list[Row]:
     return [
         Row("main", "RTN g128", bits, ScalarConfig("rtn", bits)),
         Row("main", "GPTQ g128 act-order", bits, ScalarConfig("gptq", bits)),
         Row("main", "k-means VQ", bits, preset("kmeans", bits)),
         Row("main", "RSAVQ (paper)", bits, preset("paper", bits)),
-        Row("main", "rsavq (default)", bits, preset("default", bits)),
+        Row("main", NO_TUNING, bits, preset("default", bits)),
+        Row("main", "rsavq (default)", bits, preset("default", bits), BlockTuning()),
     ]
 
 
@@ -206,6 +210,7 @@ class Runner:
             "label": row.label,
             "bits": row.bits,
             "config": row.config_dict,
+            **row.identity,
         }
         if row.config is None:
             model, _ = self._load()

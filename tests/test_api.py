@@ -77,3 +77,20 @@ def test_save_dtype_stores_unquantized_tensors_smaller_and_loads_what_ran(tmp_pa
     ids = torch.randint(0, 64, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_finetune_auto_runs_where_the_sequential_vq_pass_does(tmp_path, tiny_tokenizer, text_file):
+    import json
+
+    calibration = rsavq.Calibration(str(text_file), nsamples=4, seqlen=16)
+    kwargs = {"tokenizer": tiny_tokenizer, "calibration": calibration, "progress": False}
+    config = rsavq.preset("default", bits=2, kmeans_iters=2, lam=0, uniform_bits=True)
+    rsavq.quantize(build_tiny_llama(len(tiny_tokenizer)), config, out=tmp_path / "a", **kwargs)
+    assert len(json.loads((tmp_path / "a" / "report.json").read_text())["finetune"]) == 2
+    plain = rsavq.preset("kmeans", bits=2, kmeans_iters=2)
+    rsavq.quantize(build_tiny_llama(len(tiny_tokenizer)), plain, out=tmp_path / "b", **kwargs)
+    assert "finetune" not in json.loads((tmp_path / "b" / "report.json").read_text())
+    with pytest.raises(rsavq.UsageError, match="block-sequential pass"):
+        rsavq.quantize(build_tiny_llama(64), plain, finetune=rsavq.BlockTuning(), **kwargs)
+    with pytest.raises(rsavq.UsageError, match="use 'auto', None"):
+        rsavq.quantize(build_tiny_llama(64), plain, finetune="yes", **kwargs)

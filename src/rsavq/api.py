@@ -23,7 +23,7 @@ from rsavq.data import Corpus, calibration_windows, heldout_windows, load_corpus
 from rsavq.errors import DataError, UsageError
 from rsavq.finetune import BlockTuning
 from rsavq.methods import FISHER, HESSIAN, method_for
-from rsavq.pipeline import LayerRecord, check_tuning, quantize_model
+from rsavq.pipeline import LayerRecord, check_tuning, quantize_model, supports_tuning
 from rsavq.stats.artifact import MANIFEST, FisherStats, load_stats
 from rsavq.stats.collect import CollectOptions
 from rsavq.stats.run import CalibrationSpec, collect_model_stats, default_stats_dir
@@ -62,7 +62,7 @@ def quantize(
     model_id: str = "model",
     progress: bool = True,
     save_dtype: torch.dtype | None = None,
-    finetune: BlockTuning | None = None,
+    finetune: BlockTuning | str | None = "auto",
 ) -> list[LayerRecord]:
     """Quantize `model` in place (its linears become `VQLinear`s) and write the checkpoint to
     `out` (a temporary directory, removed afterwards, when `out` is None).
@@ -73,13 +73,14 @@ def quantize(
     come from the same calibration windows, block by block. `tokenizer` is needed whenever
     calibration text must be tokenized. `save_dtype` (e.g. `torch.bfloat16`) stores the
     unquantized tensors (embeddings, norms) in that dtype and rounds the model's copies to match.
-    `finetune=rsavq.BlockTuning(...)` fine-tunes each decoder block once quantized.
+    `finetune` fine-tunes each decoder block once quantized: "auto" (default) with
+    `BlockTuning()` wherever the configuration runs the block-sequential VQ pass, else not;
+    a `rsavq.BlockTuning(...)` to choose its options (refused where it cannot run); None: off.
     Returns the per-layer records of the report."""
     config = config or preset("default", 3)
     calibration = calibration or Calibration()
     needs = method_for(config).needs(config)
-    if finetune is not None:
-        check_tuning(config)  # before any statistics are collected
+    finetune = _tuning(finetune, config)  # checked before any statistics are collected
     needs_text = HESSIAN in needs or (FISHER in needs and not _complete(stats))
     if needs_text and tokenizer is None:
         raise UsageError("this configuration calibrates on text: pass tokenizer=")
@@ -103,6 +104,16 @@ def quantize(
         return run(out)
     with tempfile.TemporaryDirectory() as tmp:
         return run(Path(tmp) / "q")
+
+
+def _tuning(finetune, config) -> BlockTuning | None:
+    if isinstance(finetune, str):
+        if finetune != "auto":
+            raise UsageError(f"finetune={finetune!r}: use 'auto', None or a rsavq.BlockTuning")
+        return BlockTuning() if supports_tuning(config) else None
+    if finetune is not None:
+        check_tuning(config)
+    return finetune
 
 
 def _heldout(tokenizer, corpus, c: Calibration, tuning: BlockTuning):

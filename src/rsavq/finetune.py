@@ -102,7 +102,7 @@ def _make_trainable(layer: VQLinear, params: list[nn.Parameter]):
     idx = [unpack_block(c, spec, g) for g, c in enumerate(layer.codes)]
     books = [nn.Parameter(cb.detach().float().clone()) for cb in layer.codebooks]
     base = layer.scales.detach().float() if layer.scales is not None else None
-    correction = nn.Parameter(torch.ones(spec.out_features)) if base is not None else None
+    correction = nn.Parameter(torch.ones_like(base)) if base is not None else None
     params += books + ([correction] if correction is not None else [])
 
     def forward(x: torch.Tensor) -> torch.Tensor:

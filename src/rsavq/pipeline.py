@@ -133,10 +133,15 @@ def _hessian_schedule(model, layers, config, needed: bool, calibration, store: S
     yield {n: hessians.get(n) for n in layers}
 
 
+def supports_tuning(config) -> bool:
+    """Whether `config` runs a block-sequential VQ pass that block fine-tuning can join."""
+    method = method_for(config)
+    return method.name == "rsavq" and HESSIAN in method.needs(config) and config.sequential
+
+
 def check_tuning(config) -> None:
     """Refuse block fine-tuning where there is no block-sequential VQ pass to run it in."""
-    method = method_for(config)
-    if method.name != "rsavq" or HESSIAN not in method.needs(config) or not config.sequential:
+    if not supports_tuning(config):
         raise UsageError(
             "block fine-tuning runs inside the block-sequential pass of rsavq's VQ methods; "
             "use --method rsavq without --one-pass, or --finetune none"

@@ -45,15 +45,18 @@ def _row(section, label, bits, ppl, bpw=None, shots=None):
 def test_rows_cover_the_issue_table(quality):
     rows = quality.all_rows([2, 3, 4], set(quality.SECTIONS))
     main = [r for r in rows if r.section == "main"]
-    assert [r.label for r in main[:6]] == [
+    assert [r.label for r in main[:7]] == [
         "FP",
         "RTN g128",
         "GPTQ g128 act-order",
         "k-means VQ",
         "RSAVQ (paper)",
+        "rsavq, no fine-tuning (Quality I default)",
         "rsavq (default)",
     ]
     kmeans, paper, default = main[3].config, main[4].config, main[5].config
+    assert main[6].config == default and main[6].tuning == quality.BlockTuning()
+    assert main[5].tuning is None
     assert (kmeans.lam, kmeans.groups, kmeans.uniform_bits, kmeans.needs_hessian) == (
         0.0, 1, True, False,
     )  # fmt: skip

@@ -130,10 +130,11 @@ def add_parser(sub) -> None:
     t = p.add_argument_group("block fine-tuning (docs/method.md section 8)")
     t.add_argument(
         "--finetune",
-        choices=["none", "block"],
-        default="none",
+        choices=["auto", "none", "block"],
+        default="auto",
         help="block: after each decoder block is quantized, train its codebooks, scales and "
-        "norms (codes frozen) to match the FP block's outputs on the calibration windows",
+        "norms (codes frozen) to match the FP block's outputs on the calibration windows; "
+        "auto (default): block wherever the method runs the block-sequential VQ pass",
     )
     t.add_argument("--finetune-epochs", type=positive_int, default=2)
     t.add_argument("--finetune-lr", type=float, default=3e-3)
@@ -176,11 +177,12 @@ def _config_from_args(args: argparse.Namespace):
     return METHODS[args.method].configure(args.bits, seed=args.seed, **given)
 
 
-def _tuning(args: argparse.Namespace):
-    if args.finetune == "none":
-        return None
+def _tuning(args: argparse.Namespace, config):
     from rsavq.finetune import BlockTuning
+    from rsavq.pipeline import supports_tuning
 
+    if args.finetune == "none" or args.finetune == "auto" and not supports_tuning(config):
+        return None
     return BlockTuning(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed)
 
 
@@ -193,7 +195,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from rsavq.pipeline import check_output_dir, summarize
 
     config = _config_from_args(args)
-    tuning = _tuning(args)
+    tuning = _tuning(args, config)
     check_output_dir(Path(args.out))
     resolve_model(args.model)
     device = resolve_device(args.device)
@@ -202,7 +204,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     evaluation = load_corpus(args.eval, args.data_dir, args.text_field) if args.eval else None
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     before = _quick_ppl(model, tokenizer, evaluation, args) if evaluation else None
-    _say_what_runs(model, config, calib, args)
+    _say_what_runs(model, config, calib, args, tuning)
     start = time.perf_counter()
     records = quantize(
         model,
@@ -239,7 +241,7 @@ def _quick_ppl(model, tokenizer, corpus, args):
     return perplexity(model, windows, corpus.name)
 
 
-def _say_what_runs(model, config, calib, args) -> None:
+def _say_what_runs(model, config, calib, args, tuning) -> None:
     from rsavq.stats.artifact import MANIFEST
     from rsavq.stats.run import CalibrationSpec, default_stats_dir
 
@@ -254,3 +256,8 @@ def _say_what_runs(model, config, calib, args) -> None:
     if config.needs_hessian:
         how = "block by block" if config.sequential else "in one pass over the FP model"
         print(f"input Hessians from {tokens}, {how}")
+    if tuning is not None:
+        print(
+            f"block fine-tuning after each decoder block: {tuning.epochs} epochs, lr "
+            f"{tuning.lr:g} (--finetune none skips it)"
+        )
