@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -147,8 +148,9 @@ def tune_block(
 ) -> dict[str, float]:
     """Train `block` (quantized) towards `targets` (the FP block's outputs on `inputs`); returns
     the relative MSE before and after (and on the `heldout` inputs and targets, never trained
-    on, when given). Deterministic for `options.seed` and `index`. The block keeps the trained
-    state only when it lowered the training loss."""
+    on, when given) and the seconds it took. Deterministic for `options.seed` and `index`. The
+    block keeps the trained state only when it lowered the training loss."""
+    start = time.perf_counter()
     batches = micro_batches(inputs, targets, options.micro_batch)
     held = micro_batches(*heldout, options.micro_batch) if heldout is not None else None
     before = block_loss(block, batches)
@@ -171,7 +173,7 @@ def tune_block(
     if held:
         losses["heldout_after"] = block_loss(block, held)
     logger.info("block %d fine-tuned: relative MSE %.4g -> %.4g", index, before, after)
-    return {"before": before, "after": after, **losses}
+    return {"before": before, "after": after, **losses, "seconds": time.perf_counter() - start}
 
 
 def tuned_state(block: nn.Module) -> dict[str, torch.Tensor]:
