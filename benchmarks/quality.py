@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from rsavq.config import RSAVQConfig, ScalarConfig, preset
-from rsavq.data import calibration_windows, evaluation_windows, load_corpus
+from rsavq.data import calibration_windows, evaluation_windows, heldout_windows, load_corpus
 from rsavq.eval import perplexity
 from rsavq.finetune import BlockTuning
 from rsavq.io import atomic_write_json, rewrite_block
@@ -200,6 +200,16 @@ class Runner:
             )
         return self._stats
 
+    def heldout(self, tuning: BlockTuning | None):
+        """Windows from C4 documents the calibration never reads (fine-tuning's over-fitting
+        check)."""
+        if tuning is None or not tuning.heldout:
+            return None
+        c = self.calib_spec
+        return heldout_windows(
+            self.tokenizer, self.calib, c.nsamples, c.seqlen, c.seed, tuning.heldout
+        )
+
     def calibration(self):
         c = self.calib_spec
         return calibration_windows(self.tokenizer, self.calib, c.nsamples, c.seqlen, c.seed)
@@ -261,6 +271,7 @@ class Runner:
             calibration=self.calibration(),
             calibration_id={"spec": str(self.calib_spec)},
             tuning=tuning,
+            heldout=self.heldout(tuning),
         )
         wall = time.perf_counter() - start
         summary = summarize(records)
@@ -272,7 +283,21 @@ class Runner:
             "wall_seconds": wall,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "median_relative_error": errors[len(errors) // 2],
+            **tuning_summary(out),
         }
+
+
+def tuning_summary(out: Path) -> dict:
+    """Block fine-tuning in a kept checkpoint's report: mean relative block error before and
+    after (training windows, and held-out ones when measured) and its total seconds."""
+    blocks = json.loads((out / "report.json").read_text()).get("finetune")
+    if not blocks:
+        return {}
+    keys = [k for k in blocks[0] if k != "block"]
+    return {
+        "finetune": {k: sum(b[k] for b in blocks) / len(blocks) for k in keys}
+        | {"seconds": sum(b.get("seconds", 0.0) for b in blocks), "blocks": len(blocks)}
+    }
 
 
 def load_results(path: Path) -> dict:
