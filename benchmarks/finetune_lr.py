@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ def main() -> None:
     p.add_argument("--block", type=int, default=3)
     p.add_argument("--lrs", default="1e-4,1e-3,3e-3,1e-2")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast while training")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     p.add_argument("--json", default="benchmarks/results/finetune-lr.json")
     args = p.parse_args()
@@ -57,12 +57,12 @@ def main() -> None:
     rows = []
     for lr in (float(x) for x in args.lrs.split(",")):
         block.load_state_dict(start)
-        t = time.perf_counter()
-        before, after = tune_block(block, inputs, targets, BlockTuning(args.epochs, lr), args.block)
-        rows.append(
-            {"lr": lr, "before": before, "after": after, "seconds": time.perf_counter() - t}
+        tuning = BlockTuning(args.epochs, lr, bf16=args.bf16)
+        rows.append({"lr": lr, **tune_block(block, inputs, targets, tuning, args.block)})
+        r = rows[-1]
+        print(
+            f"lr {lr:g}: relative MSE {r['before']:.4f} -> {r['after']:.4f} ({r['seconds']:.0f} s)"
         )
-        print(f"lr {lr:g}: relative MSE {before:.4f} -> {after:.4f} ({rows[-1]['seconds']:.0f} s)")
     atomic_write_json(args.json, {"settings": vars(args), "rows": rows})
 
 

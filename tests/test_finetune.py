@@ -117,3 +117,10 @@ def test_tuning_needs_the_sequential_vq_pass(tmp_path):
     with pytest.raises(UsageError, match="epochs >= 1"):
         BlockTuning(epochs=0)
     assert not (tmp_path / "q").exists()
+
+
+def test_bf16_autocast_trains_too(tmp_path):
+    block, inputs, targets = quantized_block(tmp_path)
+    losses = tune_block(block, inputs, targets, BlockTuning(epochs=2, lr=1e-3, bf16=True), 0)
+    assert losses["after"] < losses["before"]
+    assert block.mlp.down_proj.codebooks_0.dtype == torch.float16

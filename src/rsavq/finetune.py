@@ -40,6 +40,7 @@ class BlockTuning:
     micro_batch: int = 2  # sequences per optimizer step
     seed: int = 0
     heldout: int = 4  # calibration-length windows from unseen documents, to watch over-fitting
+    bf16: bool = False  # bfloat16 autocast for the training steps (losses measured as the model)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.lr <= 0 or self.micro_batch < 1 or self.heldout < 0:
@@ -49,8 +50,12 @@ class BlockTuning:
             )
 
     def to_dict(self) -> dict:
-        """What the result depends on (the held-out windows only measure it)."""
-        return {k: v for k, v in asdict(self).items() if k != "heldout"}
+        """What the result depends on (the held-out windows only measure it; `bf16` appears
+        only when on, so runs from before it existed keep their identity)."""
+        data = {k: v for k, v in asdict(self).items() if k != "heldout"}
+        if not self.bf16:
+            del data["bf16"]
+        return data
 
 
 def micro_batches(inputs: Inputs, targets: list[torch.Tensor], size: int):
@@ -134,7 +139,7 @@ def block_loss(block: nn.Module, batches) -> float:
 
 
 def _relative_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    target = target.to(out.dtype)
+    out, target = out.float(), target.float()
     return F.mse_loss(out, target) / target.square().mean().clamp_min(1e-30)
 
 
@@ -162,7 +167,8 @@ def tune_block(
         for _ in range(options.epochs):
             for j in torch.randperm(len(batches), generator=generator).tolist():
                 args, kwargs, target = batches[j]
-                loss = _relative_mse(block_output(block(*args, **kwargs)), target)
+                with torch.autocast(target.device.type, torch.bfloat16, enabled=options.bf16):
+                    loss = _relative_mse(block_output(block(*args, **kwargs)), target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
