@@ -95,10 +95,8 @@ def quantize_model(
     records, specs, tuned = [], {}, []
     bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress)
     tune = _tuner(store, tuning, tuned, bar) if tuning is not None else None
-    schedule = _hessian_schedule(model, layers, config, HESSIAN in needs, calibration, store)
-    if tune is not None:  # checked above: the block-sequential pass
-        schedule = sequential_hessians(model, layers, calibration, store.has, tune, heldout)
-    for batch in schedule:
+    hessians = HESSIAN in needs, calibration, tune, heldout
+    for batch in _hessian_schedule(model, layers, config, store, *hessians):
         for name, hessian in batch.items():
             layer = layers[name]
             fisher = stats.layer(name) if stats is not None else None
@@ -112,21 +110,26 @@ def quantize_model(
     qconfig = quantization_config(config.to_dict(), specs) if specs else None
     if qconfig is not None and tuning is not None:
         qconfig["finetune"] = {"block": tuning.to_dict()}
-    if save_dtype is not None:
-        round_unquantized(model, save_dtype)
-    save_quantized(model, out, qconfig, tokenizer, save_dtype)
+    _save(model, out, qconfig, tokenizer, save_dtype)
     write_report(out, records, tuned)
     store.remove()
     return records
 
 
-def _hessian_schedule(model, layers, config, needed: bool, calibration, store: Store):
-    """Batches `{name: H or None}` in model order (see `stats.sequential`)."""
+def _save(model, out: Path, qconfig, tokenizer, save_dtype) -> None:
+    if save_dtype is not None:
+        round_unquantized(model, save_dtype)
+    save_quantized(model, out, qconfig, tokenizer, save_dtype)
+
+
+def _hessian_schedule(model, layers, config, store: Store, needed, calibration, tune, heldout):
+    """Batches `{name: H or None}` in model order (see `stats.sequential`); `tune` (block
+    fine-tuning) joins the block-sequential pass."""
     if not needed:
         yield dict.fromkeys(layers)
         return
     if config.sequential:
-        yield from sequential_hessians(model, layers, calibration, store.has)
+        yield from sequential_hessians(model, layers, calibration, store.has, tune, heldout)
         return
     todo = {n: m for n, m in layers.items() if not store.has(n)}
     hessians = input_hessians(model, todo, calibration) if todo else {}
