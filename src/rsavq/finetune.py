@@ -82,14 +82,13 @@ def micro_batches(inputs: Inputs, targets: list[torch.Tensor], size: int):
 def trainable(block: nn.Module) -> Iterator[list[nn.Parameter]]:
     """Make `block` differentiable in its continuous parameters for the duration: each
     `VQLinear` computes `x (s * r * decode(codes, C))^T + b` with fp32 codebooks `C` and scale
-    correction `r` as parameters; the block's floating parameters train as they are. On exit
+    correction `r` as parameters; the block's norms and biases (1-D parameters; a layer left
+    unquantized keeps its weight) train as they are. On exit
     the codebooks and scales are written back in fp16 and the block is restored."""
     params: list[nn.Parameter] = []
     layers = [m for m in block.modules() if isinstance(m, VQLinear)]
-    finishers = []
-    for layer in layers:
-        finishers.append(_make_trainable(layer, params))
-    own = [p for p in block.parameters() if p.is_floating_point()]
+    finishers = [_make_trainable(layer, params) for layer in layers]
+    own = [p for p in block.parameters() if p.is_floating_point() and p.dim() == 1]  # norms, biases
     flags = [p.requires_grad for p in own]
     for p in own:
         p.requires_grad_(True)
