@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -92,9 +92,7 @@ def quantize(
     if HESSIAN in needs:
         c = calibration
         windows = calibration_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed)
-    identity = {"source": corpus.name, "nsamples": calibration.nsamples} if corpus else None
-    if identity:
-        identity.update(seqlen=calibration.seqlen, seed=calibration.seed)
+    identity = asdict(calibration.spec(corpus)) if corpus else None
     heldout = _heldout(tokenizer, corpus, calibration, finetune) if finetune else None
     run = lambda path: quantize_model(  # noqa: E731
         model, config, fisher, path, tokenizer, progress, windows, identity, save_dtype, finetune,

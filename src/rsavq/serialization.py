@@ -53,26 +53,27 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def quantized_tensor_names(model: nn.Module) -> set[str]:
-    """State-dict names of the quantization tensors (codes, codebooks, perm, scales)."""
-    return {
+def unquantized_names(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Names in `state` of the model's unquantized floating tensors (embeddings, norms, biases,
+    skipped linears): everything but the `VQLinear`s' codes, codebooks, perm and scales."""
+    quantized = {
         f"{name}.{buffer}"
         for name, module in model.named_modules()
         if isinstance(module, VQLinear)
         for buffer, value in module.named_buffers(recurse=False)
         if value is not None
     }
+    return [n for n, t in state.items() if n not in quantized and t.is_floating_point()]
 
 
 def round_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
-    """Round every unquantized floating tensor (embeddings, norms, biases, skipped linears) to
-    `dtype`'s precision in place, keeping the model's compute dtype: the model in memory then
-    computes exactly what a checkpoint stored in `dtype` holds."""
-    skip = quantized_tensor_names(model)
+    """Round every unquantized floating tensor to `dtype`'s precision in place, keeping the
+    model's compute dtype: the model in memory then computes exactly what a checkpoint stored
+    in `dtype` holds."""
+    state = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            if name not in skip and tensor.is_floating_point():
-                tensor.data = tensor.data.to(dtype).to(tensor.dtype)
+        for name in unquantized_names(model, state):
+            state[name].data = state[name].data.to(dtype).to(state[name].dtype)
 
 
 def save_quantized(
@@ -90,10 +91,7 @@ def save_quantized(
     out.mkdir(parents=True, exist_ok=True)
     state = unique_state_dict(model)
     if dtype is not None:
-        skip = quantized_tensor_names(model)
-        for name, tensor in state.items():
-            if name not in skip and tensor.is_floating_point():
-                state[name] = tensor.to(dtype)
+        state.update({n: state[n].to(dtype) for n in unquantized_names(model, state)})
     meta = {"format": "pt", "rsavq_format_version": str(FORMAT_VERSION)}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata=meta))
     if tokenizer is not None:
