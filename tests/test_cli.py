@@ -189,13 +189,14 @@ def test_eval_nothing_to_do(tiny_model_dir, capsys):
     assert "nothing to evaluate" in capsys.readouterr().err
 
 
-def test_quantize_with_block_finetuning(tiny_model_dir, text_file, tmp_path, capsys):
+def test_quantize_with_both_finetuning_stages(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "q"
     args = ["quantize", "--model", str(tiny_model_dir), "--bits", "2", "--calib", str(text_file)]
     args += ["--nsamples", "3", "--seqlen", "32", "--kmeans-iters", "2", "--lambda", "0"]
-    args += ["--uniform-bits", "--finetune", "block", "--finetune-epochs", "1"]
+    args += ["--uniform-bits", "--finetune", "both", "--finetune-epochs", "1"]
     assert main([*args, "--one-pass", "--out", str(out)]) == 2
     assert "block-sequential pass" in capsys.readouterr().err and not out.exists()
-    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--distill-tokens", "64", "--distill-lr", "1e-3", "--out", str(out)]) == 0
+    assert "end-to-end distillation from the FP model: 64 tokens" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
-    assert len(report["finetune"]) == 2
+    assert len(report["finetune"]) == 2 and report["distill"]["steps"] == 2

@@ -20,6 +20,7 @@ _register_with_transformers()
 
 __all__ = [
     "BlockTuning",
+    "Distillation",
     "Calibration",
     "DataError",
     "ModelNotFoundError",
@@ -36,6 +37,7 @@ __all__ = [
 
 _LAZY = {  # name -> module: imported on first use (no heavy import at start)
     "BlockTuning": "rsavq.finetune",
+    "Distillation": "rsavq.distill",
     "Calibration": "rsavq.api",
     "quantize": "rsavq.api",
     "RSAVQConfig": "rsavq.config",

@@ -20,10 +20,17 @@ from torch import nn
 
 from rsavq.config import RSAVQConfig, ScalarConfig, preset
 from rsavq.data import Corpus, calibration_windows, heldout_windows, load_corpus
+from rsavq.distill import Distillation
 from rsavq.errors import DataError, UsageError
 from rsavq.finetune import BlockTuning
 from rsavq.methods import FISHER, HESSIAN, method_for
-from rsavq.pipeline import LayerRecord, check_tuning, quantize_model, supports_tuning
+from rsavq.pipeline import (
+    LayerRecord,
+    check_distillation,
+    check_tuning,
+    quantize_model,
+    supports_tuning,
+)
 from rsavq.stats.artifact import MANIFEST, FisherStats, load_stats
 from rsavq.stats.collect import CollectOptions
 from rsavq.stats.run import CalibrationSpec, collect_model_stats, default_stats_dir
@@ -62,7 +69,7 @@ def quantize(
     model_id: str = "model",
     progress: bool = True,
     save_dtype: torch.dtype | None = None,
-    finetune: BlockTuning | str | None = "auto",
+    finetune: Finetune = "auto",
 ) -> list[LayerRecord]:
     """Quantize `model` in place (its linears become `VQLinear`s) and write the checkpoint to
     `out` (a temporary directory, removed afterwards, when `out` is None).
@@ -73,15 +80,19 @@ def quantize(
     come from the same calibration windows, block by block. `tokenizer` is needed whenever
     calibration text must be tokenized. `save_dtype` (e.g. `torch.bfloat16`) stores the
     unquantized tensors (embeddings, norms) in that dtype and rounds the model's copies to match.
-    `finetune` fine-tunes each decoder block once quantized: "auto" (default) with
-    `BlockTuning()` wherever the configuration runs the block-sequential VQ pass, else not;
-    a `rsavq.BlockTuning(...)` to choose its options (refused where it cannot run); None: off.
+    `finetune` chooses the fine-tuning stages: "block" fine-tunes each decoder block once
+    quantized (`BlockTuning()`), "e2e" distills the whole quantized model from the FP one
+    (`Distillation()`), "both" does both, "none" (or None) neither; "auto" (default) is "block"
+    wherever the configuration runs the block-sequential VQ pass, else "none". A
+    `rsavq.BlockTuning(...)`, a `rsavq.Distillation(...)` or a tuple of both chooses their
+    options. A stage that cannot run with `config` is refused before any work.
     Returns the per-layer records of the report."""
     config = config or preset("default", 3)
     calibration = calibration or Calibration()
     needs = method_for(config).needs(config)
-    finetune = _tuning(finetune, config)  # checked before any statistics are collected
-    needs_text = HESSIAN in needs or (FISHER in needs and not _complete(stats))
+    tuning, distillation = finetune_stages(finetune, config)  # checked before any work
+    needs_windows = HESSIAN in needs or distillation is not None
+    needs_text = needs_windows or (FISHER in needs and not _complete(stats))
     if needs_text and tokenizer is None:
         raise UsageError("this configuration calibrates on text: pass tokenizer=")
     corpus = calibration.corpus() if needs_text else None
@@ -89,14 +100,15 @@ def quantize(
     if FISHER in needs:
         fisher = _fisher(model, tokenizer, corpus, calibration, stats, model_id, config, progress)
     windows = None
-    if HESSIAN in needs:
+    if needs_windows:
         c = calibration
         windows = calibration_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed)
     identity = asdict(calibration.spec(corpus)) if corpus else None
-    heldout = _heldout(tokenizer, corpus, calibration, finetune) if finetune else None
+    count = max(s.heldout for s in (tuning, distillation) if s is not None) if needs_windows else 0
+    heldout = _heldout(tokenizer, corpus, calibration, count) if count else None
     run = lambda path: quantize_model(  # noqa: E731
-        model, config, fisher, path, tokenizer, progress, windows, identity, save_dtype, finetune,
-        heldout,
+        model, config, fisher, path, tokenizer, progress, windows, identity, save_dtype, tuning,
+        heldout, distillation,
     )  # fmt: skip
     if out is not None:
         return run(out)
@@ -104,23 +116,36 @@ def quantize(
         return run(Path(tmp) / "q")
 
 
-def _tuning(finetune, config) -> BlockTuning | None:
+Finetune = str | BlockTuning | Distillation | tuple | None
+STAGES = ("auto", "none", "block", "e2e", "both")
+
+
+def finetune_stages(finetune: Finetune, config) -> tuple[BlockTuning | None, Distillation | None]:
+    """The fine-tuning stages `finetune` asks for (see `quantize`), checked against `config`."""
     if isinstance(finetune, str):
-        if finetune != "auto":
-            raise UsageError(f"finetune={finetune!r}: use 'auto', None or a rsavq.BlockTuning")
-        return BlockTuning() if supports_tuning(config) else None
-    if finetune is not None:
+        if finetune not in STAGES:
+            raise UsageError(f"finetune={finetune!r}: use one of {', '.join(STAGES)}")
+        if finetune == "auto":
+            finetune = "block" if supports_tuning(config) else "none"
+        block = BlockTuning() if finetune in ("block", "both") else None
+        finetune = (block, Distillation() if finetune in ("e2e", "both") else None)
+    stages = finetune if isinstance(finetune, tuple) else (finetune,)
+    tuning = next((s for s in stages if isinstance(s, BlockTuning)), None)
+    distillation = next((s for s in stages if isinstance(s, Distillation)), None)
+    if any(s is not None and s not in (tuning, distillation) for s in stages):
+        raise UsageError(f"finetune={finetune!r}: use a string, BlockTuning or Distillation")
+    if tuning is not None:
         check_tuning(config)
-    return finetune
+    if distillation is not None:
+        check_distillation(config)
+    return tuning, distillation
 
 
-def _heldout(tokenizer, corpus, c: Calibration, tuning: BlockTuning):
+def _heldout(tokenizer, corpus, c: Calibration, count: int):
     """Held-out windows for the fine-tuning report, or None (with a warning) when the source
     has no unread documents left."""
-    if not tuning.heldout:
-        return None
     try:
-        return heldout_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed, tuning.heldout)
+        return heldout_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed, count)
     except DataError as exc:
         logger.warning("no held-out fine-tuning loss: %s", exc)
         return None

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from rsavq.algorithms.metrics import layer_metrics
 from rsavq.config import RSAVQConfig, ScalarConfig
+from rsavq.distill import Distillation, distill, teacher_targets
 from rsavq.errors import UsageError
 from rsavq.finetune import BlockTuning, tune_block, tuned_state
 from rsavq.io import atomic_write, atomic_write_json
@@ -61,6 +62,7 @@ def quantize_model(
     save_dtype: torch.dtype | None = None,
     tuning: BlockTuning | None = None,
     heldout: torch.Tensor | None = None,
+    distillation: Distillation | None = None,
 ) -> list[LayerRecord]:
     """Quantize the model's linears and write the checkpoint to `out`.
 
@@ -72,7 +74,9 @@ def quantize_model(
     windows and joins the run's identity. `save_dtype` stores the unquantized tensors
     (embeddings, norms, biases) in that dtype, and rounds them so in memory too. `tuning`
     fine-tunes each decoder block once quantized (`rsavq.finetune`; block-sequential VQ only);
-    its error on the `heldout` windows (never trained on) goes into the report.
+    its error on the `heldout` windows (never trained on) goes into the report. `distillation`
+    then trains the whole quantized model towards the FP model's next-token distributions on
+    the calibration windows (`rsavq.distill`; rsavq's VQ methods).
     """
     out = Path(out)
     layers = require_linears(model, config.skip)
@@ -91,7 +95,14 @@ def quantize_model(
     if tuning is not None:
         check_tuning(config)
         run["tuning"] = tuning.to_dict()
+    if distillation is not None:
+        check_distillation(config)
+        if calibration is None:
+            raise UsageError("end-to-end distillation needs the calibration windows")
+        run["distillation"] = distillation.to_dict()
     store = _open_store(out, run)
+    if distillation is not None:  # from the FP model, before any layer is quantized
+        teacher = _teacher(store, model, calibration, heldout, distillation)
     records, specs, tuned = [], {}, []
     bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress)
     tune = _tuner(store, tuning, tuned, bar) if tuning is not None else None
@@ -107,11 +118,16 @@ def quantize_model(
                 specs[name] = result.spec()
             bar.update()
     bar.close()
+    distilled = None
+    if distillation is not None:
+        distilled = _distill(model, store, calibration, heldout, teacher, distillation, progress)
     qconfig = quantization_config(config.to_dict(), specs) if specs else None
-    if qconfig is not None and tuning is not None:
-        qconfig["finetune"] = {"block": tuning.to_dict()}
+    if qconfig is not None:
+        finetune = {"block": tuning, "e2e": distillation}
+        finetune = {k: v.to_dict() for k, v in finetune.items() if v is not None}
+        qconfig |= {"finetune": finetune} if finetune else {}
     _save(model, out, qconfig, tokenizer, save_dtype)
-    write_report(out, records, tuned)
+    write_report(out, records, tuned, distilled)
     store.remove()
     return records
 
@@ -149,6 +165,43 @@ def check_tuning(config) -> None:
             "block fine-tuning runs inside the block-sequential pass of rsavq's VQ methods; "
             "use --method rsavq without --one-pass, or --finetune none"
         )
+
+
+def check_distillation(config) -> None:
+    """Refuse distillation where there are no VQ layers to train."""
+    if method_for(config).name != "rsavq":
+        raise UsageError(
+            "end-to-end distillation trains the codebooks of rsavq's VQ layers; use --method "
+            "rsavq, or --finetune none"
+        )
+
+
+def _teacher(store: Store, model, calibration, heldout, options: Distillation) -> dict:
+    """The FP model's compact next-token distributions on the calibration (and held-out)
+    windows: computed once, kept as a store item."""
+    if not store.has("teacher"):
+        logger.info("teacher distributions for distillation (top %d tokens)", options.top_k)
+        tensors = teacher_targets(model, calibration, options.top_k)
+        if heldout is not None:
+            held = teacher_targets(model, heldout, options.top_k)
+            tensors |= {f"heldout.{k}": v for k, v in held.items()}
+        store.put("teacher", tensors, {})
+    return store.get("teacher")[0]
+
+
+def _distill(model, store: Store, calibration, heldout, teacher: dict, options, progress):
+    """Distill the quantized model, resuming from the store's snapshot when there is one."""
+    train = {k: v for k, v in teacher.items() if not k.startswith("heldout.")}
+    held = {k.removeprefix("heldout."): v for k, v in teacher.items() if k.startswith("heldout.")}
+    resume = store.get("distill") if store.has("distill") else None
+    if resume is not None:
+        logger.info("resuming distillation at step %d", len(resume[0]["losses"]))
+    return distill(
+        model, calibration, train, options, resume,
+        save=lambda snapshot: store.put("distill", *snapshot),
+        heldout=(heldout, held) if heldout is not None and held else None,
+        progress=progress,
+    )  # fmt: skip
 
 
 def _tuner(store: Store, tuning: BlockTuning, tuned: list, bar):
@@ -242,12 +295,17 @@ def summarize(records: list[LayerRecord]) -> dict:
     }
 
 
-def write_report(out: Path, records: list[LayerRecord], tuned: list[dict] = ()) -> None:
-    """`report.json` (with each fine-tuned block's relative MSE before and after), a readable
-    `report.md` table, and `bits.png` (when matplotlib is there)."""
+def write_report(
+    out: Path, records: list[LayerRecord], tuned: list[dict] = (), distilled: dict | None = None
+) -> None:
+    """`report.json` (with each fine-tuned block's relative MSE before and after, and the
+    distillation's losses), a readable `report.md` table, and `bits.png` (when matplotlib is
+    there)."""
     report = {"summary": summarize(records), "layers": [r.__dict__ for r in records]}
     if tuned:
         report["finetune"] = list(tuned)
+    if distilled:
+        report["distill"] = distilled
     atomic_write_json(out / "report.json", report)
     atomic_write(out / "report.md", lambda tmp: tmp.write_text(report_table(records)))
     try:

@@ -127,17 +127,27 @@ def add_parser(sub) -> None:
         default=None,
         help="what --bits limits: code bits only, or every stored bit",
     )
-    t = p.add_argument_group("block fine-tuning (docs/method.md section 8)")
+    t = p.add_argument_group("fine-tuning (docs/method.md sections 8 and 9)")
     t.add_argument(
         "--finetune",
-        choices=["auto", "none", "block"],
+        choices=["auto", "none", "block", "e2e", "both"],
         default="auto",
         help="block: after each decoder block is quantized, train its codebooks, scales and "
         "norms (codes frozen) to match the FP block's outputs on the calibration windows; "
-        "auto (default): block wherever the method runs the block-sequential VQ pass",
+        "e2e: then train them across the whole model to match the FP model's next-token "
+        "distributions (KL); both; auto (default): block wherever the method runs the "
+        "block-sequential VQ pass",
     )
-    t.add_argument("--finetune-epochs", type=positive_int, default=2)
-    t.add_argument("--finetune-lr", type=float, default=3e-3)
+    t.add_argument("--finetune-epochs", type=positive_int, default=2, help="block stage")
+    t.add_argument("--finetune-lr", type=float, default=3e-3, help="block stage")
+    t.add_argument("--distill-epochs", type=positive_int, default=1, help="e2e stage")
+    t.add_argument("--distill-lr", type=float, default=1e-4, help="e2e stage")
+    t.add_argument(
+        "--distill-tokens",
+        type=positive_int,
+        default=None,
+        help="e2e stage: token budget (overrides --distill-epochs)",
+    )
     p.add_argument(
         "--eval",
         default=None,
@@ -178,12 +188,20 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _tuning(args: argparse.Namespace, config):
+    """The fine-tuning stages `--finetune` asks for, with the command line's options."""
+    from rsavq.api import finetune_stages
+    from rsavq.distill import Distillation
     from rsavq.finetune import BlockTuning
-    from rsavq.pipeline import supports_tuning
 
-    if args.finetune == "none" or args.finetune == "auto" and not supports_tuning(config):
-        return None
-    return BlockTuning(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed)
+    block, e2e = finetune_stages(args.finetune, config)
+    if block is not None:
+        block = BlockTuning(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed)
+    if e2e is not None:
+        e2e = Distillation(
+            epochs=args.distill_epochs, lr=args.distill_lr, tokens=args.distill_tokens,
+            seed=args.seed,
+        )  # fmt: skip
+    return block, e2e
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -256,8 +274,12 @@ def _say_what_runs(model, config, calib, args, tuning) -> None:
     if config.needs_hessian:
         how = "block by block" if config.sequential else "in one pass over the FP model"
         print(f"input Hessians from {tokens}, {how}")
-    if tuning is not None:
+    block, e2e = tuning
+    if block is not None:
         print(
-            f"block fine-tuning after each decoder block: {tuning.epochs} epochs, lr "
-            f"{tuning.lr:g} (--finetune none skips it)"
+            f"block fine-tuning after each decoder block: {block.epochs} epochs, lr "
+            f"{block.lr:g} (--finetune none skips it)"
         )
+    if e2e is not None:
+        budget = f"{e2e.tokens} tokens" if e2e.tokens else f"{e2e.epochs} epochs"
+        print(f"end-to-end distillation from the FP model: {budget}, lr {e2e.lr:g}")

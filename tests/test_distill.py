@@ -1,0 +1,135 @@
+import json
+
+import pytest
+import torch
+
+from helpers import build_tiny_llama
+from rsavq.api import finetune_stages
+from rsavq.config import preset
+from rsavq.distill import Distillation, distill, mean_kl, sparse_kl, teacher_targets
+from rsavq.errors import UsageError
+from rsavq.finetune import BlockTuning
+from rsavq.pipeline import quantize_model
+
+CONFIG = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2)
+
+
+def windows(n=4, t=16, vocab=64, seed=1):
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def kl_full(logits_p, logits_q):
+    p, q = logits_p.log_softmax(-1), logits_q.log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("k", [1, 5, 64])
+def test_sparse_kl_is_the_kl_of_the_lumped_distributions(k):
+    torch.manual_seed(0)
+    p, q = torch.randn(2, 3, 64) * 3, torch.randn(2, 3, 64) * 3
+    top = p.log_softmax(-1).topk(k, dim=-1)
+    teacher = {
+        "logp": top.values,
+        "index": top.indices.int(),
+        "rest": torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-6)),
+    }
+    loss = sparse_kl(q, teacher)
+    if k == 64:  # the whole vocabulary: the full KL
+        torch.testing.assert_close(loss, kl_full(p, q), rtol=1e-4, atol=1e-5)
+    else:  # lumping outcomes never raises a KL divergence (data processing inequality)
+        assert 0 < loss <= kl_full(p, q) + 1e-5
+    assert sparse_kl(p, teacher).abs() < 1e-4
+
+
+def test_schedule_covers_epochs_and_budgets():
+    steps = Distillation(epochs=2, micro_batch=2).schedule(5, 16)
+    assert len(steps) == 6 and sorted(sum(steps[:3], [])) == list(range(5))
+    budget = Distillation(tokens=100, micro_batch=2).schedule(5, 16)
+    assert len(budget) == 4  # ceil(100 / 32)
+    assert Distillation(seed=1).schedule(5, 16) != Distillation(seed=2).schedule(5, 16)
+    with pytest.raises(UsageError, match="positive token budget"):
+        Distillation(tokens=0)
+
+
+def quantized(tmp_path):
+    torch.manual_seed(0)
+    fp = build_tiny_llama(64)
+    model = build_tiny_llama(64)
+    model.load_state_dict(fp.state_dict())
+    quantize_model(model, CONFIG, None, tmp_path / "q", progress=False, calibration=windows())
+    return fp, model
+
+
+def test_distillation_lowers_the_kl_deterministically_and_resumes(tmp_path):
+    fp, model = quantized(tmp_path)
+    options = Distillation(epochs=3, lr=3e-3, micro_batch=2, save_every=2)
+    teacher = teacher_targets(fp, windows(), options.top_k)
+    held = windows(2, seed=5)
+    heldout = (held, teacher_targets(fp, held, options.top_k))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    before = mean_kl(model, windows(), teacher)
+    snapshots = []
+    report = distill(model, windows(), teacher, options, save=snapshots.append,
+                     heldout=heldout, progress=False)  # fmt: skip
+    assert mean_kl(model, windows(), teacher) < before
+    assert report["loss_last"] < report["loss_first"] and report["steps"] == 6
+    assert report["heldout_after"] < report["heldout_before"]
+    assert model.model.layers[0].mlp.down_proj.codebooks_0.dtype == torch.float16
+    assert len(snapshots) == 3 and len(snapshots[0][0]["losses"]) == 2
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model.load_state_dict(start)  # resumed from the first snapshot: the same end
+    distill(model, windows(), teacher, options, resume=snapshots[0], progress=False)
+    assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
+
+
+def test_pipeline_distills_resumes_and_reports(tmp_path, monkeypatch):
+    import rsavq.distill as module
+
+    options = Distillation(epochs=2, lr=3e-3, micro_batch=2, save_every=1)
+
+    def run(out):
+        torch.manual_seed(0)
+        model = build_tiny_llama(64)
+        quantize_model(
+            model, CONFIG, None, out, progress=False, calibration=windows(),
+            heldout=windows(2, seed=5), tuning=BlockTuning(epochs=1), distillation=options,
+        )  # fmt: skip
+        return model
+
+    full = run(tmp_path / "full")
+    original, calls = module.sparse_kl, []
+
+    def dies_at_third_training_step(*args, **kwargs):  # the first two score the held-out windows
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "sparse_kl", dies_at_third_training_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    assert (tmp_path / "resumed" / ".partial" / "items" / "distill.safetensors").exists()
+    monkeypatch.setattr(module, "sparse_kl", original)
+    resumed = run(tmp_path / "resumed")
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((tmp_path / "full" / "report.json").read_text())
+    assert report["distill"]["steps"] == 4 and "heldout_after" in report["distill"]
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert set(config["quantization_config"]["finetune"]) == {"block", "e2e"}
+
+
+def test_stages_by_name_and_refusals():
+    default = preset("default", 2)
+    assert finetune_stages("auto", default) == (BlockTuning(), None)
+    assert finetune_stages("both", default) == (BlockTuning(), Distillation())
+    assert finetune_stages("e2e", default) == (None, Distillation())
+    assert finetune_stages(None, default) == (None, None)
+    assert finetune_stages(Distillation(lr=1), default) == (None, Distillation(lr=1))
+    from rsavq.methods import METHODS
+
+    with pytest.raises(UsageError, match="rsavq's VQ layers"):
+        finetune_stages("e2e", METHODS["gptq"].configure(3))
+    with pytest.raises(UsageError, match="use one of"):
+        finetune_stages("all", default)
