@@ -14,7 +14,8 @@ block on the already-quantized prefix unless a row says otherwise):
 - buildup, per width: k-means VQ, then one mechanism added per row up to the default;
 - rsavq, per width: the paper's parts on the default base: lambda, WCSG groups, channel order;
 - vector, per width: vector length (codebook size) at the default's codebook overhead;
-- finetune, per width: the default with block fine-tuning (`rsavq.finetune`) on top;
+- finetune, per width: the default with block fine-tuning (`rsavq.finetune`) on top, then
+  end-to-end distillation (`rsavq.distill`) on top of that;
 - compensation (3 bits): the earlier OBS compensation (one codebook per layer, FP-model
   Hessians), then per-block codebooks, then sequential Hessians: why it hurt before.
 Each finished row is stored in the JSON under a key made of its configuration and the evaluation
@@ -25,6 +26,7 @@ comes from the pipeline's `.partial` directory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,11 +40,13 @@ import torch
 
 from rsavq.config import RSAVQConfig, ScalarConfig, preset
 from rsavq.data import calibration_windows, evaluation_windows, heldout_windows, load_corpus
+from rsavq.distill import Distillation, distill, teacher_targets
 from rsavq.eval import perplexity
 from rsavq.finetune import BlockTuning
 from rsavq.io import atomic_write_json, rewrite_block
 from rsavq.models import load_model
 from rsavq.pipeline import quantize_model, summarize
+from rsavq.serialization import save_quantized
 from rsavq.stats.collect import CollectOptions
 from rsavq.stats.run import CalibrationSpec, collect_model_stats, default_stats_dir
 
@@ -60,6 +64,7 @@ class Row:
     bits: int | None  # None: FP
     config: RSAVQConfig | ScalarConfig | None
     tuning: BlockTuning | None = None
+    distillation: Distillation | None = None
 
     @property
     def config_dict(self) -> dict | None:
@@ -67,9 +72,11 @@ class Row:
 
     @property
     def identity(self) -> dict:
-        """What the row's checkpoint depends on (tuning only when there is some, so rows
+        """What the row's checkpoint depends on (fine-tuning only when there is some, so rows
         without it keep the keys they had)."""
         extra = {"tuning": self.tuning.to_dict()} if self.tuning else {}
+        if self.distillation:
+            extra["distillation"] = self.distillation.to_dict()
         return {"config": self.config_dict, **extra}
 
 
@@ -132,10 +139,15 @@ def vector_rows(bits: int) -> list[Row]:
 
 
 def finetune_rows(bits: int) -> list[Row]:
-    """The default, then block fine-tuning on top (issue "Quality II")."""
-    tuning = BlockTuning()
+    """The default, then block fine-tuning on top, then end-to-end distillation on top of
+    that (issue "Quality II")."""
+    tuning, e2e = BlockTuning(), Distillation()
     label = f"+ block fine-tuning ({tuning.epochs} epochs, lr {tuning.lr:g})"
-    return [Row("finetune", label, bits, preset("default", bits), tuning)]
+    e2e_label = f"+ end-to-end distillation ({e2e.epochs} epoch, lr {e2e.lr:g})"
+    return [
+        Row("finetune", label, bits, preset("default", bits), tuning),
+        Row("finetune", e2e_label, bits, preset("default", bits), tuning, e2e),
+    ]
 
 
 def compensation_rows(bits: int = 3) -> list[Row]:
@@ -200,15 +212,14 @@ class Runner:
             )
         return self._stats
 
-    def heldout(self, tuning: BlockTuning | None):
+    def heldout(self, row: Row):
         """Windows from C4 documents the calibration never reads (fine-tuning's over-fitting
         check)."""
-        if tuning is None or not tuning.heldout:
+        count = max((s.heldout for s in (row.tuning, row.distillation) if s), default=0)
+        if not count:
             return None
         c = self.calib_spec
-        return heldout_windows(
-            self.tokenizer, self.calib, c.nsamples, c.seqlen, c.seed, tuning.heldout
-        )
+        return heldout_windows(self.tokenizer, self.calib, c.nsamples, c.seqlen, c.seed, count)
 
     def calibration(self):
         c = self.calib_spec
@@ -244,21 +255,51 @@ class Runner:
             result["zero_shot"] = shots.to_dict()
         return result
 
+    def _out(self, row: Row) -> Path:
+        """Where the row's checkpoint is kept."""
+        blob = json.dumps({**row.identity, "calibration": str(self.calib_spec)})
+        return Path(self.args.work) / hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def _quantized(self, row: Row) -> tuple[torch.nn.Module, dict]:
         """The row's quantized model and its numbers: quantized now, or loaded from the
         checkpoint an earlier run of the same configuration (other evaluation settings) kept."""
-        blob = json.dumps({**row.identity, "calibration": str(self.calib_spec)})
-        out = Path(self.args.work) / hashlib.sha256(blob.encode()).hexdigest()[:16]
+        out = self._out(row)
         if (out / ROW_FILE).exists():
             logger.info("evaluating the checkpoint kept in %s", out)
             numbers = json.loads((out / ROW_FILE).read_text())
             return load_model(str(out))[0], numbers  # rsavq or plain checkpoint alike
-        model, _ = self._load()
-        numbers = self._quantize(model, row.config, out, row.tuning)
+        if row.distillation is not None:
+            model, numbers = self._distilled(row, out)
+        else:
+            model, _ = self._load()
+            numbers = self._quantize(model, row, out)
         atomic_write_json(out / ROW_FILE, numbers)
         return model, numbers
 
-    def _quantize(self, model, config, out: Path, tuning: BlockTuning | None) -> dict:
+    def _distilled(self, row: Row, out: Path) -> tuple[torch.nn.Module, dict]:
+        """A distillation row from its row without distillation (quantized now or kept): the
+        same state the pipeline distills, so the same result as `quantize_model(...,
+        distillation=...)` (which the tests check), without quantizing the model twice."""
+        base = dataclasses.replace(row, distillation=None)
+        model, numbers = self._quantized(base)
+        teacher, _ = self._load()
+        options, windows, held = row.distillation, self.calibration(), self.heldout(row)
+        start = time.perf_counter()
+        targets = teacher_targets(teacher, windows, options.top_k)
+        heldout = None if held is None else (held, teacher_targets(teacher, held, options.top_k))
+        del teacher
+        report = distill(model, windows, targets, options, heldout=heldout, progress=False)
+        report["teacher_seconds"] = time.perf_counter() - start - report["seconds"]
+        qconfig = json.loads((self._out(base) / "config.json").read_text())["quantization_config"]
+        qconfig["finetune"]["e2e"] = options.to_dict()
+        save_quantized(model, out, qconfig, self.tokenizer)
+        numbers = {**numbers, "distill": report}
+        numbers["wall_seconds"] += time.perf_counter() - start
+        numbers["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return model, numbers
+
+    def _quantize(self, model, row: Row, out: Path) -> dict:
+        config = row.config
         stats = self.stats(model) if config.needs_stats else None
         start = time.perf_counter()
         records = quantize_model(
@@ -270,8 +311,9 @@ class Runner:
             progress=False,
             calibration=self.calibration(),
             calibration_id={"spec": str(self.calib_spec)},
-            tuning=tuning,
-            heldout=self.heldout(tuning),
+            tuning=row.tuning,
+            heldout=self.heldout(row),
+            distillation=row.distillation,
         )
         wall = time.perf_counter() - start
         summary = summarize(records)
@@ -288,13 +330,16 @@ class Runner:
 
 
 def tuning_summary(out: Path) -> dict:
-    """Block fine-tuning in a kept checkpoint's report: mean relative block error before and
-    after (training windows, and held-out ones when measured) and its total seconds."""
-    blocks = json.loads((out / "report.json").read_text()).get("finetune")
+    """Fine-tuning in a kept checkpoint's report: mean relative block error before and after
+    (training windows, and held-out ones when measured) and total seconds of block fine-tuning;
+    the distillation's losses, steps, tokens and seconds."""
+    report = json.loads((out / "report.json").read_text())
+    extra = {"distill": report["distill"]} if "distill" in report else {}
+    blocks = report.get("finetune")
     if not blocks:
-        return {}
+        return extra
     keys = [k for k in blocks[0] if k != "block"]
-    return {
+    return extra | {
         "finetune": {k: sum(b[k] for b in blocks) / len(blocks) for k in keys}
         | {"seconds": sum(b.get("seconds", 0.0) for b in blocks), "blocks": len(blocks)}
     }

@@ -120,6 +120,29 @@ def test_pipeline_distills_resumes_and_reports(tmp_path, monkeypatch):
     assert set(config["quantization_config"]["finetune"]) == {"block", "e2e"}
 
 
+def test_distilling_a_saved_checkpoint_equals_the_pipeline(tmp_path):
+    """What benchmarks/quality.py does for its distillation rows (reuse the block fine-tuned
+    checkpoint) gives the pipeline's result."""
+    from rsavq.serialization import load_quantized
+
+    options = Distillation(epochs=1, lr=3e-3, micro_batch=2)
+    kwargs = {"progress": False, "calibration": windows(), "tuning": BlockTuning(epochs=1)}
+    torch.manual_seed(0)
+    fp = build_tiny_llama(64)
+    start = {k: v.clone() for k, v in fp.state_dict().items()}
+    quantize_model(fp, CONFIG, None, tmp_path / "tuned", **kwargs)
+    fp = build_tiny_llama(64)  # the FP model again (the layers were replaced in place)
+    fp.load_state_dict(start)
+    model = load_quantized(tmp_path / "tuned")
+    distill(model, windows(), teacher_targets(fp, windows(), options.top_k), options,
+            progress=False)  # fmt: skip
+    torch.manual_seed(0)
+    direct = build_tiny_llama(64)
+    quantize_model(direct, CONFIG, None, tmp_path / "direct", distillation=options, **kwargs)
+    a, b = model.state_dict(), direct.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].dtype)) for k in a)
+
+
 def test_stages_by_name_and_refusals():
     default = preset("default", 2)
     assert finetune_stages("auto", default) == (BlockTuning(), None)
