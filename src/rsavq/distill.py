@@ -37,7 +37,7 @@ class Distillation:
     """Options of end-to-end distillation."""
 
     epochs: int = 1
-    lr: float = 1e-4
+    lr: float = 1e-3  # SmolLM2-135M 3-bit: see BENCHMARKS.md (1e-4, 1e-3, 3e-3)
     tokens: int | None = None  # token budget: stop after this many (default: `epochs` epochs)
     micro_batch: int = 1  # sequences per optimizer step
     top_k: int = 128  # teacher probabilities kept per token (the rest lumped into one)

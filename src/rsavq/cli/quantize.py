@@ -141,7 +141,7 @@ def add_parser(sub) -> None:
     t.add_argument("--finetune-epochs", type=positive_int, default=2, help="block stage")
     t.add_argument("--finetune-lr", type=float, default=3e-3, help="block stage")
     t.add_argument("--distill-epochs", type=positive_int, default=1, help="e2e stage")
-    t.add_argument("--distill-lr", type=float, default=1e-4, help="e2e stage")
+    t.add_argument("--distill-lr", type=float, default=1e-3, help="e2e stage")
     t.add_argument(
         "--distill-tokens",
         type=positive_int,
