@@ -200,3 +200,35 @@ def test_quantize_with_both_finetuning_stages(tiny_model_dir, text_file, tmp_pat
     assert "end-to-end distillation from the FP model: 64 tokens" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert len(report["finetune"]) == 2 and report["distill"]["steps"] == 2
+
+
+def test_fisher_under_torchrun_equals_one_process(tiny_model_dir, text_file, tmp_path):
+    """The documented launcher command: 2 gloo ranks on the CPU."""
+    import os
+    import subprocess
+    import sys
+
+    from rsavq.stats.artifact import load_stats
+
+    args = ["--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4"]
+    args += ["--seqlen", "16", "--checkpoint-every", "0", "--device", "cpu"]
+    assert main(["fisher", *args, "--out", str(tmp_path / "one")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [*torchrun, "-m", "rsavq.cli", "fisher", *args, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("Fisher statistics of 14 layers") == 1  # printed by rank 0 only
+    assert "on 2 ranks" in run.stdout
+    one, two = load_stats(tmp_path / "one"), load_stats(tmp_path / "two")
+    for name in one.layer_names:
+        a, b = one.layer(name), two.layer(name)
+        assert (a.F_I - b.F_I).abs().max() <= 1e-4 * a.F_I.abs().max() and a.count == b.count
+
+
+def test_quantize_refuses_to_run_under_torchrun(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["quantize", "--model", "x", "--bits", "3", "--out", str(tmp_path / "q")]) == 2
+    assert "collect the statistics data-parallel" in capsys.readouterr().err

@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
         "fisher",
         help="collect Fisher statistics for quantization",
         description="Kronecker-factored empirical Fisher and mean gradient per "
-        "decoder linear layer, from per-sequence backward passes (resumable).",
+        "decoder linear layer, from per-sequence backward passes (resumable). Data-parallel "
+        "under torchrun: `torchrun --nproc-per-node N -m rsavq.cli fisher ...`.",
     )
     add_model_args(p)
     p.add_argument("--calib", default="c4", help="calibration source (default c4)")
@@ -57,11 +58,14 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
     from rsavq.data import load_corpus
     from rsavq.models import load_model, resolve_model
     from rsavq.modules import DEFAULT_SKIP
+    from rsavq.stats import distributed
     from rsavq.stats.collect import CollectOptions
     from rsavq.stats.run import CalibrationSpec, collect_model_stats
 
     resolve_model(args.model)
-    device = resolve_device(args.device)
+    device = distributed.local_device(resolve_device(args.device))
+    distributed.init_from_env(device)
+    rank, size = distributed.world()
     dtype = resolve_dtype(args.dtype, device)
     corpus = load_corpus(args.calib, args.data_dir, args.text_field)
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
@@ -76,10 +80,12 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     stats = collect_model_stats(model, tokenizer, args.model, corpus, spec, args.out, options, skip)
-    size = sum(f.stat().st_size for f in Path(args.out).rglob("*.safetensors"))
-    print(
-        f"Fisher statistics of {len(stats.layer_names)} layers from {args.nsamples} x "
-        f"{args.seqlen} tokens of {corpus.name} in {args.out} ({size / 2**20:.0f} MiB, "
-        f"{time.perf_counter() - start:.0f} s)"
-    )
+    if rank == 0:
+        nbytes = sum(f.stat().st_size for f in Path(args.out).rglob("*.safetensors"))
+        ranks = f" on {size} ranks" if size > 1 else ""
+        print(
+            f"Fisher statistics of {len(stats.layer_names)} layers from {args.nsamples} x "
+            f"{args.seqlen} tokens of {corpus.name} in {args.out} ({nbytes / 2**20:.0f} MiB, "
+            f"{time.perf_counter() - start:.0f} s{ranks})"
+        )
     return 0

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 from rsavq.cli.common import add_model_args, positive_int
+from rsavq.errors import UsageError
 from rsavq.runtime import resolve_device, resolve_dtype
 
 METHODS = ("rsavq", "kmeans", "gptq", "rtn")  # rsavq.methods.METHODS, without importing it
@@ -212,6 +214,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from rsavq.models import load_model, resolve_model
     from rsavq.pipeline import check_output_dir, summarize
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(
+            "rsavq quantize runs in one process: collect the statistics data-parallel with "
+            "`torchrun ... -m rsavq.cli fisher --out DIR`, then `rsavq quantize --stats DIR`"
+        )
     config = _config_from_args(args)
     tuning = _tuning(args, config)
     check_output_dir(Path(args.out))

@@ -118,34 +118,40 @@ def build_manifest(model, model_id: str, run: dict, accumulators) -> dict:
     }
 
 
-def save_stats(root: Path, manifest: dict, accumulators) -> FisherStats:
-    """Write the finished statistics (layers first, manifest last) and drop any checkpoint."""
+def save_layers(root: Path, accumulators) -> None:
+    """Write finished layers' statistics (before the manifest, which marks completion)."""
     for name, acc in accumulators.items():
         write_layer(root / "layers" / f"{name}.safetensors", acc.stats)
+
+
+def save_stats(root: Path, manifest: dict, accumulators) -> FisherStats:
+    """Write the finished statistics (layers first, manifest last) and drop any checkpoint."""
+    save_layers(root, accumulators)
     atomic_write_json(root / MANIFEST, manifest)
     shutil.rmtree(root / CHECKPOINT, ignore_errors=True)
     return FisherStats(root, manifest)
 
 
-def _checkpoint(root: Path, manifest: dict) -> Store:
+def _checkpoint(root: Path, manifest: dict, name: str = CHECKPOINT) -> Store:
     return Store.open(
-        root / CHECKPOINT,
+        root / name,
         run_key(manifest),
         refuse=f"{root} holds a checkpoint of a different run (model, data or settings "
         "differ); use another --out or delete it to start over",
-        fix=f"delete {root / CHECKPOINT} to start the collection over",
+        fix=f"delete {root / name} to start the collection over",
     )
 
 
-def save_checkpoint(root: Path, manifest: dict, accumulators) -> None:
-    """Replace the checkpoint's accumulators with the current ones, all at once."""
-    items = {name: _item(acc.stats) for name, acc in accumulators.items()}
-    _checkpoint(root, manifest).put_all(items)
+def save_checkpoint(root: Path, manifest: dict, accumulators, name: str = CHECKPOINT) -> None:
+    """Replace the checkpoint's accumulators with the current ones, all at once (`name`: the
+    checkpoint's directory; each rank of a distributed run has its own)."""
+    items = {layer: _item(acc.stats) for layer, acc in accumulators.items()}
+    _checkpoint(root, manifest, name).put_all(items)
 
 
-def load_checkpoint(root: Path, manifest: dict, accumulators) -> int:
+def load_checkpoint(root: Path, manifest: dict, accumulators, name: str = CHECKPOINT) -> int:
     """Restore accumulators from the checkpoint if it was made by the same run; return count."""
-    store = _checkpoint(root, manifest)
+    store = _checkpoint(root, manifest, name)
     if not store.keys():
         return 0
     for name, acc in accumulators.items():
@@ -163,7 +169,7 @@ def load_stats(root: str | Path) -> FisherStats:
     if not path.exists():
         hint = (
             " (an interrupted run: rerun the same `rsavq fisher` command to resume)"
-            if (root / CHECKPOINT).exists()
+            if any(root.glob(f"{CHECKPOINT}*"))
             else ""
         )
         raise UsageError(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -11,8 +12,11 @@ from torch import nn
 
 from rsavq.data import Corpus, calibration_windows
 from rsavq.errors import UsageError
-from rsavq.modules import DEFAULT_SKIP, require_linears
+from rsavq.io import atomic_write_json
+from rsavq.modules import DEFAULT_SKIP, require_linears, weight_shape
+from rsavq.stats import distributed
 from rsavq.stats.artifact import (
+    CHECKPOINT,
     MANIFEST,
     FisherStats,
     build_manifest,
@@ -21,6 +25,7 @@ from rsavq.stats.artifact import (
     load_stats,
     run_key,
     save_checkpoint,
+    save_layers,
     save_stats,
 )
 from rsavq.stats.collect import CollectOptions, collect_fisher, make_accumulators
@@ -50,7 +55,9 @@ def fisher_stats(
     """Collect statistics of `layers` over `windows` into `out` (resuming a checkpoint there).
 
     A complete directory made by the same run is returned as is; one made by another run is
-    refused, never overwritten.
+    refused, never overwritten. Under torch.distributed (`torchrun`) the ranks share the
+    windows and `out` (a shared directory when they run on several machines): see
+    `rsavq.stats.distributed`.
     """
     out = Path(out)
     device = next(model.parameters()).device
@@ -61,20 +68,45 @@ def fisher_stats(
         "diag_output": options.diag_output,
     }
     manifest = build_manifest(model, model_id, run, accumulators)
+    rank, size = distributed.world()
+    shapes = {name: list(weight_shape(layer)) for name, layer in layers.items()}
+    distributed.check_same({"module list": shapes, "settings": run_key(manifest),
+                            "calibration windows": windows})  # fmt: skip
     if (out / MANIFEST).exists():
         return _reuse(out, manifest)
-    done = load_checkpoint(out, manifest, accumulators)
+    name = CHECKPOINT if size == 1 else f"{CHECKPOINT}-rank{rank}-of-{size}"
+    mine = distributed.shard(windows)
+    done = load_checkpoint(out, manifest, accumulators, name)
     if done:
-        logger.info(
-            "resuming from checkpoint in %s: %d of %d sequences done", out, done, len(windows)
-        )
+        logger.info("resuming from checkpoint in %s: %d of %d sequences done", out, done, len(mine))
 
     def checkpoint(seen: int) -> None:
-        save_checkpoint(out, build_manifest(model, model_id, run, accumulators), accumulators)
+        manifest = build_manifest(model, model_id, run, accumulators)
+        save_checkpoint(out, manifest, accumulators, name)
         logger.info("checkpoint: %d sequences", seen)
 
-    collect_fisher(model, windows, layers, accumulators, options, checkpoint)
-    return save_stats(out, build_manifest(model, model_id, run, accumulators), accumulators)
+    if rank:
+        options = replace(options, progress=False)
+    collect_fisher(model, mine, layers, accumulators, options, checkpoint)
+    if size == 1:
+        return save_stats(out, build_manifest(model, model_id, run, accumulators), accumulators)
+    return _save_distributed(out, build_manifest, (model, model_id, run), accumulators, name)
+
+
+def _save_distributed(out: Path, build, args, accumulators, checkpoint: str) -> FisherStats:
+    """Reduce every layer onto its owner, which writes it; rank 0 writes the manifest last."""
+    import torch.distributed as dist
+
+    rank, _ = distributed.world()
+    owners = distributed.reduce_to_owners(accumulators)
+    save_layers(out, {n: a for n, a in accumulators.items() if owners[n] == rank})
+    manifest = build(*args, accumulators)  # counts are the totals on every rank now
+    dist.barrier()
+    if rank == 0:
+        atomic_write_json(out / MANIFEST, manifest)
+    shutil.rmtree(out / checkpoint, ignore_errors=True)
+    dist.barrier()
+    return FisherStats(out, manifest)
 
 
 def collect_model_stats(
