@@ -232,3 +232,14 @@ def test_quantize_refuses_to_run_under_torchrun(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["quantize", "--model", "x", "--bits", "3", "--out", str(tmp_path / "q")]) == 2
     assert "collect the statistics data-parallel" in capsys.readouterr().err
+
+
+def test_fisher_memory_budget_plans_passes_or_refuses(tiny_model_dir, text_file, tmp_path, capsys):
+    args = ["fisher", "--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "2"]
+    args += ["--seqlen", "16", "--out", str(tmp_path / "s")]
+    assert main([*args, "--memory-budget", "1KiB"]) == 2
+    err = capsys.readouterr().err
+    assert "memory budget 1.00 KiB is too small for layer" in err and "minimum is" in err
+    assert not (tmp_path / "s").exists()
+    assert main([*args, "--memory-budget", "150KiB"]) == 0
+    assert "plan: 14 layers in 4 pass(es)" in capsys.readouterr().out

@@ -92,3 +92,56 @@ def test_missing_and_corrupt_files(tiny, tmp_path):
     (tmp_path / "s" / "layers" / f"{name}.safetensors").write_bytes(b"garbage")
     with pytest.raises(UsageError, match="missing or corrupt"):
         load_stats(tmp_path / "s").layer(name)
+
+
+def test_a_memory_budget_collects_in_passes_with_the_same_result(tiny, tmp_path):
+    from rsavq.stats.memory import layer_bytes
+
+    model, layers, windows = tiny
+    one = run(model, layers, windows, tmp_path / "one")
+    largest = max(layer_bytes(*one.layer(n).g.shape, False) for n in one.layer_names)
+    calls = []
+    import rsavq.stats.run as run_module
+
+    original = run_module.collect_fisher
+    run_module.collect_fisher = lambda *a, **k: calls.append(len(a[2])) or original(*a, **k)
+    try:
+        passes = run(model, layers, windows, tmp_path / "passes", memory_budget=2 * largest)
+    finally:
+        run_module.collect_fisher = original
+    assert len(calls) > 2 and sum(calls) == len(layers)  # several passes, each layer once
+    for name in one.layer_names:
+        a, b = one.layer(name), passes.layer(name)
+        assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("F_O", "F_I", "g"))
+    with pytest.raises(UsageError, match="the minimum is"):
+        run(model, layers, windows, tmp_path / "small", memory_budget=largest - 1)
+    assert not (tmp_path / "small").exists()
+
+
+BUDGET = 150_000  # bytes: the tiny model's 14 layers in 5 passes
+
+
+def test_a_run_killed_between_passes_resumes(tiny, tmp_path):
+    import rsavq.stats.run as run_module
+
+    model, layers, windows = tiny
+    whole = run(model, layers, windows, tmp_path / "whole", memory_budget=BUDGET)
+    original, calls = run_module.collect_fisher, []
+
+    def dies_in_second_pass(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    run_module.collect_fisher = dies_in_second_pass
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(model, layers, windows, tmp_path / "killed", memory_budget=BUDGET)
+    finally:
+        run_module.collect_fisher = original
+    written = len(list((tmp_path / "killed" / "layers").glob("*.safetensors")))
+    assert 0 < written < len(layers)
+    resumed = run(model, layers, windows, tmp_path / "killed", memory_budget=BUDGET)
+    for name in whole.layer_names:
+        assert torch.equal(whole.layer(name).F_O, resumed.layer(name).F_O)

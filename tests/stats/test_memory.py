@@ -1,3 +1,6 @@
+import pytest
+
+from rsavq.errors import UsageError
 from rsavq.stats.memory import fisher_memory, llama_shapes
 
 
@@ -15,3 +18,27 @@ def test_llama7b_shapes():
     shapes = llama_shapes(4096, 11008, 32)
     assert len(shapes) == 224
     assert sum(m * n for m, n in shapes) == 32 * (4 * 4096**2 + 3 * 4096 * 11008)
+
+
+def test_plan_passes_fits_the_budget_in_model_order():
+    from rsavq.stats.memory import layer_bytes, plan_passes
+
+    shapes = {"a": (4, 3), "b": (2, 3), "c": (4, 3)}
+    assert plan_passes(shapes, False, None) == [["a", "b", "c"]]
+    cost = layer_bytes(4, 3, False)  # 148 bytes; b: 76
+    assert plan_passes(shapes, False, cost + layer_bytes(2, 3, False)) == [["a", "b"], ["c"]]
+    assert plan_passes(shapes, False, cost) == [["a"], ["b"], ["c"]]
+    with pytest.raises(UsageError, match=r"too small for layer a's .* minimum is 148 B"):
+        plan_passes(shapes, False, cost - 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("24GiB", 24 * 2**30), ("500MiB", 500 * 2**20), ("2.5G", int(2.5 * 2**30)),
+                        ("1000", 1000)],
+)  # fmt: skip
+def test_parse_bytes(text, value):
+    from rsavq.stats.memory import parse_bytes
+
+    assert parse_bytes(text) == value
+    with pytest.raises(UsageError, match="use a size such as"):
+        parse_bytes("lots")

@@ -41,6 +41,12 @@ def add_parser(sub) -> None:
         action="store_true",
         help="memory mode: keep only diag(F_O) (for very wide layers)",
     )
+    p.add_argument(
+        "--memory-budget",
+        default=None,
+        help="accumulator memory per rank (e.g. 24GiB): layers are collected in as many passes "
+        "over the calibration windows as keep each pass within it (default: one pass)",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
         "--fast-gram",
@@ -57,11 +63,13 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
 
     from rsavq.data import load_corpus
     from rsavq.models import load_model, resolve_model
-    from rsavq.modules import DEFAULT_SKIP
+    from rsavq.modules import DEFAULT_SKIP, require_linears, weight_shape
     from rsavq.stats import distributed
     from rsavq.stats.collect import CollectOptions
+    from rsavq.stats.memory import parse_bytes, plan_passes, plan_text
     from rsavq.stats.run import CalibrationSpec, collect_model_stats
 
+    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     resolve_model(args.model)
     device = distributed.local_device(resolve_device(args.device))
     distributed.init_from_env(device)
@@ -77,7 +85,12 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
         args.gradient_checkpointing,
         args.checkpoint_every,
         gram_dtype=torch.bfloat16 if args.fast_gram else torch.float32,
+        memory_budget=budget,
     )
+    shapes = {n: weight_shape(m) for n, m in require_linears(model, skip).items()}
+    passes = plan_passes(shapes, args.diag_output, budget)  # refused here, before any work
+    if rank == 0:
+        print(f"plan: {plan_text(passes, shapes, args.diag_output, size)}")
     start = time.perf_counter()
     stats = collect_model_stats(model, tokenizer, args.model, corpus, spec, args.out, options, skip)
     if rank == 0:

@@ -99,15 +99,17 @@ def write_layer(path: Path, stats: LayerFisher) -> None:
     write_item(path, *_item(stats))
 
 
-def build_manifest(model, model_id: str, run: dict, accumulators) -> dict:
+def build_manifest(model, model_id: str, run: dict, layers: dict) -> dict:
+    """The manifest; `layers` maps each name to its accumulator, or to its manifest entry
+    (`{"shape", "count", "diag_output"}`)."""
     layers = {
-        name: {
-            "shape": list(acc.stats.g.shape),
-            "count": acc.stats.count,
-            "diag_output": acc.stats.diag_output,
+        name: value if isinstance(value, dict) else {
+            "shape": list(value.stats.g.shape),
+            "count": value.stats.count,
+            "diag_output": value.stats.diag_output,
         }
-        for name, acc in accumulators.items()
-    }
+        for name, value in layers.items()
+    }  # fmt: skip
     return {
         "format_version": FORMAT_VERSION,
         "rsavq_version": __version__,
@@ -152,8 +154,8 @@ def save_checkpoint(root: Path, manifest: dict, accumulators, name: str = CHECKP
 def load_checkpoint(root: Path, manifest: dict, accumulators, name: str = CHECKPOINT) -> int:
     """Restore accumulators from the checkpoint if it was made by the same run; return count."""
     store = _checkpoint(root, manifest, name)
-    if not store.keys():
-        return 0
+    if not any(store.has(layer) for layer in accumulators):
+        return 0  # nothing yet (or only an earlier pass's layers, which are written already)
     for name, acc in accumulators.items():
         acc.stats = read_layer(store.path(name), fix=store.fix)
     counts = {acc.stats.count for acc in accumulators.values()}

@@ -33,6 +33,7 @@ class CollectOptions:
     checkpoint_every: int = 0  # samples between on-disk checkpoints (0: never)
     progress: bool = True
     gram_dtype: torch.dtype = torch.float32  # bfloat16: faster Gram products, fp32 accumulation
+    memory_budget: int | None = None  # bytes of accumulators per rank: more passes if needed
 
 
 def make_accumulators(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rsavq.errors import UsageError
+
 FP32 = 4
 
 
@@ -22,10 +24,77 @@ def fisher_memory(
     activation_bytes: int = 2,
 ) -> FisherMemory:
     """Collection memory for linear layers of `shapes` ([m, n] each) in one mode."""
-    acc = sum((m if diag_output else m * m) + n * n + m * n for m, n in shapes) * FP32
+    acc = sum(layer_bytes(m, n, diag_output) for m, n in shapes)
     inputs = sum(batch * seqlen * n for _, n in shapes) * activation_bytes
     largest = max(batch * m * n for m, n in shapes) * FP32
     return FisherMemory(acc, inputs, largest)
+
+
+def layer_bytes(m: int, n: int, diag_output: bool) -> int:
+    """Bytes of one layer's accumulators (F_O, F_I, g in fp32)."""
+    return ((m if diag_output else m * m) + n * n + m * n) * FP32
+
+
+def plan_passes(
+    shapes: dict[str, tuple[int, int]], diag_output: bool, budget: int | None
+) -> list[list[str]]:
+    """Layers (in model order) cut into passes whose accumulators fit in `budget` bytes; one
+    pass when there is no budget. A layer that alone exceeds it is refused, naming the minimum
+    budget (and the one `diag_output` would need)."""
+    if budget is None:
+        return [list(shapes)]
+    costs = {name: layer_bytes(*shape, diag_output) for name, shape in shapes.items()}
+    largest = max(costs, key=costs.get)
+    if costs[largest] > budget:
+        hint = (
+            ""
+            if diag_output
+            else (f", or {_gib(layer_bytes(*shapes[largest], True))} with --diag-output")
+        )
+        raise UsageError(
+            f"memory budget {_gib(budget)} is too small for layer {largest}'s Fisher "
+            f"accumulators: the minimum is {_gib(costs[largest])}{hint}"
+        )
+    passes: list[list[str]] = [[]]
+    held = 0
+    for name, cost in costs.items():
+        if held + cost > budget:
+            passes.append([])
+            held = 0
+        passes[-1].append(name)
+        held += cost
+    return passes
+
+
+def plan_text(passes: list[list[str]], shapes: dict, diag_output: bool, ranks: int) -> str:
+    """One line describing a plan: layers, passes, the most accumulator memory a rank holds."""
+    held = max(sum(layer_bytes(*shapes[n], diag_output) for n in p) for p in passes)
+    return (
+        f"{len(shapes)} layers in {len(passes)} pass(es) over the calibration windows, at most "
+        f"{_gib(held)} of Fisher accumulators per rank ({ranks} rank(s))"
+    )
+
+
+def _gib(nbytes: int) -> str:
+    """A size in the largest binary unit that keeps it >= 1 (for messages)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def parse_bytes(text: str) -> int:
+    """`"12GiB"`, `"500MiB"`, `"2.5G"`, `"1000000"` -> bytes."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    value = text.strip().lower().removesuffix("b").removesuffix("i")
+    scale = units.get(value[-1:], 1)
+    try:
+        number = float(value[:-1] if value[-1:] in units else value)
+    except ValueError:
+        number = -1
+    if number <= 0:
+        raise UsageError(f"memory budget {text!r}: use a size such as 24GiB or 500MiB")
+    return int(number * scale)
 
 
 def llama_shapes(hidden: int, intermediate: int, layers: int, kv_hidden: int | None = None):

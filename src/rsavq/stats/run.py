@@ -26,9 +26,9 @@ from rsavq.stats.artifact import (
     run_key,
     save_checkpoint,
     save_layers,
-    save_stats,
 )
 from rsavq.stats.collect import CollectOptions, collect_fisher, make_accumulators
+from rsavq.stats.memory import plan_passes, plan_text
 
 logger = logging.getLogger(__name__)
 
@@ -55,58 +55,79 @@ def fisher_stats(
     """Collect statistics of `layers` over `windows` into `out` (resuming a checkpoint there).
 
     A complete directory made by the same run is returned as is; one made by another run is
-    refused, never overwritten. Under torch.distributed (`torchrun`) the ranks share the
-    windows and `out` (a shared directory when they run on several machines): see
-    `rsavq.stats.distributed`.
+    refused, never overwritten. With `options.memory_budget` the layers are collected in as
+    many passes over the windows as keep each pass's accumulators within it (`plan_passes`).
+    Under torch.distributed (`torchrun`) the ranks share the windows and `out` (a shared
+    directory when they run on several machines): see `rsavq.stats.distributed`.
     """
     out = Path(out)
-    device = next(model.parameters()).device
-    accumulators = make_accumulators(layers, options.diag_output, device)
     run = {
         "calibration": asdict(calibration),
         "dtype": str(next(model.parameters()).dtype),
         "diag_output": options.diag_output,
     }
-    manifest = build_manifest(model, model_id, run, accumulators)
+    shapes = {name: weight_shape(layer) for name, layer in layers.items()}
+    entries = {name: _entry(shape, len(windows), options.diag_output) for name, shape in
+               shapes.items()}  # fmt: skip
+    manifest = build_manifest(model, model_id, run, entries)
     rank, size = distributed.world()
-    shapes = {name: list(weight_shape(layer)) for name, layer in layers.items()}
     distributed.check_same({"module list": shapes, "settings": run_key(manifest),
                             "calibration windows": windows})  # fmt: skip
     if (out / MANIFEST).exists():
         return _reuse(out, manifest)
+    passes = plan_passes(shapes, options.diag_output, options.memory_budget)
+    logger.info("Fisher plan: %s", plan_text(passes, shapes, options.diag_output, size))
     name = CHECKPOINT if size == 1 else f"{CHECKPOINT}-rank{rank}-of-{size}"
-    mine = distributed.shard(windows)
-    done = load_checkpoint(out, manifest, accumulators, name)
-    if done:
-        logger.info("resuming from checkpoint in %s: %d of %d sequences done", out, done, len(mine))
-
-    def checkpoint(seen: int) -> None:
-        manifest = build_manifest(model, model_id, run, accumulators)
-        save_checkpoint(out, manifest, accumulators, name)
-        logger.info("checkpoint: %d sequences", seen)
-
+    if (out / "layers").exists() and not (out / name).exists():
+        raise UsageError(
+            f"{out} holds statistics of an unfinished run that left no checkpoint; delete it "
+            "or choose another --out"
+        )
     if rank:
         options = replace(options, progress=False)
-    collect_fisher(model, mine, layers, accumulators, options, checkpoint)
-    if size == 1:
-        return save_stats(out, build_manifest(model, model_id, run, accumulators), accumulators)
-    return _save_distributed(out, build_manifest, (model, model_id, run), accumulators, name)
-
-
-def _save_distributed(out: Path, build, args, accumulators, checkpoint: str) -> FisherStats:
-    """Reduce every layer onto its owner, which writes it; rank 0 writes the manifest last."""
-    import torch.distributed as dist
-
-    rank, _ = distributed.world()
-    owners = distributed.reduce_to_owners(accumulators)
-    save_layers(out, {n: a for n, a in accumulators.items() if owners[n] == rank})
-    manifest = build(*args, accumulators)  # counts are the totals on every rank now
-    dist.barrier()
+    for i, names in enumerate(passes):
+        if all((out / "layers" / f"{n}.safetensors").exists() for n in names):
+            continue  # a finished pass of this run (resumed)
+        if len(passes) > 1:
+            logger.info("pass %d of %d: %d layers", i + 1, len(passes), len(names))
+        todo = {n: layers[n] for n in names}
+        _collect_pass(model, distributed.shard(windows), todo, out, manifest, options, name)
+    if size > 1:
+        torch.distributed.barrier()
     if rank == 0:
         atomic_write_json(out / MANIFEST, manifest)
-    shutil.rmtree(out / checkpoint, ignore_errors=True)
-    dist.barrier()
+    shutil.rmtree(out / name, ignore_errors=True)
+    if size > 1:
+        torch.distributed.barrier()
     return FisherStats(out, manifest)
+
+
+def _entry(shape: tuple[int, int], count: int, diag_output: bool) -> dict:
+    return {"shape": list(shape), "count": count, "diag_output": diag_output}
+
+
+def _collect_pass(model, windows, layers, out: Path, manifest, options, checkpoint: str) -> None:
+    """Collect `layers` over this rank's `windows`, resumably, and write them (each layer by
+    its owner rank when distributed)."""
+    device = next(model.parameters()).device
+    accumulators = make_accumulators(layers, options.diag_output, device, options.gram_dtype)
+    done = load_checkpoint(out, manifest, accumulators, checkpoint)
+    if done:
+        logger.info("resuming from checkpoint in %s: %d of %d sequences done", out, done,
+                    len(windows))  # fmt: skip
+
+    def save(seen: int) -> None:
+        save_checkpoint(out, manifest, accumulators, checkpoint)
+        logger.info("checkpoint: %d sequences", seen)
+
+    collect_fisher(model, windows, layers, accumulators, options, save)
+    rank, size = distributed.world()
+    if size > 1:
+        owners = distributed.reduce_to_owners(accumulators)
+        accumulators = {n: a for n, a in accumulators.items() if owners[n] == rank}
+    save_layers(out, accumulators)
+    if size > 1:
+        torch.distributed.barrier()  # every layer of the pass is written
 
 
 def collect_model_stats(
