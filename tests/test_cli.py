@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from rsavq.cli import main
 
@@ -228,10 +229,29 @@ def test_fisher_under_torchrun_equals_one_process(tiny_model_dir, text_file, tmp
         assert (a.F_I - b.F_I).abs().max() <= 1e-4 * a.F_I.abs().max() and a.count == b.count
 
 
-def test_quantize_refuses_to_run_under_torchrun(monkeypatch, capsys, tmp_path):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["quantize", "--model", "x", "--bits", "3", "--out", str(tmp_path / "q")]) == 2
-    assert "collect the statistics data-parallel" in capsys.readouterr().err
+def test_quantize_under_torchrun_equals_one_process(tiny_model_dir, text_file, tmp_path):
+    """Layer-parallel quantization with the documented launcher: the same checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4"]
+    args += ["--seqlen", "16", "--bits", "2", "--kmeans-iters", "2", "--lambda", "0"]
+    args += ["--uniform-bits", "--finetune-epochs", "1", "--device", "cpu"]
+    assert main(["quantize", *args, "--out", str(tmp_path / "one")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    run = subprocess.run(
+        [*torchrun, "-m", "rsavq.cli", "quantize", *args, "--out", str(tmp_path / "two")],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("quantized 14 layers") == 1  # rank 0 reports
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert not (tmp_path / "two" / ".partial").exists()
 
 
 def test_fisher_memory_budget_plans_passes_or_refuses(tiny_model_dir, text_file, tmp_path, capsys):

@@ -31,6 +31,7 @@ from rsavq.pipeline import (
     quantize_model,
     supports_tuning,
 )
+from rsavq.stats import distributed
 from rsavq.stats.artifact import MANIFEST, FisherStats, load_stats
 from rsavq.stats.collect import CollectOptions
 from rsavq.stats.run import CalibrationSpec, collect_model_stats, default_stats_dir
@@ -112,6 +113,8 @@ def quantize(
     )  # fmt: skip
     if out is not None:
         return run(out)
+    if distributed.world()[1] > 1:
+        raise UsageError("under torch.distributed the ranks share their work through out=: pass it")
     with tempfile.TemporaryDirectory() as tmp:
         return run(Path(tmp) / "q")
 

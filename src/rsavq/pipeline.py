@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,9 @@ from rsavq.errors import UsageError
 from rsavq.finetune import BlockTuning, tune_block, tuned_state
 from rsavq.io import atomic_write, atomic_write_json
 from rsavq.methods import HESSIAN, Method, method_for
-from rsavq.modules import require_linears, weight_matrix
+from rsavq.modules import require_linears, weight_matrix, weight_shape
 from rsavq.serialization import quantization_config, round_unquantized, save_quantized
+from rsavq.stats import distributed
 from rsavq.stats.artifact import FisherStats, config_hash
 from rsavq.stats.hessian import input_hessians
 from rsavq.stats.sequential import sequential_hessians
@@ -77,6 +79,10 @@ def quantize_model(
     its error on the `heldout` windows (never trained on) goes into the report. `distillation`
     then trains the whole quantized model towards the FP model's next-token distributions on
     the calibration windows (`rsavq.distill`; rsavq's VQ methods).
+
+    Under torch.distributed (`torchrun`) every rank runs this with the same arguments and `out`
+    (shared): each block's layers are spread over the ranks, rank 0 fine-tunes, distills and
+    writes the checkpoint (docs/architecture.md section 5).
     """
     out = Path(out)
     layers = require_linears(model, config.skip)
@@ -100,24 +106,29 @@ def quantize_model(
         if calibration is None:
             raise UsageError("end-to-end distillation needs the calibration windows")
         run["distillation"] = distillation.to_dict()
+    rank, size = distributed.world()
+    shapes = {name: list(weight_shape(layer)) for name, layer in layers.items()}
+    distributed.check_same({"module list": shapes, "settings": run, "calibration windows":
+                            calibration if calibration is not None else "none"})  # fmt: skip
     store = _open_store(out, run)
-    if distillation is not None:  # from the FP model, before any layer is quantized
+    if distillation is not None and rank == 0:  # from the FP model, before quantizing
         teacher = _teacher(store, model, calibration, heldout, distillation)
     records, specs, tuned = [], {}, []
-    bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress)
+    bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress or rank)
     tune = _tuner(store, tuning, tuned, bar) if tuning is not None else None
     hessians = HESSIAN in needs, calibration, tune, heldout
     for batch in _hessian_schedule(model, layers, config, store, *hessians):
-        for name, hessian in batch.items():
-            layer = layers[name]
-            fisher = stats.layer(name) if stats is not None else None
-            result, record = _layer(name, layer, method, config, fisher, hessian, store)
-            result.install(model, name, layer)
+        work = Work(model, layers, method, config, stats, store)
+        for result, record in _quantize_batch(batch, work):
             records.append(record)
             if result.spec() is not None:
-                specs[name] = result.spec()
+                specs[record.name] = result.spec()
             bar.update()
     bar.close()
+    if size > 1:
+        torch.distributed.barrier()  # every rank has read the store: rank 0 may remove it
+    if rank:
+        return records  # rank 0 distills and writes the checkpoint
     distilled = None
     if distillation is not None:
         distilled = _distill(model, store, calibration, heldout, teacher, distillation, progress)
@@ -130,6 +141,36 @@ def quantize_model(
     write_report(out, records, tuned, distilled)
     store.remove()
     return records
+
+
+@dataclass(frozen=True)
+class Work:
+    """What quantizing one layer needs besides its name and Hessian."""
+
+    model: nn.Module
+    layers: dict[str, nn.Module]
+    method: Method
+    config: object
+    stats: FisherStats | None
+    store: Store
+
+
+def _quantize_batch(batch: dict, work: Work):
+    """Quantize and install the layers of `batch` (`{name: H}`), yielding `(result, record)`.
+    Under torch.distributed the layers are spread over the ranks by size (each rank puts its
+    results in the shared store), then every rank installs them all from the store."""
+    rank, size = distributed.world()
+    computed = {}
+    if size > 1:
+        sizes = {name: math.prod(weight_shape(work.layers[name])) for name in batch}
+        owners = distributed.assign_owners(sizes, size)
+        for name in (n for n in batch if owners[n] == rank):
+            computed[name] = _layer(name, batch[name], work)
+        torch.distributed.barrier()
+    for name, hessian in batch.items():
+        result, record = computed.get(name) or _layer(name, hessian, work)
+        result.install(work.model, name, work.layers[name])
+        yield result, record
 
 
 def _save(model, out: Path, qconfig, tokenizer, save_dtype) -> None:
@@ -206,20 +247,25 @@ def _distill(model, store: Store, calibration, heldout, teacher: dict, options, 
 
 def _tuner(store: Store, tuning: BlockTuning, tuned: list, bar):
     """`tune(index, block, inputs, targets)`: fine-tunes a quantized block once; its tuned
-    tensors are a store item, so a resumed run loads them instead of training again."""
+    tensors are a store item, so a resumed run loads them instead of training again. Under
+    torch.distributed rank 0 tunes and the other ranks load its result."""
+    rank, size = distributed.world()
 
     def tune(index, block, data) -> None:
         key = f"tuned-block-{index}"
-        if store.has(key):
-            tensors, meta = store.get(key)
-            block.load_state_dict(tensors, strict=False)
-            losses = {k: float(v) for k, v in meta.items()}
-        else:
+        train = rank == 0 and not store.has(key)
+        if train:
             bar.set_postfix_str(f"fine-tuning block {index}")
             (inputs, targets), *held = data
             losses = tune_block(block, inputs, targets, tuning, index, *held)
             store.put(key, tuned_state(block), {k: repr(v) for k, v in losses.items()})
             bar.set_postfix_str(f"block {index} rel. MSE {_losses_text(losses)}")
+        if size > 1:
+            torch.distributed.barrier()
+        if not train:
+            tensors, meta = store.get(key)
+            block.load_state_dict(tensors, strict=False)
+            losses = {k: float(v) for k, v in meta.items()}
         tuned.append({"block": index, **losses})
 
     return tune
@@ -258,9 +304,11 @@ def _open_store(out: Path, run: dict) -> Store:
     return store
 
 
-def _layer(name, layer, method: Method, config, fisher, hessian, store: Store):
+def _layer(name: str, hessian, work: Work):
     """One layer's result and report row: read back when the store has it, else computed and
     stored."""
+    layer, method, config, store = work.layers[name], work.method, work.config, work.store
+    fisher = work.stats.layer(name) if work.stats is not None else None
     if store.has(name):
         tensors, meta = store.get(name)
         data = json.loads(meta["record"])

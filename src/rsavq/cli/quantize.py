@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 from rsavq.cli.common import add_model_args, positive_int
-from rsavq.errors import UsageError
 from rsavq.runtime import resolve_device, resolve_dtype
 
 METHODS = ("rsavq", "kmeans", "gptq", "rtn")  # rsavq.methods.METHODS, without importing it
@@ -213,23 +211,22 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from rsavq.data import load_corpus
     from rsavq.models import load_model, resolve_model
     from rsavq.pipeline import check_output_dir, summarize
+    from rsavq.stats import distributed
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError(
-            "rsavq quantize runs in one process: collect the statistics data-parallel with "
-            "`torchrun ... -m rsavq.cli fisher --out DIR`, then `rsavq quantize --stats DIR`"
-        )
     config = _config_from_args(args)
     tuning = _tuning(args, config)
     check_output_dir(Path(args.out))
     resolve_model(args.model)
-    device = resolve_device(args.device)
+    device = distributed.local_device(resolve_device(args.device))
+    distributed.init_from_env(device)
+    lead = distributed.world()[0] == 0  # prints, evaluates; the other ranks only quantize
     dtype = resolve_dtype(args.dtype, device)
     calib = load_corpus(args.calib, args.data_dir, args.text_field)
     evaluation = load_corpus(args.eval, args.data_dir, args.text_field) if args.eval else None
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-    before = _quick_ppl(model, tokenizer, evaluation, args) if evaluation else None
-    _say_what_runs(model, config, calib, args, tuning)
+    before = _quick_ppl(model, tokenizer, evaluation, args) if evaluation and lead else None
+    if lead:
+        _say_what_runs(model, config, calib, args, tuning)
     start = time.perf_counter()
     records = quantize(
         model,
@@ -242,6 +239,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         save_dtype=getattr(torch, args.save_dtype) if args.save_dtype else None,
         finetune=tuning,
     )
+    if not lead:
+        return 0
     summary = summarize(records)
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     print(
