@@ -90,6 +90,9 @@ def test_finetune_auto_runs_where_the_sequential_vq_pass_does(tmp_path, tiny_tok
     plain = rsavq.preset("kmeans", bits=2, kmeans_iters=2)
     rsavq.quantize(build_tiny_llama(len(tiny_tokenizer)), plain, out=tmp_path / "b", **kwargs)
     assert "finetune" not in json.loads((tmp_path / "b" / "report.json").read_text())
+    model = build_tiny_llama(len(tiny_tokenizer))
+    rsavq.quantize(model, config, out=tmp_path / "c", finetune=None, **kwargs)
+    assert "finetune" not in json.loads((tmp_path / "c" / "report.json").read_text())
     with pytest.raises(rsavq.UsageError, match="block-sequential pass"):
         rsavq.quantize(build_tiny_llama(64), plain, finetune=rsavq.BlockTuning(), **kwargs)
     with pytest.raises(rsavq.UsageError, match="use one of auto, none"):

@@ -105,7 +105,7 @@ def quantize(
         c = calibration
         windows = calibration_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed)
     identity = asdict(calibration.spec(corpus)) if corpus else None
-    count = max(s.heldout for s in (tuning, distillation) if s is not None) if needs_windows else 0
+    count = max((s.heldout for s in (tuning, distillation) if s is not None), default=0)
     heldout = _heldout(tokenizer, corpus, calibration, count) if count else None
     run = lambda path: quantize_model(  # noqa: E731
         model, config, fisher, path, tokenizer, progress, windows, identity, save_dtype, tuning,
