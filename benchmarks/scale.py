@@ -10,8 +10,9 @@ the peak RSS of the largest rank (`getrusage(RUSAGE_CHILDREN)` of the launcher's
 The planner's figure beside it: the model's fp32 weights, the largest pass's accumulators, the
 largest per-sequence gradient and the captured layer inputs (`rsavq.stats.memory`). Then the
 projection table for 7B / 13B / 70B on 1, 8 and 64 GPUs, from the measured per-layer costs
-scaled by weights (assumptions printed with it). Checks, on the way, that the 1- and 2-rank
-checkpoints are bit-identical.
+scaled by weights (assumptions printed with it). Every rank count quantizes from the first
+one's statistics, and the checkpoints are checked bit-identical (the statistics of different
+rank counts agree to float rounding only: sums in another order).
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def main() -> None:
         stats, out = work / f"stats-{ranks}", work / f"q-{ranks}"
         fisher = run_ranks(ranks, ["fisher", *common, "--memory-budget", args.memory_budget,
                                    "--checkpoint-every", "0", "--out", str(stats)])  # fmt: skip
-        quant = run_ranks(ranks, ["quantize", *common, "--stats", str(stats), "--bits", args.bits,
+        first = work / f"stats-{rows[0]['ranks']}" if rows else stats  # the same input for all
+        quant = run_ranks(ranks, ["quantize", *common, "--stats", str(first), "--bits", args.bits,
                                   "--finetune", "none", "--out", str(out)])  # fmt: skip
         rows.append({"ranks": ranks, "fisher": fisher, "quantize": quant})
         peak = fisher["peak_rss_gib"]

@@ -56,6 +56,7 @@ def test_rows_cover_the_issue_table(quality):
     ]
     kmeans, paper, default = main[3].config, main[4].config, main[5].config
     assert main[6].config == default and main[6].tuning == quality.BlockTuning()
+    assert main[6].distillation == quality.Distillation()
     assert main[5].tuning is None
     assert (kmeans.lam, kmeans.groups, kmeans.uniform_bits, kmeans.needs_hessian) == (
         0.0, 1, True, False,
@@ -104,3 +105,6 @@ def test_tables_from_cached_json(quality, tmp_path):
     assert "16 windows x 2048" in text and "first 100 examples per task" in text
     quality.main(["--table-only", "--json", str(path), "--markdown", str(md)])
     assert md.read_text() == text  # the block is replaced, not appended again
+    old = {"label": "rsavq (default)", "tuning": {"epochs": 2}}
+    assert quality.shown_label(old) == quality.BLOCK_ONLY
+    assert quality.shown_label({**old, "distillation": {"epochs": 1}}) == "rsavq (default)"
