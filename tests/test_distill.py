@@ -145,7 +145,8 @@ def test_distilling_a_saved_checkpoint_equals_the_pipeline(tmp_path):
 
 def test_stages_by_name_and_refusals():
     default = preset("default", 2)
-    assert finetune_stages("auto", default) == (BlockTuning(), None)
+    assert finetune_stages("auto", default) == (BlockTuning(), Distillation())
+    assert finetune_stages("block", default) == (BlockTuning(), None)
     assert finetune_stages("both", default) == (BlockTuning(), Distillation())
     assert finetune_stages("e2e", default) == (None, Distillation())
     assert finetune_stages(None, default) == (None, None)

@@ -83,7 +83,7 @@ def quantize(
     unquantized tensors (embeddings, norms) in that dtype and rounds the model's copies to match.
     `finetune` chooses the fine-tuning stages: "block" fine-tunes each decoder block once
     quantized (`BlockTuning()`), "e2e" distills the whole quantized model from the FP one
-    (`Distillation()`), "both" does both, "none" (or None) neither; "auto" (default) is "block"
+    (`Distillation()`), "both" does both, "none" (or None) neither; "auto" (default) is "both"
     wherever the configuration runs the block-sequential VQ pass, else "none". A
     `rsavq.BlockTuning(...)`, a `rsavq.Distillation(...)` or a tuple of both chooses their
     options. A stage that cannot run with `config` is refused before any work.
@@ -129,7 +129,7 @@ def finetune_stages(finetune: Finetune, config) -> tuple[BlockTuning | None, Dis
         if finetune not in STAGES:
             raise UsageError(f"finetune={finetune!r}: use one of {', '.join(STAGES)}")
         if finetune == "auto":
-            finetune = "block" if supports_tuning(config) else "none"
+            finetune = "both" if supports_tuning(config) else "none"
         block = BlockTuning() if finetune in ("block", "both") else None
         finetune = (block, Distillation() if finetune in ("e2e", "both") else None)
     stages = finetune if isinstance(finetune, tuple) else (finetune,)

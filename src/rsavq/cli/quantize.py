@@ -135,8 +135,8 @@ def add_parser(sub) -> None:
         help="block: after each decoder block is quantized, train its codebooks, scales and "
         "norms (codes frozen) to match the FP block's outputs on the calibration windows; "
         "e2e: then train them across the whole model to match the FP model's next-token "
-        "distributions (KL); both; auto (default): block wherever the method runs the "
-        "block-sequential VQ pass",
+        "distributions (KL); both; auto (default): both wherever the method runs the "
+        "block-sequential VQ pass, else none",
     )
     t.add_argument("--finetune-epochs", type=positive_int, default=2, help="block stage")
     t.add_argument("--finetune-lr", type=float, default=3e-3, help="block stage")
