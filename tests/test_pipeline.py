@@ -199,3 +199,70 @@ def test_a_model_without_linear_layers_is_refused(tmp_path):
     with pytest.raises(UsageError, match="no quantizable layer"):
         quantize_model(fresh(), plain_config(skip=("*",)), None, tmp_path / "q", progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def _quantize_rank(rank, size, init, out, stats, die, errors):
+    import sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from rsavq.finetune import BlockTuning
+    from rsavq.stats.artifact import load_stats
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    if die and rank == 1:
+        import rsavq.pipeline as pipeline
+
+        original = pipeline._layer
+
+        def dies_after_one_layer(*args):
+            original(*args)
+            raise KeyboardInterrupt("rank 1 killed")
+
+        pipeline._layer = dies_after_one_layer
+    try:
+        model = build_tiny_llama(vocab_size=64, seed=7)
+        windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+        quantize_model(model, DEFAULT, load_stats(stats), out, progress=False, calibration=windows,
+                       tuning=BlockTuning(epochs=1))  # fmt: skip
+    except KeyboardInterrupt as exc:
+        errors.put((rank, str(exc)))
+        raise SystemExit(1) from exc
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_killed_and_resumed_equal_one_process(stats_dir, tmp_path):
+    """Layer-parallel quantization: a rank dies mid-way, the rerun resumes from the shared store
+    and the checkpoint equals a single process's, bit for bit."""
+    import uuid
+
+    import torch.multiprocessing as mp
+
+    from rsavq.finetune import BlockTuning
+    from rsavq.stats.artifact import load_stats
+
+    model = build_tiny_llama(vocab_size=64, seed=7)
+    windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, DEFAULT, load_stats(stats_dir), tmp_path / "one", progress=False,
+                   calibration=windows, tuning=BlockTuning(epochs=1))  # fmt: skip
+    out, errors = tmp_path / "two", mp.get_context("spawn").SimpleQueue()
+
+    def spawn(die: bool):
+        init = f"file://{tmp_path / uuid.uuid4().hex}"
+        args = (2, init, str(out), str(stats_dir), die, errors)
+        mp.spawn(_quantize_rank, args=args, nprocs=2)
+
+    with pytest.raises(mp.ProcessExitedException):
+        spawn(die=True)
+    assert errors.get() == (1, "rank 1 killed")
+    assert list((out / ".partial" / "items").glob("*.safetensors"))  # work kept
+    spawn(die=False)
+    one, two = (
+        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(out / "model.safetensors"),
+    )
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
