@@ -69,7 +69,14 @@ PEAK = (
 
 def run_ranks(ranks: int, command: list[str]) -> dict:
     """One `torchrun` run; seconds and the peak RSS of its largest process."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(ranks),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", PEAK, *launcher, "-m", "rsavq.cli", *command],

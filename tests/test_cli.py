@@ -214,7 +214,14 @@ def test_fisher_under_torchrun_equals_one_process(tiny_model_dir, text_file, tmp
     args = ["--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4"]
     args += ["--seqlen", "16", "--checkpoint-every", "0", "--device", "cpu"]
     assert main(["fisher", *args, "--out", str(tmp_path / "one")]) == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run(
         [*torchrun, "-m", "rsavq.cli", "fisher", *args, "--out", str(tmp_path / "two")],
@@ -241,7 +248,14 @@ def test_quantize_under_torchrun_equals_one_process(tiny_model_dir, text_file, t
     args += ["--seqlen", "16", "--bits", "2", "--kmeans-iters", "2", "--lambda", "0"]
     args += ["--uniform-bits", "--finetune-epochs", "1", "--device", "cpu"]
     assert main(["quantize", *args, "--out", str(tmp_path / "one")]) == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
     run = subprocess.run(
         [*torchrun, "-m", "rsavq.cli", "quantize", *args, "--out", str(tmp_path / "two")],
         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
