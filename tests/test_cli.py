@@ -197,10 +197,13 @@ def test_quantize_with_both_finetuning_stages(tiny_model_dir, text_file, tmp_pat
     args += ["--uniform-bits", "--finetune", "both", "--finetune-epochs", "1"]
     assert main([*args, "--one-pass", "--out", str(out)]) == 2
     assert "block-sequential pass" in capsys.readouterr().err and not out.exists()
-    assert main([*args, "--distill-tokens", "64", "--distill-lr", "1e-3", "--out", str(out)]) == 0
+    args += ["--distill-tokens", "64", "--distill-lr", "1e-3", "--finetune-bf16"]
+    assert main([*args, "--out", str(out)]) == 0
     assert "end-to-end distillation from the FP model: 64 tokens" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert len(report["finetune"]) == 2 and report["distill"]["steps"] == 2
+    finetune = json.loads((out / "config.json").read_text())["quantization_config"]["finetune"]
+    assert finetune["block"]["bf16"] and finetune["e2e"]["bf16"] and finetune["e2e"]["tokens"] == 64
 
 
 def test_fisher_under_torchrun_equals_one_process(tiny_model_dir, text_file, tmp_path):

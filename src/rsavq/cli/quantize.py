@@ -143,6 +143,11 @@ def add_parser(sub) -> None:
     t.add_argument("--distill-epochs", type=positive_int, default=1, help="e2e stage")
     t.add_argument("--distill-lr", type=float, default=1e-3, help="e2e stage")
     t.add_argument(
+        "--finetune-bf16",
+        action="store_true",
+        help="bfloat16 autocast in both stages (fast on CPUs with AVX-512 BF16 or AMX, and GPUs)",
+    )
+    t.add_argument(
         "--distill-tokens",
         type=positive_int,
         default=None,
@@ -195,11 +200,14 @@ def _tuning(args: argparse.Namespace, config):
 
     block, e2e = finetune_stages(args.finetune, config)
     if block is not None:
-        block = BlockTuning(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed)
+        block = BlockTuning(
+            epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed,
+            bf16=args.finetune_bf16,
+        )  # fmt: skip
     if e2e is not None:
         e2e = Distillation(
             epochs=args.distill_epochs, lr=args.distill_lr, tokens=args.distill_tokens,
-            seed=args.seed,
+            seed=args.seed, bf16=args.finetune_bf16,
         )  # fmt: skip
     return block, e2e
 
