@@ -117,8 +117,8 @@ def quantize_model(
     bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress or rank)
     tune = _tuner(store, tuning, tuned, bar) if tuning is not None else None
     hessians = HESSIAN in needs, calibration, tune, heldout
+    work = Work(model, layers, method, config, stats, store)
     for batch in _hessian_schedule(model, layers, config, store, *hessians):
-        work = Work(model, layers, method, config, stats, store)
         for result, record in _quantize_batch(batch, work):
             records.append(record)
             if result.spec() is not None:
@@ -308,13 +308,13 @@ def _layer(name: str, hessian, work: Work):
     """One layer's result and report row: read back when the store has it, else computed and
     stored."""
     layer, method, config, store = work.layers[name], work.method, work.config, work.store
-    fisher = work.stats.layer(name) if work.stats is not None else None
     if store.has(name):
         tensors, meta = store.get(name)
         data = json.loads(meta["record"])
         data["shape"], data["group_bits"] = tuple(data["shape"]), tuple(data["group_bits"])
         return method.load(tensors, meta), LayerRecord(**data)
     start = time.perf_counter()
+    fisher = work.stats.layer(name) if work.stats is not None else None
     result, step = method.quantize(config, layer, fisher, hessian)
     W = weight_matrix(layer).detach().float().cpu()
     record = LayerRecord(
