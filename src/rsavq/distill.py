@@ -132,8 +132,9 @@ def _slice(teacher: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch
 @torch.no_grad()
 def mean_kl(model: nn.Module, windows: torch.Tensor, teacher: dict[str, torch.Tensor]) -> float:
     """`sparse_kl` of `model` on all `windows`, one window at a time."""
-    losses = [sparse_kl(_logits(model, windows[i : i + 1]), _slice(teacher, [i])) for i in
-              range(len(windows))]  # fmt: skip
+    losses = []
+    for i in range(len(windows)):
+        losses.append(sparse_kl(_logits(model, windows[i : i + 1]), _slice(teacher, [i])))
     return float(torch.stack(losses).mean())
 
 
@@ -163,10 +164,8 @@ def distill(
     with trainable(model) as params, torch.enable_grad():
         optimizer = torch.optim.Adam(params, lr=options.lr, betas=(0.9, 0.95))
         losses = _restore(resume, params, optimizer) if resume is not None else []
-        bar = tqdm(
-            total=len(schedule), initial=len(losses), desc="distill", unit="step",
-            disable=not progress,
-        )  # fmt: skip
+        bar = tqdm(total=len(schedule), initial=len(losses), desc="distill", unit="step",
+                   disable=not progress)  # fmt: skip
         device_type = next(model.parameters()).device.type
         for step in range(len(losses), len(schedule)):
             rows = schedule[step]
@@ -178,8 +177,8 @@ def distill(
             losses.append(loss.item())
             bar.update()
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
-            if save is not None and (len(losses) % options.save_every == 0 or
-                                     len(losses) == len(schedule)):  # fmt: skip
+            due = len(losses) % options.save_every == 0 or len(losses) == len(schedule)
+            if save is not None and due:
                 save(_snapshot(params, optimizer, losses))
         bar.close()
     tenth = max(1, len(schedule) // 10)
