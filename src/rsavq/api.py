@@ -92,6 +92,8 @@ def quantize(
     calibration = calibration or Calibration()
     needs = method_for(config).needs(config)
     tuning, distillation = finetune_stages(finetune, config)  # checked before any work
+    if out is None and distributed.world()[1] > 1:
+        raise UsageError("under torch.distributed the ranks share their work through out=: pass it")
     needs_windows = HESSIAN in needs or distillation is not None
     needs_text = needs_windows or (FISHER in needs and not _complete(stats))
     if needs_text and tokenizer is None:
@@ -113,8 +115,6 @@ def quantize(
     )  # fmt: skip
     if out is not None:
         return run(out)
-    if distributed.world()[1] > 1:
-        raise UsageError("under torch.distributed the ranks share their work through out=: pass it")
     with tempfile.TemporaryDirectory() as tmp:
         return run(Path(tmp) / "q")
 
