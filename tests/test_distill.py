@@ -73,7 +73,7 @@ def test_distillation_lowers_the_kl_deterministically_and_resumes(tmp_path):
                      heldout=heldout, progress=False)  # fmt: skip
     assert mean_kl(model, windows(), teacher) < before
     assert report["loss_last"] < report["loss_first"] and report["steps"] == 6
-    assert report["heldout_after"] < report["heldout_before"]
+    assert report["heldout_after"] < report["heldout_before"] and report["kept"]
     assert model.model.layers[0].mlp.down_proj.codebooks_0.dtype == torch.float16
     assert len(snapshots) == 3 and len(snapshots[0][0]["losses"]) == 2
     trained = {k: v.clone() for k, v in model.state_dict().items()}
@@ -81,6 +81,18 @@ def test_distillation_lowers_the_kl_deterministically_and_resumes(tmp_path):
     model.load_state_dict(start)  # resumed from the first snapshot: the same end
     distill(model, windows(), teacher, options, resume=snapshots[0], progress=False)
     assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_distillation_that_raises_the_heldout_kl_is_undone(tmp_path):
+    fp, model = quantized(tmp_path)
+    options = Distillation(epochs=2, lr=0.5, micro_batch=2)  # far too large a step
+    teacher = teacher_targets(fp, windows(), options.top_k)
+    held = windows(2, seed=5)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    report = distill(model, windows(), teacher, options, progress=False,
+                     heldout=(held, teacher_targets(fp, held, options.top_k)))  # fmt: skip
+    assert report["heldout_after"] >= report["heldout_before"] and not report["kept"]
+    assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
 
 
 def test_pipeline_distills_resumes_and_reports(tmp_path, monkeypatch):

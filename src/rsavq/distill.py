@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rsavq.errors import UsageError
-from rsavq.finetune import trainable
+from rsavq.finetune import trainable, trained_state
 
 logger = logging.getLogger(__name__)
 
@@ -153,11 +153,13 @@ def distill(
     `resume` is a snapshot from an earlier, interrupted call with the same arguments: training
     continues from it, ending exactly where an uninterrupted run would. `save` receives a
     snapshot every `options.save_every` steps and at the end. `heldout` (windows and their
-    teacher targets, never trained on) is scored before and after. Returns the losses (mean
+    teacher targets, never trained on) is scored before and after; when training did not lower
+    it, the model is put back as it was (`kept` False in the report). Returns the losses (mean
     training KL over the first and the last tenth of the steps, held-out KL before and after),
-    steps, tokens and seconds."""
+    steps, tokens, seconds and whether the result was kept."""
     schedule = options.schedule(len(windows), windows.shape[1])
     report: dict = {}
+    start = trained_state(model)
     if heldout is not None:
         report["heldout_before"] = mean_kl(model, *heldout)
     start_time = time.perf_counter()
@@ -189,8 +191,13 @@ def distill(
         tokens=sum(len(r) for r in schedule) * windows.shape[1],
         seconds=time.perf_counter() - start_time,
     )
+    report["kept"] = True
     if heldout is not None:
         report["heldout_after"] = mean_kl(model, *heldout)
+        if not report["heldout_after"] < report["heldout_before"]:
+            model.load_state_dict(start, strict=False)
+            report["kept"] = False
+            logger.warning("distillation raised the held-out KL: the model is kept as it was")
     logger.info("distilled: %s", report)
     return report
 

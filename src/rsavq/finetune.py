@@ -181,6 +181,16 @@ def tune_block(
     return {"before": before, "after": after, **losses, "seconds": time.perf_counter() - start}
 
 
+def trained_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of what `trainable(module)` changes: codebooks, and every 1-D floating tensor
+    (row scales, norms, biases)."""
+    return {
+        k: t.detach().clone()
+        for k, t in module.state_dict().items()
+        if t.is_floating_point() and (t.dim() == 1 or k.rsplit(".", 1)[-1].startswith("codebooks"))
+    }
+
+
 def tuned_state(block: nn.Module) -> dict[str, torch.Tensor]:
     """What tuning changes in `block`: its floating tensors (codebooks, scales, norms, biases)."""
     return {k: t.detach().clone() for k, t in block.state_dict().items() if t.is_floating_point()}
