@@ -4,7 +4,7 @@ frozen, to match the FP model's next-token distributions on the calibration wind
 
 The teacher is the FP model itself, run once before quantization: for every calibration token
 its `top_k` most likely next tokens, their log-probabilities and the log of the remaining mass
-are kept (`teacher_targets`; 1.6 MB per 1000 tokens at k = 128, whatever the vocabulary). The
+are kept (`teacher_targets`; 1 MB per 1000 tokens at k = 128, whatever the vocabulary). The
 loss is the KL divergence from that (k + 1)-way distribution to the student's, which is the full
 KL with the tail lumped into one outcome (`sparse_kl`). Trained: the same parameters as block
 fine-tuning (`rsavq.finetune.trainable`: fp32 codebooks, row-scale corrections, norms, biases),
