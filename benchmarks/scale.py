@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from rsavq.io import atomic_write_json
+from rsavq.io import atomic_write_json, rewrite_block
 from rsavq.stats.memory import fisher_memory, layer_bytes, llama_shapes, parse_bytes, plan_passes
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -99,45 +99,75 @@ def planner_figure(args) -> dict:
             "planned_gib": total / GIB}  # fmt: skip
 
 
-def projection(per_weight_fisher: float, per_weight_quantize: float) -> list[dict]:
-    """Seconds per GPU from this CPU's measured seconds per weight, scaled by an assumed
-    speed-up (see ASSUMPTIONS), and accumulator memory per rank."""
+def gram_work(shapes) -> int:
+    """Per calibration sequence, the Fisher Gram products' size: sum of m^2 n + n^2 m."""
+    return sum(m * m * n + n * n * m for m, n in shapes)
+
+
+def projection(result: dict, nsamples: int = 128) -> list[dict]:
+    """Work for 7B / 13B / 70B from this run's first row: Fisher seconds per unit of Gram work
+    and sequence (times `nsamples` sequences), quantization seconds per weight; then per GPU
+    (see ASSUMPTIONS), and accumulator memory per rank."""
+    settings, first = result["settings"], result["rows"][0]
+    measured = llama_shapes(settings["hidden"], settings["intermediate"], settings["blocks"])
+    fisher_rate = first["fisher"]["seconds"] / (gram_work(measured) * settings["nsamples"])
+    quant_rate = first["quantize"]["seconds"] / sum(m * n for m, n in measured)
     rows = []
     for name, (hidden, inter, blocks) in MODELS.items():
         kv = 1024 if name == "70B" else hidden
         shapes = llama_shapes(hidden, inter, blocks, kv)
-        weights = sum(m * n for m, n in shapes)
+        core_hours = (gram_work(shapes) * nsamples * fisher_rate
+                      + sum(m * n for m, n in shapes) * quant_rate) / 3600  # fmt: skip
         acc = sum(layer_bytes(m, n, False) for m, n in shapes)
         for gpus in (1, 8, 64):
-            seconds = weights * (per_weight_fisher + per_weight_quantize) / SPEEDUP / gpus
-            rows.append({"model": name, "gpus": gpus, "hours": seconds / 3600,
+            rows.append({"model": name, "gpus": gpus, "cpu_core_hours": core_hours,
+                         "gpu_hours_per_rank": core_hours / SPEEDUP / gpus,
                          "accumulators_per_rank_gib": acc / gpus / GIB})  # fmt: skip
     return rows
 
 
-SPEEDUP = 200.0  # one H100 against one core of this CPU (fp32 GEMMs ~50 TFLOP/s vs ~0.25)
+SPEEDUP = 200.0  # one GPU against one core of this CPU (an assumption, see ASSUMPTIONS)
 ASSUMPTIONS = (
-    "time scales with the number of weights (per-weight cost measured here on the 7B-shaped "
-    "block, with these calibration tokens), one GPU = 200 of these CPU cores, ranks split "
-    "the work perfectly (measured 1 -> 2 rank ratio beside it); accumulators: the whole "
-    "model's F_O, F_I, g in fp32 split evenly over the ranks (reduced to owners)"
+    "Fisher time scales with sequences x sum(m^2 n + n^2 m) (its Gram products), quantization "
+    "time with the number of weights, both at the rates measured here on the 7B-shaped block "
+    "(1 rank, a loaded core); 128 calibration sequences; one GPU does the work of 200 of these "
+    "cores (fp32 GEMMs: ~50 TFLOP/s against ~0.25); ranks split the work perfectly (the "
+    "measured 1 -> 2 rank ratios are beside it); accumulators: the whole model's F_O, F_I, g in "
+    "fp32, split evenly over the ranks (each layer reduced to one owner)"
 )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--blocks", type=int, default=1)
-    p.add_argument("--hidden", type=int, default=4096, help="4096: LLaMA-7B; less: a smoke test")
-    p.add_argument("--intermediate", type=int, default=11008)
-    p.add_argument("--nsamples", type=int, default=4)
-    p.add_argument("--seqlen", type=int, default=128)
-    p.add_argument("--memory-budget", default="1.5GiB")
-    p.add_argument("--bits", default="2")
-    p.add_argument("--ranks", default="1,2")
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
-    p.add_argument("--json", default="benchmarks/results/scale.json")
-    args = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="rsavq-scale-"))
+def render(result: dict) -> str:
+    """The BENCHMARKS.md tables of a run."""
+    settings, plan = result["settings"], result["plan"]
+    lines = [
+        f"LLaMA-7B-shaped model (hidden 4096, intermediate 11008, random weights), "
+        f"{settings['blocks']} decoder block(s); calibration {settings['nsamples']} x "
+        f"{settings['seqlen']} tokens of C4; memory budget {settings['memory_budget']} "
+        f"({plan['passes']} passes); {settings['bits']}-bit default, no fine-tuning; checkpoints "
+        f"for every rank count bit-identical: {result['identical']}.",
+        "",
+        "| ranks | Fisher s | Fisher peak RSS (largest rank) | planner's figure | quantize s | "
+        "quantize peak RSS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        f, q = r["fisher"], r["quantize"]
+        lines.append(
+            f"| {r['ranks']} | {f['seconds']:.0f} | {f['peak_rss_gib']:.2f} GiB | "
+            f"{plan['planned_gib']:.2f} GiB | {q['seconds']:.0f} | {q['peak_rss_gib']:.2f} GiB |"
+        )
+    lines += ["", "| model | GPUs | CPU core-hours (measured rates) | GPU-hours per rank | "
+              "Fisher accumulators per rank |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in projection(result):
+        lines.append(
+            f"| {r['model']} | {r['gpus']} | {r['cpu_core_hours']:.0f} | "
+            f"{r['gpu_hours_per_rank']:.3f} | {r['accumulators_per_rank_gib']:.1f} GiB |"
+        )
+    return "\n".join(lines + ["", f"Assumptions: {ASSUMPTIONS}."])
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict:
     model = work / "model"
     build_model(model, args.blocks, args.hidden, args.intermediate)
     common = ["--model", str(model), "--calib", "c4", "--data-dir", args.data_dir, "--nsamples",
@@ -150,6 +180,8 @@ def main() -> None:
         first = work / f"stats-{rows[0]['ranks']}" if rows else stats  # the same input for all
         quant = run_ranks(ranks, ["quantize", *common, "--stats", str(first), "--bits", args.bits,
                                   "--finetune", "none", "--out", str(out)])  # fmt: skip
+        for stage in (fisher, quant):
+            stage.pop("stdout")
         rows.append({"ranks": ranks, "fisher": fisher, "quantize": quant})
         peak = fisher["peak_rss_gib"]
         print(f"{ranks} rank(s): fisher {fisher['seconds']:.0f} s (peak {peak:.2f} GiB), "
@@ -158,17 +190,32 @@ def main() -> None:
 
     tensors = [load_file(work / f"q-{r['ranks']}" / "model.safetensors") for r in rows]
     identical = all(torch.equal(tensors[0][k], t[k]) for t in tensors[1:] for k in tensors[0])
-    plan = planner_figure(args)
-    weights = sum(m * n for m, n in llama_shapes(args.hidden, args.intermediate, args.blocks))
-    first = rows[0]
-    table = projection(first["fisher"]["seconds"] / weights, first["quantize"]["seconds"] / weights)
-    result = {"settings": vars(args), "rows": rows, "plan": plan, "identical": identical,
-              "projection": table, "assumptions": ASSUMPTIONS}  # fmt: skip
-    for r in rows:
-        for stage in ("fisher", "quantize"):
-            r[stage].pop("stdout")
-    atomic_write_json(args.json, result)
-    print(json.dumps({k: v for k, v in result.items() if k != "projection"}, indent=1))
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "table_only", "markdown")}
+    return {"settings": settings, "rows": rows, "plan": planner_figure(args),
+            "identical": identical}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--blocks", type=int, default=1)
+    p.add_argument("--hidden", type=int, default=4096, help="4096: LLaMA-7B; less: a smoke test")
+    p.add_argument("--intermediate", type=int, default=11008)
+    p.add_argument("--nsamples", type=int, default=2)
+    p.add_argument("--seqlen", type=int, default=64)
+    p.add_argument("--memory-budget", default="1.5GiB")
+    p.add_argument("--bits", default="2")
+    p.add_argument("--ranks", default="1,2")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument("--json", default="benchmarks/results/scale.json")
+    p.add_argument("--table-only", action="store_true", help="rewrite the tables from --json")
+    p.add_argument("--markdown", default="BENCHMARKS.md")
+    args = p.parse_args()
+    if not args.table_only:
+        with tempfile.TemporaryDirectory(prefix="rsavq-scale-") as work:
+            atomic_write_json(args.json, measure(args, Path(work)))
+    table = render(json.loads(Path(args.json).read_text()))
+    rewrite_block(args.markdown, "scale", table)
+    print(table)
 
 
 if __name__ == "__main__":
