@@ -26,7 +26,8 @@ test: setup lint
 
 # The main job on the built-in default: quantize the bundled SmolLM2-135M to 3 bits with the
 # default preset (Fisher statistics from 64 x 512 C4 tokens, cached for reuse; input Hessians from
-# the same windows, block by block; each block fine-tuned once quantized), then FP vs quantized
+# the same windows, block by block; each block fine-tuned once quantized; then the whole model
+# distilled for one epoch from the FP model), then FP vs quantized
 # WikiText-2 perplexity on the first 8 windows of 2048 tokens; embeddings and norms stored in
 # bfloat16. Rewrites runs/demo-smollm2-3bit.
 DEMO_OUT ?= runs/demo-smollm2-3bit
