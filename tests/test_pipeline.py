@@ -256,7 +256,7 @@ def test_two_ranks_killed_and_resumed_equal_one_process(stats_dir, tmp_path):
         args = (2, init, str(out), str(stats_dir), die, errors)
         mp.spawn(_quantize_rank, args=args, nprocs=2)
 
-    with pytest.raises(mp.ProcessExitedException):
+    with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):  # either rank
         spawn(die=True)
     assert errors.get() == (1, "rank 1 killed")
     assert list((out / ".partial" / "items").glob("*.safetensors"))  # work kept
