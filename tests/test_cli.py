@@ -206,30 +206,27 @@ def test_quantize_with_both_finetuning_stages(tiny_model_dir, text_file, tmp_pat
     assert finetune["block"]["bf16"] and finetune["e2e"]["bf16"] and finetune["e2e"]["tokens"] == 64
 
 
-def test_fisher_under_torchrun_equals_one_process(tiny_model_dir, text_file, tmp_path):
-    """The documented launcher command: 2 gloo ranks on the CPU."""
+def torchrun(command: list[str]):
+    """`rsavq COMMAND` under `torchrun --standalone` with 2 ranks of one thread each."""
     import os
     import subprocess
     import sys
 
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return subprocess.run(
+        [*launcher, "--nproc-per-node", "2", "-m", "rsavq.cli", *command],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_fisher_under_torchrun_equals_one_process(tiny_model_dir, text_file, tmp_path):
+    """The documented launcher command: 2 gloo ranks on the CPU."""
     from rsavq.stats.artifact import load_stats
 
     args = ["--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4"]
     args += ["--seqlen", "16", "--checkpoint-every", "0", "--device", "cpu"]
     assert main(["fisher", *args, "--out", str(tmp_path / "one")]) == 0
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run(
-        [*torchrun, "-m", "rsavq.cli", "fisher", *args, "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    run = torchrun(["fisher", *args, "--out", str(tmp_path / "two")])
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("Fisher statistics of 14 layers") == 1  # printed by rank 0 only
     assert "on 2 ranks" in run.stdout
@@ -241,28 +238,13 @@ def test_fisher_under_torchrun_equals_one_process(tiny_model_dir, text_file, tmp
 
 def test_quantize_under_torchrun_equals_one_process(tiny_model_dir, text_file, tmp_path):
     """Layer-parallel quantization with the documented launcher: the same checkpoint."""
-    import os
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
     args = ["--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4"]
     args += ["--seqlen", "16", "--bits", "2", "--kmeans-iters", "2", "--lambda", "0"]
     args += ["--uniform-bits", "--finetune-epochs", "1", "--device", "cpu"]
     assert main(["quantize", *args, "--out", str(tmp_path / "one")]) == 0
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-    ]
-    run = subprocess.run(
-        [*torchrun, "-m", "rsavq.cli", "quantize", *args, "--out", str(tmp_path / "two")],
-        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    run = torchrun(["quantize", *args, "--out", str(tmp_path / "two")])
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("quantized 14 layers") == 1  # rank 0 reports
     one = load_file(tmp_path / "one" / "model.safetensors")
