@@ -10,6 +10,7 @@ from rsavq.distill import Distillation, distill, mean_kl, sparse_kl, teacher_tar
 from rsavq.errors import UsageError
 from rsavq.finetune import BlockTuning
 from rsavq.pipeline import quantize_model
+from test_finetune import quantized  # the same tiny model, config and windows
 
 CONFIG = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2)
 
@@ -49,15 +50,6 @@ def test_schedule_covers_epochs_and_budgets():
     assert Distillation(seed=1).schedule(5, 16) != Distillation(seed=2).schedule(5, 16)
     with pytest.raises(UsageError, match="positive token budget"):
         Distillation(tokens=0)
-
-
-def quantized(tmp_path):
-    torch.manual_seed(0)
-    fp = build_tiny_llama(64)
-    model = build_tiny_llama(64)
-    model.load_state_dict(fp.state_dict())
-    quantize_model(model, CONFIG, None, tmp_path / "q", progress=False, calibration=windows())
-    return fp, model
 
 
 def test_distillation_lowers_the_kl_deterministically_and_resumes(tmp_path):

@@ -15,13 +15,19 @@ def windows(n=4, t=16, vocab=64):
     return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(1))
 
 
-def quantized_block(tmp_path):
-    """A tiny model quantized without tuning, its FP twin, and block 0's inputs."""
+def quantized(tmp_path):
+    """A tiny FP model and its twin quantized without tuning."""
     torch.manual_seed(0)
     fp = build_tiny_llama(64)
     model = build_tiny_llama(64)
     model.load_state_dict(fp.state_dict())
     quantize_model(model, CONFIG, None, tmp_path / "q", progress=False, calibration=windows())
+    return fp, model
+
+
+def quantized_block(tmp_path):
+    """A tiny model quantized without tuning, its FP twin, and block 0's inputs."""
+    fp, model = quantized(tmp_path)
     inputs = capture_inputs(fp, fp.model.layers[0], windows())
     targets = [hidden_of(*b) for b in run_block(fp.model.layers[0], inputs)]
     return model.model.layers[0], inputs, targets
