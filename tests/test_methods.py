@@ -77,6 +77,7 @@ QUANTIZER = ("rsavq.algorithms", "rsavq.stats", "rsavq.methods", "rsavq.pipeline
         ),
         ("rsavq.algorithms.rsavq, rsavq.algorithms.scalar", QUANTIZER[1:]),
         ("rsavq.stats.run, rsavq.stats.sequential", QUANTIZER[2:]),
+        ("rsavq.streaming, rsavq.models", QUANTIZER),  # loading, below everything
         ("rsavq.pipeline", ("rsavq.api", "rsavq.cli")),
     ],
 )

@@ -77,8 +77,10 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     cache: Path | None = None,
+    stream: bool = False,
 ):
-    """Load (model, tokenizer) for `spec` in eval mode on `device` with `dtype`."""
+    """Load (model, tokenizer) for `spec` in eval mode on `device` with `dtype`; with `stream`,
+    the decoder blocks stay on disk until used (`rsavq.streaming`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location = resolve_model(spec, cache)
@@ -87,7 +89,12 @@ def load_model(
 
         return load_quantized(location, device, dtype), AutoTokenizer.from_pretrained(str(location))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype)
+        if stream:
+            from rsavq.streaming import load_streamed
+
+            model = load_streamed(location, dtype, device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(location))
     except OSError as exc:
         if location.exists():
@@ -98,7 +105,8 @@ def load_model(
             f"hub: {_first_line(exc)}",
         ]
         raise ModelNotFoundError(_not_found_message(spec, tried)) from exc
-    model.to(device).eval()
+    if not stream:
+        model.to(device).eval()
     return model, tokenizer
 
 

@@ -33,6 +33,7 @@ from rsavq.stats.artifact import FisherStats, config_hash
 from rsavq.stats.hessian import input_hessians
 from rsavq.stats.sequential import sequential_hessians
 from rsavq.store import Store
+from rsavq.streaming import materialize, release
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ def quantize_model(
                 specs[record.name] = result.spec()
             bar.update()
     bar.close()
+    materialize(model)  # what is still streamed (norms of blocks quantized without a pass)
     if size > 1:
         torch.distributed.barrier()  # every rank has read the store: rank 0 may remove it
     if rank:
@@ -169,7 +171,10 @@ def _quantize_batch(batch: dict, work: Work):
         torch.distributed.barrier()
     for name, hessian in batch.items():
         result, record = computed.get(name) or _layer(name, hessian, work)
-        result.install(work.model, name, work.layers[name])
+        layer = materialize(work.layers[name])  # (a streamed layer read back from the store)
+        result.install(work.model, name, layer)
+        if work.model.get_submodule(name) is not layer:
+            release(layer)  # a streamed FP layer's weights go once it is replaced
         yield result, record
 
 
@@ -315,7 +320,7 @@ def _layer(name: str, hessian, work: Work):
         return method.load(tensors, meta), LayerRecord(**data)
     start = time.perf_counter()
     fisher = work.stats.layer(name) if work.stats is not None else None
-    result, step = method.quantize(config, layer, fisher, hessian)
+    result, step = method.quantize(config, materialize(layer), fisher, hessian)
     W = weight_matrix(layer).detach().float().cpu()
     record = LayerRecord(
         name,

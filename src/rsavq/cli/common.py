@@ -29,6 +29,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_stream_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stream-weights",
+        action="store_true",
+        help="keep the model's decoder blocks on disk and read each when it runs (safetensors "
+        "read in place): memory for about one block of weights instead of the whole model, "
+        "at the cost of reading blocks again on every pass",
+    )
+
+
 def add_backend_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",

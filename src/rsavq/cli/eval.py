@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from rsavq import __version__
-from rsavq.cli.common import add_backend_arg, add_model_args, apply_backend, positive_int
+from rsavq.cli.common import (
+    add_backend_arg,
+    add_model_args,
+    add_stream_arg,
+    apply_backend,
+    positive_int,
+)
 from rsavq.errors import UsageError
 from rsavq.eval.zeroshot import parse_tasks
 from rsavq.runtime import resolve_device, resolve_dtype
@@ -19,6 +25,7 @@ def add_parser(sub) -> None:
         "lm-eval-harness (README: Evaluation protocol).",
     )
     add_model_args(p)
+    add_stream_arg(p)
     add_backend_arg(p)
     p.add_argument(
         "--ppl",
@@ -55,7 +62,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks) if args.tasks else None
     if not corpora and not tasks:
         raise UsageError("nothing to evaluate: give --ppl SOURCES and/or --tasks TASKS")
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    model, tokenizer = load_model(
+        args.model, dtype=dtype, device=device, stream=args.stream_weights
+    )
     apply_backend(model, args.backend)
     results = []
     for corpus in corpora:

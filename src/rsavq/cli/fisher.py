@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from rsavq.cli.common import add_model_args, positive_int
+from rsavq.cli.common import add_model_args, add_stream_arg, positive_int
 from rsavq.runtime import resolve_device, resolve_dtype
 
 
@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
         "under torchrun: `torchrun --nproc-per-node N -m rsavq.cli fisher ...`.",
     )
     add_model_args(p)
+    add_stream_arg(p)
     p.add_argument("--calib", default="c4", help="calibration source (default c4)")
     p.add_argument("--nsamples", type=positive_int, default=128)
     p.add_argument("--seqlen", type=positive_int, default=512)
@@ -76,7 +77,9 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
     rank, size = distributed.world()
     dtype = resolve_dtype(args.dtype, device)
     corpus = load_corpus(args.calib, args.data_dir, args.text_field)
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    model, tokenizer = load_model(
+        args.model, dtype=dtype, device=device, stream=args.stream_weights
+    )
     skip = tuple(p for p in DEFAULT_SKIP if not (args.include_lm_head and p == "lm_head"))
     spec = CalibrationSpec(corpus.name, args.nsamples, args.seqlen, args.seed)
     options = CollectOptions(

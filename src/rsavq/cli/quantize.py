@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from rsavq.cli.common import add_model_args, positive_int
+from rsavq.cli.common import add_model_args, add_stream_arg, positive_int
 from rsavq.runtime import resolve_device, resolve_dtype
 
 METHODS = ("rsavq", "kmeans", "gptq", "rtn")  # rsavq.methods.METHODS, without importing it
@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
         "kmeans (plain product VQ), gptq or rtn (scalar, asymmetric, groups of --group-size).",
     )
     add_model_args(p)
+    add_stream_arg(p)
     p.add_argument("--bits", type=float, required=True, help="average bits per weight (2, 3, 4)")
     p.add_argument("--method", choices=METHODS, default="rsavq")
     p.add_argument(
@@ -231,7 +232,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     calib = load_corpus(args.calib, args.data_dir, args.text_field)
     evaluation = load_corpus(args.eval, args.data_dir, args.text_field) if args.eval else None
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    model, tokenizer = load_model(
+        args.model, dtype=dtype, device=device, stream=args.stream_weights
+    )
     before = _quick_ppl(model, tokenizer, evaluation, args) if evaluation and lead else None
     if lead:
         _say_what_runs(model, config, calib, args, tuning)

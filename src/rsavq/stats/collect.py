@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from rsavq.modules import weight_shape
 from rsavq.stats.accumulator import FisherAccumulator
+from rsavq.streaming import is_streamed
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,10 @@ def collect_fisher(
     )
     batch_size = [options.batch_size]  # what 2-D activations `[B * T, n]` are cut back into
     hooks = _hooks(layers, accumulators, batch_size)
-    with _collection_mode(model, options.gradient_checkpointing), hooks:
+    checkpointing = options.gradient_checkpointing or is_streamed(model)
+    if checkpointing and not options.gradient_checkpointing:
+        logger.info("streamed weights: activation checkpointing on (one block's weights held)")
+    with _collection_mode(model, checkpointing), hooks:
         for first in range(done, len(windows), options.batch_size):
             batch = windows[first : first + options.batch_size].to(device)
             batch_size[0] = len(batch)
@@ -94,15 +98,20 @@ def _collection_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator
     embed = model.get_input_embeddings()
     handle = embed.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
     was_training = model.training
+    # transformers 5 renamed gradient_checkpointing_enable (the old name warns)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    disable = getattr(model, "activation_checkpointing_disable", None)
+    if enable is None:
+        enable, disable = model.gradient_checkpointing_enable, model.gradient_checkpointing_disable
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+        enable({"use_reentrant": False})
         model.train()  # HF only checkpoints in training mode; decoders here have no dropout
     try:
         yield
     finally:
         handle.remove()
         if gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            disable()
         model.train(was_training)
         for p, flag in flags:
             p.requires_grad_(flag)

@@ -19,6 +19,7 @@ from torch import nn
 
 from rsavq.modules import decoder_blocks
 from rsavq.stats.hessian import hessian_hooks, input_hessians
+from rsavq.streaming import materialize
 
 BATCH = 8  # calibration sequences per block call
 
@@ -105,6 +106,7 @@ def sequential_hessians(
         sets = [windows] + ([heldout] if tune is not None and heldout is not None else [])
         streams = [capture_inputs(model, blocks[0], w) for w in sets]
         for i, block in enumerate(blocks):
+            materialize(block)  # a streamed block is read into memory now (rsavq.streaming)
             prefix = f"{blocks_name}.{i}."
             mine = {n: m for n, m in layers.items() if n.startswith(prefix)}
             todo = {n: m for n, m in mine.items() if not done(n)}

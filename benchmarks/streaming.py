@@ -1,0 +1,122 @@
+"""Weight streaming: peak memory of `rsavq fisher` and `rsavq quantize` with the model loaded whole
+and with `--stream-weights` (decoder blocks read from the safetensors files when they run), on a
+LLaMA-7B-shaped model with random weights and a few decoder blocks, on this machine.
+
+    python benchmarks/streaming.py --blocks 3 --json benchmarks/results/streaming.json
+
+Each command runs in its own process, one thread (`benchmarks/scale.py`'s `run_ranks` with one
+rank), timed, with its peak RSS. Fisher runs under a memory budget (several passes); the
+planner's figure beside it counts the weights that are resident (the whole model, or the
+embeddings and head plus one block when streamed), the largest pass's accumulators, the largest
+per-sequence gradient and the captured layer inputs. Quantization runs the `--quantizer`
+method (default `kmeans`: plain product VQ, layer by layer, so that a 7B-shaped block takes
+minutes, not the half hour of the default block-sequential pass) from the first run's
+statistics; both checkpoints are compared tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from rsavq.io import atomic_write_json, rewrite_block
+from rsavq.stats.memory import fisher_memory, layer_bytes, llama_shapes, parse_bytes, plan_passes
+from scale import DEFAULT_DATA, GIB, build_model, run_ranks
+
+VOCAB = 49152  # SmolLM2's tokenizer, which build_model gives the model
+
+
+def planner(args, streamed: bool) -> dict:
+    """Resident weights and the Fisher planner's figure for one way of loading the model."""
+    block = llama_shapes(args.hidden, args.intermediate, 1)
+    shapes = dict(enumerate(block * args.blocks))
+    passes = plan_passes(shapes, False, parse_bytes(args.memory_budget))
+    held = max(sum(layer_bytes(*shapes[n], False) for n in p) for p in passes)
+    memory = fisher_memory(list(shapes.values()), False, args.seqlen, activation_bytes=4)
+    block_bytes = sum(m * n for m, n in block) * 4
+    weights = 2 * VOCAB * args.hidden * 4 + block_bytes * (1 if streamed else args.blocks)
+    total = weights + held + memory.largest_G + memory.captured_inputs
+    return {"passes": len(passes), "weights_gib": weights / GIB, "fisher_planned_gib": total / GIB}
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict:
+    from safetensors.torch import load_file
+
+    model = work / "model"
+    build_model(model, args.blocks, args.hidden, args.intermediate)
+    common = ["--model", str(model), "--calib", "c4", "--data-dir", args.data_dir, "--nsamples",
+              str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu"]  # fmt: skip
+    rows = []
+    for streamed in (False, True):
+        flag = ["--stream-weights"] if streamed else []
+        stats, out = work / f"stats-{streamed}", work / f"q-{streamed}"
+        fisher = run_ranks(1, ["fisher", *common, *flag, "--memory-budget", args.memory_budget,
+                               "--checkpoint-every", "0", "--out", str(stats)])  # fmt: skip
+        quant = run_ranks(1, ["quantize", *common, *flag, "--stats", str(work / "stats-False"),
+                              "--method", args.quantizer, "--bits", args.bits, "--out",
+                              str(out)])  # fmt: skip
+        for stage in (fisher, quant):
+            stage.pop("stdout")
+        rows.append({"streamed": streamed, "fisher": fisher, "quantize": quant,
+                     "plan": planner(args, streamed)})  # fmt: skip
+        print(f"streamed={streamed}: fisher {fisher['seconds']:.0f} s peak "
+              f"{fisher['peak_rss_gib']:.2f} GiB; quantize {quant['seconds']:.0f} s peak "
+              f"{quant['peak_rss_gib']:.2f} GiB", flush=True)  # fmt: skip
+    a, b = (load_file(work / f"q-{s}" / "model.safetensors") for s in (False, True))
+    identical = a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "table_only", "markdown")}
+    return {"settings": settings, "rows": rows, "identical": identical}
+
+
+def render(result: dict) -> str:
+    s = result["settings"]
+    lines = [
+        f"LLaMA-7B-shaped model (hidden {s['hidden']}, intermediate {s['intermediate']}, random "
+        f"weights, vocabulary {VOCAB}), {s['blocks']} decoder blocks; Fisher from {s['nsamples']}"
+        f" x {s['seqlen']} tokens of C4 under a {s['memory_budget']} budget "
+        f"({result['rows'][0]['plan']['passes']} passes); quantization: `--method "
+        f"{s['quantizer']} --bits {s['bits']}`; one process, one thread. Checkpoints of the two "
+        f"ways bit-identical: {result['identical']}.",
+        "",
+        "| weights | resident weights (planned) | Fisher s | Fisher peak RSS | planner's figure | "
+        "quantize s | quantize peak RSS |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        f, q, p = r["fisher"], r["quantize"], r["plan"]
+        how = "streamed (`--stream-weights`)" if r["streamed"] else "loaded whole"
+        lines.append(
+            f"| {how} | {p['weights_gib']:.2f} GiB | {f['seconds']:.0f} | "
+            f"{f['peak_rss_gib']:.2f} GiB | {p['fisher_planned_gib']:.2f} GiB | "
+            f"{q['seconds']:.0f} | {q['peak_rss_gib']:.2f} GiB |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--blocks", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=4096, help="4096: LLaMA-7B; less: a smoke test")
+    p.add_argument("--intermediate", type=int, default=11008)
+    p.add_argument("--nsamples", type=int, default=2)
+    p.add_argument("--seqlen", type=int, default=64)
+    p.add_argument("--memory-budget", default="1.5GiB")
+    p.add_argument("--quantizer", default="kmeans")
+    p.add_argument("--bits", default="2")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument("--json", default="benchmarks/results/streaming.json")
+    p.add_argument("--table-only", action="store_true", help="rewrite the table from --json")
+    p.add_argument("--markdown", default="BENCHMARKS.md")
+    args = p.parse_args()
+    if not args.table_only:
+        with tempfile.TemporaryDirectory(prefix="rsavq-streaming-") as work:
+            atomic_write_json(args.json, measure(args, Path(work)))
+    table = render(json.loads(Path(args.json).read_text()))
+    rewrite_block(args.markdown, "streaming", table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

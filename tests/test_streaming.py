@@ -1,0 +1,86 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rsavq.cli import main
+from rsavq.models import load_model
+from rsavq.modules import require_linears
+from rsavq.stats.run import CalibrationSpec, fisher_stats
+from rsavq.streaming import is_streamed, materialize, release, stream_device_map
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture()
+def models(tiny_model_dir):
+    """The tiny LLaMA loaded whole and streamed."""
+    return load_model(str(tiny_model_dir))[0], load_model(str(tiny_model_dir), stream=True)[0]
+
+
+def test_blocks_stay_on_disk_and_the_model_computes_the_same(models):
+    whole, streamed = models
+    assert is_streamed(streamed) and not is_streamed(whole)
+    assert streamed.model.layers[1].mlp.down_proj.weight.is_meta
+    assert not streamed.model.embed_tokens.weight.is_meta
+    ids = torch.randint(0, 300, (2, 12))
+    assert torch.equal(logits(whole, ids), logits(streamed, ids))
+    assert streamed.model.layers[0].self_attn.q_proj.weight.is_meta  # dropped after use
+
+
+def test_device_map_puts_blocks_on_disk_and_the_rest_on_the_device(models):
+    device_map = stream_device_map(models[0], "cpu")
+    assert device_map == {
+        "model.layers.0": "disk",
+        "model.layers.1": "disk",
+        "model.embed_tokens": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+
+
+def test_materialize_reads_a_block_for_good_and_release_drops_it(models):
+    whole, streamed = models
+    block = materialize(streamed.model.layers[0])
+    assert not is_streamed(block) and is_streamed(streamed)
+    for (name, a), (_, b) in zip(block.state_dict().items(), whole.model.layers[0].state_dict()
+                                 .items(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, 300, (1, 8))
+    assert torch.equal(logits(whole, ids), logits(streamed, ids))
+    release(block.mlp.up_proj)
+    assert block.mlp.up_proj.weight.is_meta
+    release(whole.model.layers[0].mlp.up_proj)  # never streamed: kept (may be shared)
+    assert not whole.model.layers[0].mlp.up_proj.weight.is_meta
+
+
+def test_streamed_fisher_statistics_equal_the_whole_models(models, tmp_path):
+    windows = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
+    spec = CalibrationSpec("test", 3, 16)
+    stats = [
+        fisher_stats(m, "tiny", windows, require_linears(m), tmp_path / str(i), spec)
+        for i, m in enumerate(models)
+    ]
+    for name in stats[0].layer_names:
+        a, b = stats[0].layer(name), stats[1].layer(name)
+        torch.testing.assert_close(a.F_O, b.F_O)
+        torch.testing.assert_close(a.F_I, b.F_I)
+        torch.testing.assert_close(a.g, b.g)
+
+
+def test_streamed_quantize_writes_the_same_checkpoint(tiny_model_dir, text_file, tmp_path):
+    """The whole default path (Fisher, block-sequential VQ, block fine-tuning, distillation)
+    from a streamed model gives the checkpoint of the model loaded whole."""
+    args = ["quantize", "--model", str(tiny_model_dir), "--calib", str(text_file)]
+    args += ["--nsamples", "4", "--seqlen", "16", "--bits", "2", "--kmeans-iters", "2"]
+    args += ["--finetune-epochs", "1", "--device", "cpu"]
+    for run, extra in (("whole", []), ("streamed", ["--stream-weights"])):  # own statistics
+        assert main([*args, *extra, "--stats", str(tmp_path / f"{run}-stats"), "--out",
+                     str(tmp_path / run)]) == 0  # fmt: skip
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    streamed = load_file(tmp_path / "streamed" / "model.safetensors")
+    assert whole.keys() == streamed.keys()
+    assert all(torch.equal(whole[k], streamed[k]) for k in whole)
