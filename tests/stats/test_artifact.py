@@ -7,6 +7,7 @@ from helpers import build_tiny_llama
 from rsavq.errors import UsageError
 from rsavq.modules import find_linears
 from rsavq.stats import load_stats
+from rsavq.stats.artifact import pack_upper, unpack_upper
 from rsavq.stats.collect import CollectOptions
 from rsavq.stats.run import CalibrationSpec, fisher_stats
 
@@ -145,3 +146,44 @@ def test_a_run_killed_between_passes_resumes(tiny, tmp_path):
     resumed = run(model, layers, windows, tmp_path / "killed", memory_budget=BUDGET)
     for name in whole.layer_names:
         assert torch.equal(whole.layer(name).F_O, resumed.layer(name).F_O)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 64])
+def test_packed_triangles_round_trip(k):
+    A = torch.randn(k, k + 3)
+    F = A @ A.T
+    packed = pack_upper(F)
+    assert packed.shape == (k * (k + 1) // 2,)
+    assert torch.equal(unpack_upper(packed, k), torch.triu(F) + torch.triu(F, 1).T)
+    with pytest.raises(ValueError, match="not"):
+        unpack_upper(packed, k + 1)
+
+
+@pytest.mark.parametrize("diag_output", [False, True])
+def test_factors_are_stored_as_triangles_and_format_1_still_reads(tiny, tmp_path, diag_output):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model, layers, windows = tiny
+    stats = run(model, layers, windows[:2], tmp_path / "s", diag_output=diag_output)
+    name = stats.layer_names[0]
+    path = tmp_path / "s" / "layers" / f"{name}.safetensors"
+    stored, layer = load_file(path), stats.layer(name)
+    m, n = layer.g.shape
+    assert stored["F_I.upper"].numel() == n * (n + 1) // 2 and "F_I" not in stored
+    assert ("F_O" in stored) == diag_output and ("F_O.upper" in stored) != diag_output
+    assert torch.equal(layer.F_I, layer.F_I.T) and layer.F_O.shape == (
+        (m,) if diag_output else (m, m)
+    )
+    # the same directory as format 1 wrote it: whole factors
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    save_file(layer.state(), path, metadata)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest | {"format_version": 1}))
+    old = load_stats(tmp_path / "s").layer(name)
+    assert torch.equal(old.F_I, layer.F_I) and torch.equal(old.F_O, layer.F_O)
+    assert run(model, layers, windows[:2], tmp_path / "s", diag_output=diag_output)  # reused
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest | {"format_version": 9}))
+    with pytest.raises(UsageError, match="stats format 9, this rsavq reads 1, 2"):
+        load_stats(tmp_path / "s")

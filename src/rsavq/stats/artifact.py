@@ -2,7 +2,9 @@
 
 Layout of a stats directory:
     manifest.json            written last: its presence means the statistics are complete
-    layers/<name>.safetensors   F_O, F_I, g (fp32); sq_norm and count in the metadata
+    layers/<name>.safetensors   F_O, F_I (fp32, symmetric: their upper triangles, packed row
+                             by row, as F_O.upper / F_I.upper), g (fp32); sq_norm and count in
+                             the metadata (format 1 stored F_O and F_I whole; still read)
     checkpoint/              an interrupted run's accumulators (`rsavq.store.Store`), then removed
 """
 
@@ -23,7 +25,8 @@ from rsavq.io import atomic_write_json
 from rsavq.modules import weight_shape
 from rsavq.store import Store, read_item, write_item
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: symmetric factors stored as packed upper triangles
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 CHECKPOINT = "checkpoint"
 RECOLLECT = "delete the stats directory and recollect"
@@ -85,14 +88,48 @@ def read_layer(path: Path, device="cpu", fix: str = RECOLLECT) -> LayerFisher:
     tensors, meta = read_item(path, fix)
     try:
         count, sq_norm = int(meta["count"]), float(meta["sq_norm"])
-        F_O, F_I, g = (tensors[k].to(device) for k in ("F_O", "F_I", "g"))
+        g = tensors["g"].to(device)
+        F_O, F_I = (_factor(tensors, k, dim).to(device) for k, dim in (("F_O", 0), ("F_I", 1)))
     except (KeyError, ValueError) as exc:
         raise UsageError(f"{path} lacks {exc}: it is corrupt; {fix}") from exc
+    if F_O.shape[0] != g.shape[0] or F_I.shape != (g.shape[1],) * 2:
+        raise UsageError(f"{path} holds factors that do not fit its gradient: it is corrupt; {fix}")
     return LayerFisher(F_O, F_I, g, sq_norm, count)
 
 
 def _item(stats: LayerFisher):
-    return stats.state(), {"sq_norm": repr(stats.sq_norm), "count": str(stats.count)}
+    tensors = {"g": stats.g, "F_I.upper": pack_upper(stats.F_I)}
+    if stats.diag_output:
+        tensors["F_O"] = stats.F_O
+    else:
+        tensors["F_O.upper"] = pack_upper(stats.F_O)
+    return tensors, {"sq_norm": repr(stats.sq_norm), "count": str(stats.count)}
+
+
+def _factor(tensors: dict, key: str, dim: int) -> torch.Tensor:
+    """A factor as stored: whole (format 1, or diag(F_O)), or a packed upper triangle whose
+    size is that of `g`'s `dim`."""
+    if key in tensors:
+        return tensors[key]
+    return unpack_upper(tensors[f"{key}.upper"], tensors["g"].shape[dim])
+
+
+def pack_upper(F: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of a symmetric `F` `[k, k]`, row by row: `k (k + 1) / 2` numbers."""
+    return torch.cat([F[i, i:] for i in range(F.shape[0])])
+
+
+def unpack_upper(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The symmetric `[k, k]` matrix whose upper triangle `pack_upper` gave."""
+    if packed.numel() != k * (k + 1) // 2:
+        raise ValueError(f"a packed triangle of {packed.numel()} numbers is not {k} x {k}")
+    F = packed.new_empty(k, k)
+    start = 0
+    for i in range(k):
+        F[i, i:] = packed[start : start + k - i]
+        start += k - i
+    lower = torch.ones(k, k, dtype=torch.bool, device=F.device).tril(-1)
+    return torch.where(lower, F.T, F)
 
 
 def write_layer(path: Path, stats: LayerFisher) -> None:
@@ -182,17 +219,17 @@ def load_stats(root: str | Path) -> FisherStats:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path} is corrupt ({exc.msg}); recollect the statistics") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise UsageError(
-            f"{root} has stats format {manifest.get('format_version')}, this rsavq "
-            f"reads {FORMAT_VERSION}; recollect them"
+            f"{root} has stats format {manifest.get('format_version')}, this rsavq reads "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; recollect them"
         )
     return FisherStats(root, manifest)
 
 
 def run_key(manifest: dict) -> dict:
     """What identifies a collection run (everything but progress counts and the version)."""
-    drop = {"layers", "rsavq_version"}
+    drop = {"layers", "rsavq_version", "format_version"}  # (every readable format is the same run)
     return {k: v for k, v in manifest.items() if k not in drop} | {
         "layer_names": sorted(manifest["layers"])
     }
