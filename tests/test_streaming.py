@@ -84,3 +84,13 @@ def test_streamed_quantize_writes_the_same_checkpoint(tiny_model_dir, text_file,
     streamed = load_file(tmp_path / "streamed" / "model.safetensors")
     assert whole.keys() == streamed.keys()
     assert all(torch.equal(whole[k], streamed[k]) for k in whole)
+
+
+def test_eval_of_a_streamed_model_gives_the_same_perplexity(tiny_model_dir, text_file, capsys):
+    args = ["eval", "--model", str(tiny_model_dir), "--ppl", str(text_file), "--seqlen", "32"]
+    args += ["--limit", "4"]
+    printed = []
+    for extra in ([], ["--stream-weights"]):
+        assert main([*args, *extra, "--device", "cpu"]) == 0
+        printed.append(capsys.readouterr().out.split(" (")[0])  # "corpus: PPL x over n windows"
+    assert printed[0] == printed[1] and "PPL" in printed[0]
