@@ -4,10 +4,12 @@ were chosen): learning rate, epochs, bf16 autocast.
     python benchmarks/distill_probe.py runs/quality/9b0c38811d1f9af2 1e-3 1 b3_lr1e-3 [bf16]
 
 Arguments: the checkpoint (the 3-bit `+ block fine-tuning` row of benchmarks/quality.py, kept
-under runs/quality/), lr, epochs, a tag, and `bf16` for autocast. The teacher is SmolLM2-135M
-on the C4 calibration windows (64 x 512, seed 0; cached in /tmp/e2e/teacher.pt), held-out: 4 C4
-windows from unread documents; evaluation: WikiText-2, first 16 windows of 2048, bf16. Prints
-and writes benchmarks/results/distill-probe/<tag>.json.
+under runs/quality/), lr, epochs, a tag, then optionally `bf16` for autocast and `windows=N` to
+distill on N calibration windows instead of the 64 the checkpoint was calibrated on. The teacher
+is SmolLM2-135M on the C4 calibration windows (N x 512, seed 0; cached in
+/tmp/e2e/teacher[-N].pt), held-out: 4 C4 windows from documents the N windows do not read
+(other windows for each N: compare the before -> after change); evaluation: WikiText-2,
+first 16 windows of 2048, bf16. Prints and writes benchmarks/results/distill-probe/<tag>.json.
 """
 
 import json
@@ -23,13 +25,14 @@ from rsavq.eval.perplexity import perplexity
 from rsavq.models import load_model
 
 ckpt, lr, epochs, tag = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-bf16 = len(sys.argv) > 5 and sys.argv[5] == "bf16"
+bf16 = "bf16" in sys.argv[5:]
+count = next((int(a.split("=")[1]) for a in sys.argv[5:] if a.startswith("windows=")), 64)
 data = Path(__file__).resolve().parents[2] / "shared" / "data"
 fp, tok = load_model("smollm2-135m")
 c4 = load_corpus("c4", data)
-win = calibration_windows(tok, c4, 64, 512, 0)
-held = heldout_windows(tok, c4, 64, 512, 0, 4)
-cache = Path("/tmp/e2e/teacher.pt")
+win = calibration_windows(tok, c4, count, 512, 0)
+held = heldout_windows(tok, c4, count, 512, 0, 4)  # (so other windows for each count)
+cache = Path("/tmp/e2e/teacher.pt" if count == 64 else f"/tmp/e2e/teacher-{count}.pt")
 if cache.exists():
     t, th = torch.load(cache)
 else:
@@ -50,5 +53,6 @@ ppl = perplexity(q, ev, "wikitext2", progress=False)
 print(tag, "ppl", ppl.to_dict(), flush=True)
 out = Path("benchmarks/results/distill-probe") / f"{tag}.json"
 out.parent.mkdir(parents=True, exist_ok=True)
-record = {"tag": tag, "lr": lr, "epochs": epochs, "bf16": bf16, **rep, "ppl": ppl.to_dict()}
+record = {"tag": tag, "lr": lr, "epochs": epochs, "bf16": bf16, "windows": count, **rep,
+          "ppl": ppl.to_dict()}  # fmt: skip
 out.write_text(json.dumps(record, indent=1))

@@ -1,12 +1,14 @@
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
+from families import FAMILIES, build_family
 from rsavq.cli import main
 from rsavq.models import load_model
 from rsavq.modules import require_linears
 from rsavq.stats.run import CalibrationSpec, fisher_stats
-from rsavq.streaming import is_streamed, materialize, release, stream_device_map
+from rsavq.streaming import is_streamed, load_streamed, materialize, release, stream_device_map
 
 
 def logits(model, ids):
@@ -94,3 +96,25 @@ def test_eval_of_a_streamed_model_gives_the_same_perplexity(tiny_model_dir, text
         assert main([*args, *extra, "--device", "cpu"]) == 0
         printed.append(capsys.readouterr().out.split(" (")[0])  # "corpus: PPL x over n windows"
     assert printed[0] == printed[1] and "PPL" in printed[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_streams_with_the_same_outputs_and_gradients(family, tmp_path):
+    """The device map is found by the generic walk (GPT-2's Conv1D blocks, MoE experts, ...)."""
+    from rsavq.stats.collect import CollectOptions, collect_fisher, make_accumulators
+
+    build_family(family).save_pretrained(tmp_path)
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    streamed = load_streamed(tmp_path, torch.float32, "cpu")
+    assert is_streamed(streamed)
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(logits(whole, ids), logits(streamed, ids))
+    collected = []
+    for model in (whole, streamed):
+        layers = require_linears(model)
+        accumulators = make_accumulators(layers, False, "cpu")
+        collect_fisher(model, ids, layers, accumulators, CollectOptions(progress=False))
+        collected.append(accumulators)
+    for name, acc in collected[0].items():
+        torch.testing.assert_close(acc.stats.F_I, collected[1][name].stats.F_I)
+        torch.testing.assert_close(acc.stats.F_O, collected[1][name].stats.F_O)

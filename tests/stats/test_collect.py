@@ -43,3 +43,4 @@ def test_collection_leaves_the_model_as_it_was(tiny):
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
     assert not model.training and not model.is_gradient_checkpointing
+    assert all("forward" not in vars(block) for block in model.model.layers)  # unwrapped

@@ -9,6 +9,7 @@ accumulator and freed. Weights never get `.grad`; only activations require gradi
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -17,9 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from rsavq.modules import weight_shape
+from rsavq.modules import decoder_blocks, weight_shape
 from rsavq.stats.accumulator import FisherAccumulator
 from rsavq.streaming import is_streamed
 
@@ -68,7 +70,8 @@ def collect_fisher(
     checkpointing = options.gradient_checkpointing or is_streamed(model)
     if checkpointing and not options.gradient_checkpointing:
         logger.info("streamed weights: activation checkpointing on (one block's weights held)")
-    with _collection_mode(model, checkpointing), hooks:
+    blocks = decoder_blocks(model, layers)[1] if checkpointing else None
+    with _collection_mode(model, blocks), hooks:
         for first in range(done, len(windows), options.batch_size):
             batch = windows[first : first + options.batch_size].to(device)
             batch_size[0] = len(batch)
@@ -90,31 +93,42 @@ def sequence_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _collection_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
-    """Freeze weights, make the embedding output require grad, optionally checkpoint layers."""
+def _collection_mode(model: nn.Module, blocks: nn.ModuleList | None) -> Iterator[None]:
+    """Freeze weights, make the embedding output require grad, checkpoint `blocks` if given."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
     embed = model.get_input_embeddings()
     handle = embed.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
-    was_training = model.training
-    # transformers 5 renamed gradient_checkpointing_enable (the old name warns)
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    disable = getattr(model, "activation_checkpointing_disable", None)
-    if enable is None:
-        enable, disable = model.gradient_checkpointing_enable, model.gradient_checkpointing_disable
-    if gradient_checkpointing:
-        enable({"use_reentrant": False})
-        model.train()  # HF only checkpoints in training mode; decoders here have no dropout
+    try:
+        with _checkpointed(blocks) if blocks is not None else contextlib.nullcontext():
+            yield
+    finally:
+        handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _checkpointed(blocks: nn.ModuleList) -> Iterator[None]:
+    """Run each block under activation checkpointing (non-reentrant: recomputed in the backward
+    pass), the model's mode unchanged: transformers' own switch needs training mode, which turns
+    on the dropout of models that have it (GPT-2, OPT) and would change the statistics."""
+    saved = [block.__dict__.get("forward") for block in blocks]  # accelerate's hooks live here
+    for block in blocks:
+        block.forward = functools.partial(_checkpoint, block.forward)
     try:
         yield
     finally:
-        handle.remove()
-        if gradient_checkpointing:
-            disable()
-        model.train(was_training)
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
+def _checkpoint(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 @contextlib.contextmanager
