@@ -1,3 +1,6 @@
+import gc
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -30,6 +33,17 @@ def test_blocks_stay_on_disk_and_the_model_computes_the_same(models):
     ids = torch.randint(0, 300, (2, 12))
     assert torch.equal(logits(whole, ids), logits(streamed, ids))
     assert streamed.model.layers[0].self_attn.q_proj.weight.is_meta  # dropped after use
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_no_memory_map_of_the_checkpoint_outlives_a_read(tiny_model_dir):
+    """Pages read through a map that stays open would stay resident: a block per block read."""
+    streamed = load_model(str(tiny_model_dir), stream=True)[0]
+    logits(streamed, torch.randint(0, 300, (1, 8)))
+    materialize(streamed.model.layers[0])
+    gc.collect()
+    maps = Path("/proc/self/maps").read_text()
+    assert str(tiny_model_dir) not in maps
 
 
 def test_device_map_puts_blocks_on_disk_and_the_rest_on_the_device(models):
@@ -66,6 +80,8 @@ def test_streamed_fisher_statistics_equal_the_whole_models(models, tmp_path):
         fisher_stats(m, "tiny", windows, require_linears(m), tmp_path / str(i), spec)
         for i, m in enumerate(models)
     ]
+    # every block's weights were dropped again after use (none left behind by a recomputation)
+    assert all(p.is_meta for p in models[1].model.layers.parameters())
     for name in stats[0].layer_names:
         a, b = stats[0].layer(name), stats[1].layer(name)
         torch.testing.assert_close(a.F_O, b.F_O)

@@ -17,9 +17,11 @@ section 5).
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -64,9 +66,50 @@ def load_streamed(location: str | Path, dtype: torch.dtype, device: torch.device
     model = AutoModelForCausalLM.from_pretrained(
         str(location), dtype=dtype, device_map=device_map, offload_folder=offload
     )
+    _own_resident_tensors(model)
+    _read_copies(model)
     blocks = sum(1 for where in device_map.values() if where == "disk")
     logger.info("streaming %d decoder blocks from %s", blocks, location)
     return model.eval()
+
+
+def _own_resident_tensors(model: nn.Module) -> None:
+    """Copy the tensors kept in memory (embeddings, head, norms) out of the checkpoint file's
+    memory map, so that the map is released: otherwise every block read through it stays
+    resident in the process (measured: RSS grew by a block per block read)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if not tensor.is_meta and tensor.device.type == "cpu":
+            tensor.data = tensor.data.clone()
+    gc.collect()
+
+
+class _Copies(Mapping):
+    """An offloaded-weights loader whose tensors are copies, not views of the file's memory
+    map: a view keeps the map (and every page read through it) alive in the process."""
+
+    def __init__(self, loader: Mapping):
+        self.loader = loader
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.loader[key].clone()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def _read_copies(model: nn.Module) -> None:
+    """Make every offload hook of `model` read copies (`_Copies`)."""
+    for module in model.modules():
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        dataset = getattr(weights, "dataset", None)  # accelerate's PrefixedDataset
+        if dataset is not None and not isinstance(dataset, _Copies):
+            weights.dataset = _Copies(dataset)
 
 
 def is_streamed(module: nn.Module) -> bool:

@@ -128,7 +128,9 @@ def _checkpointed(blocks: nn.ModuleList) -> Iterator[None]:
 
 
 def _checkpoint(forward, *args, **kwargs):
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    # no early stop: a recomputation cut short after the last saved tensor skips the forward
+    # hooks after it, and a streamed layer's hook then never drops the weights it read
+    return checkpoint(forward, *args, use_reentrant=False, early_stop=False, **kwargs)
 
 
 @contextlib.contextmanager
