@@ -161,3 +161,35 @@ def test_stages_by_name_and_refusals():
         finetune_stages("e2e", METHODS["gptq"].configure(3))
     with pytest.raises(UsageError, match="use one of"):
         finetune_stages("all", default)
+
+
+def test_distillation_on_more_windows_than_the_calibration(tiny_model_dir, text_file, tmp_path):
+    """`--distill-windows`: the teacher and the training see that many windows; the Hessians
+    still come from --nsamples; the held-out windows come after both."""
+    from rsavq.cli import main
+
+    args = [
+        "quantize",
+        "--model",
+        str(tiny_model_dir),
+        "--calib",
+        str(text_file),
+        "--seqlen",
+        "16",
+        "--bits",
+        "2",
+        "--kmeans-iters",
+        "2",
+        "--finetune",
+        "e2e",
+        "--device",
+        "cpu",
+    ]
+    assert main([*args, "--nsamples", "4", "--distill-windows", "12", "--out",
+                 str(tmp_path / "q")]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert report["distill"]["tokens"] == 12 * 16 and report["distill"]["steps"] == 12
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["finetune"]["e2e"]["windows"] == 12
+    with pytest.raises(UsageError, match="window count"):
+        Distillation(windows=0)

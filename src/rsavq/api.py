@@ -107,11 +107,17 @@ def quantize(
         c = calibration
         windows = calibration_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed)
     identity = asdict(calibration.spec(corpus)) if corpus else None
+    distill_windows, read = None, calibration.nsamples  # (windows read before the held-out ones)
+    if distillation is not None and distillation.windows:
+        c = calibration
+        distill_windows = calibration_windows(tokenizer, corpus, distillation.windows, c.seqlen,
+                                              c.seed)  # fmt: skip
+        read = max(read, distillation.windows)
     count = max((s.heldout for s in (tuning, distillation) if s is not None), default=0)
-    heldout = _heldout(tokenizer, corpus, calibration, count) if count else None
+    heldout = _heldout(tokenizer, corpus, calibration, count, read) if count else None
     run = lambda path: quantize_model(  # noqa: E731
         model, config, fisher, path, tokenizer, progress, windows, identity, save_dtype, tuning,
-        heldout, distillation,
+        heldout, distillation, distill_windows,
     )  # fmt: skip
     if out is not None:
         return run(out)
@@ -144,11 +150,11 @@ def finetune_stages(finetune: Finetune, config) -> tuple[BlockTuning | None, Dis
     return tuning, distillation
 
 
-def _heldout(tokenizer, corpus, c: Calibration, count: int):
-    """Held-out windows for the fine-tuning report, or None (with a warning) when the source
-    has no unread documents left."""
+def _heldout(tokenizer, corpus, c: Calibration, count: int, read: int):
+    """Held-out windows for the fine-tuning report (from documents that the first `read`
+    calibration windows do not reach), or None (with a warning) when none are left."""
     try:
-        return heldout_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed, count)
+        return heldout_windows(tokenizer, corpus, read, c.seqlen, c.seed, count)
     except DataError as exc:
         logger.warning("no held-out fine-tuning loss: %s", exc)
         return None

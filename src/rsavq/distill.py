@@ -45,16 +45,20 @@ class Distillation:
     heldout: int = 4  # calibration-length windows from unseen documents, to watch over-fitting
     bf16: bool = False  # bfloat16 autocast for the training steps
     save_every: int = 16  # optimizer steps between resumable snapshots
+    # calibration windows to distill on: None for those the quantizer calibrates on, else this
+    # many drawn the same way (more text: 256 beat 64 at 3 and 4 bits, BENCHMARKS.md Quality II)
+    windows: int | None = None
 
     def __post_init__(self) -> None:
         ok = self.epochs >= 1 and self.lr > 0 and self.micro_batch >= 1 and self.top_k >= 1
         budget = self.tokens is None or self.tokens >= 1
+        budget = budget and (self.windows is None or self.windows >= 1)
         if not ok or not budget or self.heldout < 0 or self.save_every < 1:
             raise UsageError(
                 "distillation needs epochs >= 1, lr > 0, micro_batch >= 1, top_k >= 1, "
-                "heldout >= 0, save_every >= 1 and a positive token budget; got "
+                "heldout >= 0, save_every >= 1, a positive token budget and window count; got "
                 f"{self.epochs}, {self.lr}, {self.micro_batch}, {self.top_k}, {self.heldout}, "
-                f"{self.save_every}, {self.tokens}"
+                f"{self.save_every}, {self.tokens}, {self.windows}"
             )
 
     def to_dict(self) -> dict:
@@ -64,6 +68,8 @@ class Distillation:
             del data["bf16"]
         if self.tokens is None:
             del data["tokens"]
+        if self.windows is None:
+            del data["windows"]
         return data
 
     def schedule(self, windows: int, seqlen: int) -> list[list[int]]:

@@ -66,6 +66,7 @@ def quantize_model(
     tuning: BlockTuning | None = None,
     heldout: torch.Tensor | None = None,
     distillation: Distillation | None = None,
+    distill_windows: torch.Tensor | None = None,
 ) -> list[LayerRecord]:
     """Quantize the model's linears and write the checkpoint to `out`.
 
@@ -79,7 +80,8 @@ def quantize_model(
     fine-tunes each decoder block once quantized (`rsavq.finetune`; block-sequential VQ only);
     its error on the `heldout` windows (never trained on) goes into the report. `distillation`
     then trains the whole quantized model towards the FP model's next-token distributions on
-    the calibration windows (`rsavq.distill`; rsavq's VQ methods).
+    the calibration windows, or `distill_windows` when given (`rsavq.distill`; rsavq's VQ
+    methods).
 
     Under torch.distributed (`torchrun`) every rank runs this with the same arguments and `out`
     (shared): each block's layers are spread over the ranks, rank 0 fine-tunes, distills and
@@ -107,13 +109,14 @@ def quantize_model(
         if calibration is None:
             raise UsageError("end-to-end distillation needs the calibration windows")
         run["distillation"] = distillation.to_dict()
+    distill_windows = distill_windows if distill_windows is not None else calibration
     rank, size = distributed.world()
     shapes = {name: list(weight_shape(layer)) for name, layer in layers.items()}
     distributed.check_same({"module list": shapes, "settings": run, "calibration windows":
                             calibration if calibration is not None else "none"})  # fmt: skip
     store = _open_store(out, run)
     if distillation is not None and rank == 0:  # from the FP model, before quantizing
-        teacher = _teacher(store, model, calibration, heldout, distillation)
+        teacher = _teacher(store, model, distill_windows, heldout, distillation)
     records, specs, tuned = [], {}, []
     bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress or rank)
     tune = _tuner(store, tuning, tuned, bar) if tuning is not None else None
@@ -133,7 +136,8 @@ def quantize_model(
         return records  # rank 0 distills and writes the checkpoint
     distilled = None
     if distillation is not None:
-        distilled = _distill(model, store, calibration, heldout, teacher, distillation, progress)
+        distilled = _distill(model, store, distill_windows, heldout, teacher, distillation,
+                             progress)  # fmt: skip
     qconfig = quantization_config(config.to_dict(), specs) if specs else None
     if qconfig is not None:
         finetune = {"block": tuning, "e2e": distillation}

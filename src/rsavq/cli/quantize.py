@@ -154,6 +154,14 @@ def add_parser(sub) -> None:
         default=None,
         help="e2e stage: token budget (overrides --distill-epochs)",
     )
+    t.add_argument(
+        "--distill-windows",
+        type=positive_int,
+        default=None,
+        help="e2e stage: distill on this many calibration windows of --seqlen (default: the "
+        "--nsamples the quantizer calibrates on; more text generalizes better: 256 beat 64 on "
+        "SmolLM2, BENCHMARKS.md)",
+    )
     p.add_argument(
         "--eval",
         default=None,
@@ -208,7 +216,7 @@ def _tuning(args: argparse.Namespace, config):
     if e2e is not None:
         e2e = Distillation(
             epochs=args.distill_epochs, lr=args.distill_lr, tokens=args.distill_tokens,
-            seed=args.seed, bf16=args.finetune_bf16,
+            seed=args.seed, bf16=args.finetune_bf16, windows=args.distill_windows,
         )  # fmt: skip
     return block, e2e
 
@@ -299,4 +307,5 @@ def _say_what_runs(model, config, calib, args, tuning) -> None:
         )
     if e2e is not None:
         budget = f"{e2e.tokens} tokens" if e2e.tokens else f"{e2e.epochs} epochs"
+        budget += f" over {e2e.windows or args.nsamples} windows"
         print(f"end-to-end distillation from the FP model: {budget}, lr {e2e.lr:g}")
