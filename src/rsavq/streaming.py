@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rsavq.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 _STREAMED = "_rsavq_streamed"  # set on a module whose weights were streamed, then materialized
@@ -39,7 +41,10 @@ def stream_device_map(model: nn.Module, device: torch.device | str) -> dict[str,
 
     name, blocks = decoder_blocks(model, find_linears(model, ()))
     if not len(blocks):
-        raise ValueError(f"{type(model).__name__} has no decoder blocks to stream")
+        raise UsageError(
+            f"{type(model).__name__} has no repeated decoder blocks to stream; run it without "
+            "--stream-weights"
+        )
     device_map = {f"{name}.{i}": "disk" for i in range(len(blocks))}
     path = name.split(".")
     for depth in range(len(path)):  # siblings of every module on the way down to the blocks
