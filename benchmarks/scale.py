@@ -170,8 +170,7 @@ def render(result: dict) -> str:
 def measure(args: argparse.Namespace, work: Path) -> dict:
     model = work / "model"
     build_model(model, args.blocks, args.hidden, args.intermediate)
-    common = ["--model", str(model), "--calib", "c4", "--data-dir", args.data_dir, "--nsamples",
-              str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu"]  # fmt: skip
+    common = cli_common(args, model)
     rows = []
     for ranks in (int(r) for r in args.ranks.split(",")):
         stats, out = work / f"stats-{ranks}", work / f"q-{ranks}"
@@ -190,32 +189,54 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 
     tensors = [load_file(work / f"q-{r['ranks']}" / "model.safetensors") for r in rows]
     identical = all(torch.equal(tensors[0][k], t[k]) for t in tensors[1:] for k in tensors[0])
-    settings = {k: v for k, v in vars(args).items() if k not in ("json", "table_only", "markdown")}
-    return {"settings": settings, "rows": rows, "plan": planner_figure(args),
+    return {"settings": settings_of(args), "rows": rows, "plan": planner_figure(args),
             "identical": identical}  # fmt: skip
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--blocks", type=int, default=1)
+def cli_common(args: argparse.Namespace, model: Path) -> list[str]:
+    """The `rsavq` arguments every command of a run shares: model, calibration, CPU."""
+    return ["--model", str(model), "--calib", "c4", "--data-dir", args.data_dir, "--nsamples",
+            str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu"]  # fmt: skip
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    """A run's settings as recorded in its JSON (not where the results go)."""
+    return {k: v for k, v in vars(args).items() if k not in ("json", "table_only", "markdown")}
+
+
+def parser(doc: str, name: str, blocks: int) -> argparse.ArgumentParser:
+    """The options this benchmark and `streaming.py` share (`name`: the JSON's and the
+    BENCHMARKS.md block's name)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--blocks", type=int, default=blocks)
     p.add_argument("--hidden", type=int, default=4096, help="4096: LLaMA-7B; less: a smoke test")
     p.add_argument("--intermediate", type=int, default=11008)
     p.add_argument("--nsamples", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=64)
     p.add_argument("--memory-budget", default="1.5GiB")
     p.add_argument("--bits", default="2")
-    p.add_argument("--ranks", default="1,2")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
-    p.add_argument("--json", default="benchmarks/results/scale.json")
+    p.add_argument("--json", default=f"benchmarks/results/{name}.json")
     p.add_argument("--table-only", action="store_true", help="rewrite the tables from --json")
     p.add_argument("--markdown", default="BENCHMARKS.md")
-    args = p.parse_args()
+    return p
+
+
+def run_and_render(args: argparse.Namespace, name: str, measure, render) -> None:
+    """Measure (unless --table-only) into --json, then write its tables into the `name` block
+    of --markdown and print them."""
     if not args.table_only:
-        with tempfile.TemporaryDirectory(prefix="rsavq-scale-") as work:
+        with tempfile.TemporaryDirectory(prefix=f"rsavq-{name}-") as work:
             atomic_write_json(args.json, measure(args, Path(work)))
     table = render(json.loads(Path(args.json).read_text()))
-    rewrite_block(args.markdown, "scale", table)
+    rewrite_block(args.markdown, name, table)
     print(table)
+
+
+def main() -> None:
+    p = parser(__doc__, "scale", blocks=1)
+    p.add_argument("--ranks", default="1,2")
+    run_and_render(p.parse_args(), "scale", measure, render)
 
 
 if __name__ == "__main__":

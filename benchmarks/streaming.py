@@ -17,13 +17,10 @@ statistics; both checkpoints are compared tensor by tensor.
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
 from pathlib import Path
 
-from rsavq.io import atomic_write_json, rewrite_block
 from rsavq.stats.memory import fisher_memory, layer_bytes, llama_shapes, parse_bytes, plan_passes
-from scale import DEFAULT_DATA, GIB, build_model, run_ranks
+from scale import GIB, build_model, cli_common, parser, run_and_render, run_ranks, settings_of
 
 VOCAB = 49152  # SmolLM2's tokenizer, which build_model gives the model
 
@@ -46,8 +43,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 
     model = work / "model"
     build_model(model, args.blocks, args.hidden, args.intermediate)
-    common = ["--model", str(model), "--calib", "c4", "--data-dir", args.data_dir, "--nsamples",
-              str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu"]  # fmt: skip
+    common = cli_common(args, model)
     rows = []
     for streamed in (False, True):
         flag = ["--stream-weights"] if streamed else []
@@ -66,8 +62,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
               f"{quant['peak_rss_gib']:.2f} GiB", flush=True)  # fmt: skip
     a, b = (load_file(work / f"q-{s}" / "model.safetensors") for s in (False, True))
     identical = a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    settings = {k: v for k, v in vars(args).items() if k not in ("json", "table_only", "markdown")}
-    return {"settings": settings, "rows": rows, "identical": identical}
+    return {"settings": settings_of(args), "rows": rows, "identical": identical}
 
 
 def render(result: dict) -> str:
@@ -96,26 +91,9 @@ def render(result: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--blocks", type=int, default=3)
-    p.add_argument("--hidden", type=int, default=4096, help="4096: LLaMA-7B; less: a smoke test")
-    p.add_argument("--intermediate", type=int, default=11008)
-    p.add_argument("--nsamples", type=int, default=2)
-    p.add_argument("--seqlen", type=int, default=64)
-    p.add_argument("--memory-budget", default="1.5GiB")
+    p = parser(__doc__, "streaming", blocks=3)
     p.add_argument("--quantizer", default="kmeans")
-    p.add_argument("--bits", default="2")
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
-    p.add_argument("--json", default="benchmarks/results/streaming.json")
-    p.add_argument("--table-only", action="store_true", help="rewrite the table from --json")
-    p.add_argument("--markdown", default="BENCHMARKS.md")
-    args = p.parse_args()
-    if not args.table_only:
-        with tempfile.TemporaryDirectory(prefix="rsavq-streaming-") as work:
-            atomic_write_json(args.json, measure(args, Path(work)))
-    table = render(json.loads(Path(args.json).read_text()))
-    rewrite_block(args.markdown, "streaming", table)
-    print(table)
+    run_and_render(p.parse_args(), "streaming", measure, render)
 
 
 if __name__ == "__main__":
