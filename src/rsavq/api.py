@@ -102,14 +102,12 @@ def quantize(
     fisher = None
     if FISHER in needs:
         fisher = _fisher(model, tokenizer, corpus, calibration, stats, model_id, config, progress)
-    windows = None
+    c, windows = calibration, None
     if needs_windows:
-        c = calibration
         windows = calibration_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed)
     identity = asdict(calibration.spec(corpus)) if corpus else None
-    distill_windows, read = None, calibration.nsamples  # (windows read before the held-out ones)
+    distill_windows, read = None, c.nsamples  # (windows read before the held-out ones)
     if distillation is not None and distillation.windows:
-        c = calibration
         distill_windows = calibration_windows(tokenizer, corpus, distillation.windows, c.seqlen,
                                               c.seed)  # fmt: skip
         read = max(read, distillation.windows)
