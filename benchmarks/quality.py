@@ -154,11 +154,14 @@ def finetune_rows(bits: int) -> list[Row]:
     """The default, then block fine-tuning on top, then end-to-end distillation on top of
     that (issue "Quality II")."""
     tuning, e2e = BlockTuning(), Distillation()
+    more = Distillation(windows=256, bf16=True)
     label = f"+ block fine-tuning ({tuning.epochs} epochs, lr {tuning.lr:g})"
     e2e_label = f"+ end-to-end distillation ({e2e.epochs} epoch, lr {e2e.lr:g})"
+    more_label = f"+ distillation on {more.windows} windows (bf16 autocast)"
     return [
         Row("finetune", label, bits, preset("default", bits), tuning),
         Row("finetune", e2e_label, bits, preset("default", bits), tuning, e2e),
+        Row("finetune", more_label, bits, preset("default", bits), tuning, more),
     ]
 
 
@@ -231,11 +234,19 @@ class Runner:
         if not count:
             return None
         c = self.calib_spec
-        return heldout_windows(self.tokenizer, self.calib, c.nsamples, c.seqlen, c.seed, count)
+        read = max(c.nsamples, self._distill_count(row))  # as `rsavq.api.quantize` reads
+        return heldout_windows(self.tokenizer, self.calib, read, c.seqlen, c.seed, count)
 
-    def calibration(self):
+    @staticmethod
+    def _distill_count(row: Row) -> int:
+        return (row.distillation and row.distillation.windows) or 0
+
+    def calibration(self, count: int = 0):
+        """The first `count` calibration windows (default: the calibration's own)."""
         c = self.calib_spec
-        return calibration_windows(self.tokenizer, self.calib, c.nsamples, c.seqlen, c.seed)
+        return calibration_windows(
+            self.tokenizer, self.calib, count or c.nsamples, c.seqlen, c.seed
+        )
 
     def run(self, row: Row) -> dict:
         result: dict = {
@@ -295,7 +306,8 @@ class Runner:
         base = dataclasses.replace(row, distillation=None)
         model, numbers = self._quantized(base)
         teacher, _ = self._load()
-        options, windows, held = row.distillation, self.calibration(), self.heldout(row)
+        options, held = row.distillation, self.heldout(row)
+        windows = self.calibration(self._distill_count(row))
         start = time.perf_counter()
         targets = teacher_targets(teacher, windows, options.top_k)
         heldout = None if held is None else (held, teacher_targets(teacher, held, options.top_k))

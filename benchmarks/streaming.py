@@ -17,12 +17,15 @@ statistics; both checkpoints are compared tensor by tensor.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 from pathlib import Path
 
 from rsavq.stats.memory import fisher_memory, layer_bytes, llama_shapes, parse_bytes, plan_passes
 from scale import GIB, build_model, cli_common, parser, run_and_render, run_ranks, settings_of
 
 VOCAB = 49152  # SmolLM2's tokenizer, which build_model gives the model
+STAGES = ("fisher", "quantize")
 
 
 def planner(args, streamed: bool) -> dict:
@@ -38,30 +41,53 @@ def planner(args, streamed: bool) -> dict:
     return {"passes": len(passes), "weights_gib": weights / GIB, "fisher_planned_gib": total / GIB}
 
 
+def commit() -> str:
+    """The repository's commit (the code a stage was measured with)."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
 def measure(args: argparse.Namespace, work: Path) -> dict:
+    """Both ways of loading, the `--stages` asked for; a stage not asked for keeps its results
+    (and the commit they were measured at) from the `--json` of an earlier run."""
     from safetensors.torch import load_file
 
+    stages = set(args.stages.split(","))
+    before = json.loads(Path(args.json).read_text()) if stages != set(STAGES) else None
     model = work / "model"
     build_model(model, args.blocks, args.hidden, args.intermediate)
     common = cli_common(args, model)
     rows = []
-    for streamed in (False, True):
+    for i, streamed in enumerate((False, True)):
         flag = ["--stream-weights"] if streamed else []
         stats, out = work / f"stats-{streamed}", work / f"q-{streamed}"
-        fisher = run_ranks(1, ["fisher", *common, *flag, "--memory-budget", args.memory_budget,
-                               "--checkpoint-every", "0", "--out", str(stats)])  # fmt: skip
-        quant = run_ranks(1, ["quantize", *common, *flag, "--stats", str(work / "stats-False"),
-                              "--method", args.quantizer, "--bits", args.bits, "--out",
-                              str(out)])  # fmt: skip
-        for stage in (fisher, quant):
-            stage.pop("stdout")
-        rows.append({"streamed": streamed, "fisher": fisher, "quantize": quant,
-                     "plan": planner(args, streamed)})  # fmt: skip
-        print(f"streamed={streamed}: fisher {fisher['seconds']:.0f} s peak "
-              f"{fisher['peak_rss_gib']:.2f} GiB; quantize {quant['seconds']:.0f} s peak "
-              f"{quant['peak_rss_gib']:.2f} GiB", flush=True)  # fmt: skip
-    a, b = (load_file(work / f"q-{s}" / "model.safetensors") for s in (False, True))
-    identical = a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+        row = {"streamed": streamed, "plan": planner(args, streamed)}
+        if "fisher" in stages:
+            row["fisher"] = run_ranks(1, ["fisher", *common, *flag, "--memory-budget",
+                                          args.memory_budget, "--checkpoint-every", "0",
+                                          "--out", str(stats)])  # fmt: skip
+        if "quantize" in stages:
+            row["quantize"] = run_ranks(1, ["quantize", *common, *flag, "--stats",
+                                            str(work / "stats-False"), "--method", args.quantizer,
+                                            "--bits", args.bits, "--out", str(out)])  # fmt: skip
+        for stage in STAGES:
+            if stage in stages:
+                row[stage].pop("stdout")
+                row[stage]["commit"] = commit()
+            else:
+                row[stage] = before["rows"][i][stage]
+        rows.append(row)
+        f, q = row["fisher"], row["quantize"]
+        print(
+            f"streamed={streamed}: fisher {f['seconds']:.0f} s peak {f['peak_rss_gib']:.2f} GiB;"
+            f" quantize {q['seconds']:.0f} s peak {q['peak_rss_gib']:.2f} GiB",
+            flush=True,
+        )
+    if "quantize" in stages:
+        a, b = (load_file(work / f"q-{s}" / "model.safetensors") for s in (False, True))
+        identical = a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    else:
+        identical = before["identical"]
     return {"settings": settings_of(args), "rows": rows, "identical": identical}
 
 
@@ -87,12 +113,22 @@ def render(result: dict) -> str:
             f"{f['peak_rss_gib']:.2f} GiB | {p['fisher_planned_gib']:.2f} GiB | "
             f"{q['seconds']:.0f} | {q['peak_rss_gib']:.2f} GiB |"
         )
+    commits = {st: {r[st].get("commit") for r in result["rows"]} - {None} for st in STAGES}
+    if any(commits.values()):
+        at = "; ".join(f"{st} at commit {', '.join(sorted(c))}" for st, c in commits.items() if c)
+        lines += ["", f"Measured with the code of: {at} (other stages: before commits were noted)."]
     return "\n".join(lines)
 
 
 def main() -> None:
     p = parser(__doc__, "streaming", blocks=3)
     p.add_argument("--quantizer", default="kmeans")
+    p.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="stages to measure; the others keep their results from --json (e.g. after a "
+        "change that touches only Fisher collection)",
+    )
     run_and_render(p.parse_args(), "streaming", measure, render)
 
 

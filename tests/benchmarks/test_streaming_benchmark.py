@@ -38,3 +38,6 @@ def test_streaming_holds_one_block_and_the_table_says_so():
     }
     table = streaming.render(result)
     assert "| streamed (`--stream-weights`) |" in table and "bit-identical: True" in table
+    assert "Measured with the code of" not in table  # no commits in this result
+    result["rows"][1]["fisher"] = {**stage, "commit": "abc1234"}
+    assert "fisher at commit abc1234" in streaming.render(result)
