@@ -480,6 +480,10 @@ def _main_table(main: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _protocol(row: dict) -> tuple[int, str]:
+    return row["wikitext2"]["windows"], row["settings"].get("eval_dtype", "float32")
+
+
 def ablation_table(rows: list[dict]) -> str:
     abl = [r for r in rows if r["section"] != "main"]
     if not abl:
@@ -493,10 +497,13 @@ def ablation_table(rows: list[dict]) -> str:
         "| quantize time |",
         "|---|---|---|---|---|---|---|",
     ]
+    protocol = _protocol(abl[0])
     for r in abl:
+        other = _protocol(r) != protocol  # a row measured otherwise says how
+        how = f" ({r['wikitext2']['windows']} windows, {_protocol(r)[1]})" if other else ""
         lines.append(
             f"| {r['section']} | {r['bits']} | {r['label']} | {r['bits_per_weight']:.3f} | "
-            f"{_fmt_ppl(r['wikitext2']['ppl'])} | {r['median_relative_error']:.3f} | "
+            f"{_fmt_ppl(r['wikitext2']['ppl'])}{how} | {r['median_relative_error']:.3f} | "
             f"{_time(r)} |"
         )
     return "\n".join(lines)

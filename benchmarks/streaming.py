@@ -8,28 +8,46 @@ Each command runs in its own process, one thread (`benchmarks/scale.py`'s `run_r
 rank), timed, with its peak RSS. Fisher runs under a memory budget (several passes); the
 planner's figure beside it counts the weights that are resident (the whole model, or the
 embeddings and head plus one block when streamed), the largest pass's accumulators, the largest
-per-sequence gradient and the captured layer inputs. Quantization runs the `--quantizer`
-method (default `kmeans`: plain product VQ, layer by layer, so that a 7B-shaped block takes
-minutes, not the half hour of the default block-sequential pass) from the first run's
-statistics; both checkpoints are compared tensor by tensor.
+per-sequence gradient and the captured layer inputs, plus the runtime (the peak RSS of a
+process that only imports what `rsavq` imports, measured) and, when streamed, the largest
+tensor of a block (its file pages are mapped while it is copied). Quantization runs the
+`--quantizer` method (default `kmeans`: plain product VQ, layer by layer, so that a
+7B-shaped block takes minutes, not the half hour of the default block-sequential pass) from
+the first run's statistics; both checkpoints are compared tensor by tensor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 from rsavq.stats.memory import fisher_memory, layer_bytes, llama_shapes, parse_bytes, plan_passes
-from scale import GIB, build_model, cli_common, parser, run_and_render, run_ranks, settings_of
+from scale import GIB, PEAK, build_model, cli_common, parser, run_and_render, run_ranks, settings_of
 
 VOCAB = 49152  # SmolLM2's tokenizer, which build_model gives the model
 STAGES = ("fisher", "quantize")
 
 
-def planner(args, streamed: bool) -> dict:
-    """Resident weights and the Fisher planner's figure for one way of loading the model."""
+# what every rsavq process holds before it loads a model: the interpreter and the libraries
+RUNTIME = "import accelerate, torch, transformers, rsavq.cli; from transformers import LlamaModel"
+
+
+def runtime_bytes() -> int:
+    """Peak RSS of a process that only imports what `rsavq fisher` imports (measured)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", PEAK, sys.executable, "-c", RUNTIME],
+                          env=env, text=True, capture_output=True, check=True)  # fmt: skip
+    return int(done.stderr.rsplit("PEAK", 1)[1].split()[0]) * 1024
+
+
+def planner(args, streamed: bool, runtime: int = 0) -> dict:
+    """Resident weights and the Fisher planner's figure for one way of loading the model, with
+    `runtime` bytes for the interpreter and libraries; a streamed model adds the largest
+    tensor of a block (its file pages are mapped while it is copied)."""
     block = llama_shapes(args.hidden, args.intermediate, 1)
     shapes = dict(enumerate(block * args.blocks))
     passes = plan_passes(shapes, False, parse_bytes(args.memory_budget))
@@ -37,8 +55,10 @@ def planner(args, streamed: bool) -> dict:
     memory = fisher_memory(list(shapes.values()), False, args.seqlen, activation_bytes=4)
     block_bytes = sum(m * n for m, n in block) * 4
     weights = 2 * VOCAB * args.hidden * 4 + block_bytes * (1 if streamed else args.blocks)
-    total = weights + held + memory.largest_G + memory.captured_inputs
-    return {"passes": len(passes), "weights_gib": weights / GIB, "fisher_planned_gib": total / GIB}
+    read = max(m * n for m, n in block) * 4 if streamed else 0
+    total = runtime + weights + read + held + memory.largest_G + memory.captured_inputs
+    return {"passes": len(passes), "weights_gib": weights / GIB, "runtime_gib": runtime / GIB,
+            "read_gib": read / GIB, "fisher_planned_gib": total / GIB}  # fmt: skip
 
 
 def commit() -> str:
@@ -57,11 +77,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     model = work / "model"
     build_model(model, args.blocks, args.hidden, args.intermediate)
     common = cli_common(args, model)
-    rows = []
+    rows, runtime = [], runtime_bytes()
     for i, streamed in enumerate((False, True)):
         flag = ["--stream-weights"] if streamed else []
         stats, out = work / f"stats-{streamed}", work / f"q-{streamed}"
-        row = {"streamed": streamed, "plan": planner(args, streamed)}
+        row = {"streamed": streamed, "plan": planner(args, streamed, runtime)}
         if "fisher" in stages:
             row["fisher"] = run_ranks(1, ["fisher", *common, *flag, "--memory-budget",
                                           args.memory_budget, "--checkpoint-every", "0",
@@ -91,6 +111,17 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     return {"settings": settings_of(args), "rows": rows, "identical": identical}
 
 
+def _counted(rows: list[dict]) -> str:
+    """What the planner's figure counts besides weights and Fisher memory (newer runs)."""
+    plan = rows[-1]["plan"]
+    if "runtime_gib" not in plan:
+        return " The planner's figure counts neither the runtime nor the read."
+    return (
+        f" The planner's figure counts the runtime ({plan['runtime_gib']:.2f} GiB, measured) and, "
+        f"streamed, the read of the largest tensor ({plan['read_gib']:.2f} GiB)."
+    )
+
+
 def render(result: dict) -> str:
     s = result["settings"]
     lines = [
@@ -99,7 +130,7 @@ def render(result: dict) -> str:
         f" x {s['seqlen']} tokens of C4 under a {s['memory_budget']} budget "
         f"({result['rows'][0]['plan']['passes']} passes); quantization: `--method "
         f"{s['quantizer']} --bits {s['bits']}`; one process, one thread. Checkpoints of the two "
-        f"ways bit-identical: {result['identical']}.",
+        f"ways bit-identical: {result['identical']}.{_counted(result['rows'])}",
         "",
         "| weights | resident weights (planned) | Fisher s | Fisher peak RSS | planner's figure | "
         "quantize s | quantize peak RSS |",

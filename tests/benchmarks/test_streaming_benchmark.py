@@ -41,3 +41,13 @@ def test_streaming_holds_one_block_and_the_table_says_so():
     assert "Measured with the code of" not in table  # no commits in this result
     result["rows"][1]["fisher"] = {**stage, "commit": "abc1234"}
     assert "fisher at commit abc1234" in streaming.render(result)
+
+
+def test_the_figure_counts_the_runtime_and_a_streamed_read():
+    streaming = load_streaming()
+    args = argparse.Namespace(blocks=2, hidden=256, intermediate=688, seqlen=8,
+                              memory_budget="1GiB")  # fmt: skip
+    base, counted = streaming.planner(args, True), streaming.planner(args, True, runtime=2**30)
+    assert counted["fisher_planned_gib"] - base["fisher_planned_gib"] == 1.0
+    assert base["read_gib"] == 688 * 256 * 4 / 2**30
+    assert streaming.planner(args, False)["read_gib"] == 0
