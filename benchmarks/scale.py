@@ -84,8 +84,13 @@ def run_ranks(ranks: int, command: list[str]) -> dict:
     seconds = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"{command[0]} with {ranks} rank(s) failed:\n{done.stderr[-3000:]}")
-    peak = int(done.stderr.rsplit("PEAK", 1)[1].split()[0])
-    return {"seconds": seconds, "peak_rss_gib": peak / 2**20, "stdout": done.stdout}
+    peak = peak_kib(done.stderr) / 2**20
+    return {"seconds": seconds, "peak_rss_gib": peak, "stdout": done.stdout}
+
+
+def peak_kib(stderr: str) -> int:
+    """The peak RSS (KiB) that `PEAK` printed."""
+    return int(stderr.rsplit("PEAK", 1)[1].split()[0])
 
 
 def planner_figure(args) -> dict:

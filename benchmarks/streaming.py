@@ -26,7 +26,17 @@ import sys
 from pathlib import Path
 
 from rsavq.stats.memory import fisher_memory, layer_bytes, llama_shapes, parse_bytes, plan_passes
-from scale import GIB, PEAK, build_model, cli_common, parser, run_and_render, run_ranks, settings_of
+from scale import (
+    GIB,
+    PEAK,
+    build_model,
+    cli_common,
+    parser,
+    peak_kib,
+    run_and_render,
+    run_ranks,
+    settings_of,
+)
 
 VOCAB = 49152  # SmolLM2's tokenizer, which build_model gives the model
 STAGES = ("fisher", "quantize")
@@ -41,7 +51,7 @@ def runtime_bytes() -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", PEAK, sys.executable, "-c", RUNTIME],
                           env=env, text=True, capture_output=True, check=True)  # fmt: skip
-    return int(done.stderr.rsplit("PEAK", 1)[1].split()[0]) * 1024
+    return peak_kib(done.stderr) * 1024
 
 
 def planner(args, streamed: bool, runtime: int = 0) -> dict:
@@ -77,7 +87,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     model = work / "model"
     build_model(model, args.blocks, args.hidden, args.intermediate)
     common = cli_common(args, model)
-    rows, runtime = [], runtime_bytes()
+    rows, runtime, at = [], runtime_bytes(), commit()
     for i, streamed in enumerate((False, True)):
         flag = ["--stream-weights"] if streamed else []
         stats, out = work / f"stats-{streamed}", work / f"q-{streamed}"
@@ -93,7 +103,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         for stage in STAGES:
             if stage in stages:
                 row[stage].pop("stdout")
-                row[stage]["commit"] = commit()
+                row[stage]["commit"] = at
             else:
                 row[stage] = before["rows"][i][stage]
         rows.append(row)

@@ -67,8 +67,8 @@ class FisherAccumulator:
 
 def squared_norm(G: torch.Tensor, rows: int = 1024) -> float:
     """`||G||^2` summed in float64, `rows` rows at a time: `G.square().sum(dtype=float64)`
-    would hold G's square and its float64 copy at once, three times G's bytes (0.5 GiB for a
-    LLaMA-7B MLP gradient, measured; benchmarks/streaming.py's peak RSS)."""
+    would hold G's square and its float64 copy at once, three times G's bytes (0.5 GiB for an
+    11008 x 4096 gradient; BENCHMARKS.md, "Weight streaming")."""
     flat = G.reshape(-1, G.shape[-1])
     return sum(part.square().sum(dtype=torch.float64).item() for part in flat.split(rows))
 
