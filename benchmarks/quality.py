@@ -154,15 +154,17 @@ def finetune_rows(bits: int) -> list[Row]:
     """The default, then block fine-tuning on top, then end-to-end distillation on top of
     that (issue "Quality II")."""
     tuning, e2e = BlockTuning(), Distillation()
-    more = Distillation(windows=256, bf16=True)
     label = f"+ block fine-tuning ({tuning.epochs} epochs, lr {tuning.lr:g})"
     e2e_label = f"+ end-to-end distillation ({e2e.epochs} epoch, lr {e2e.lr:g})"
-    more_label = f"+ distillation on {more.windows} windows (bf16 autocast)"
-    return [
+    rows = [
         Row("finetune", label, bits, preset("default", bits), tuning),
         Row("finetune", e2e_label, bits, preset("default", bits), tuning, e2e),
-        Row("finetune", more_label, bits, preset("default", bits), tuning, more),
     ]
+    for windows in (256, 512):
+        more = Distillation(windows=windows, bf16=True)
+        more_label = f"+ distillation on {windows} windows (bf16 autocast)"
+        rows.append(Row("finetune", more_label, bits, preset("default", bits), tuning, more))
+    return rows
 
 
 def compensation_rows(bits: int = 3) -> list[Row]:
