@@ -15,7 +15,7 @@ def test_plan_respects_budget_and_monotonicity(rule, avg):
     gen = torch.Generator().manual_seed(0)
     sens = torch.rand(120, generator=gen, dtype=torch.float64) ** 4 * 100
     sizes = split_sizes(120, 4)
-    plan = plan_groups(sens, avg, 4, rule, code_cost(sizes), avg * 120, (1, 5))
+    plan = plan_groups(sens, avg, sizes, rule, code_cost(sizes), avg * 120, (1, 5))
     bits = plan.group_bits
     assert sum(s * b for s, b in zip(sizes, bits, strict=True)) <= avg * 120
     assert list(bits) == sorted(bits, reverse=True)  # more sensitive never fewer bits
@@ -24,7 +24,7 @@ def test_plan_respects_budget_and_monotonicity(rule, avg):
 
 def test_budget_is_used_when_it_fits():
     sizes = split_sizes(100, 4)
-    plan = plan_groups(torch.ones(100), 2.0, 4, Allocation.PAPER, code_cost(sizes), 200, (1, 5))
+    plan = plan_groups(torch.ones(100), 2.0, sizes, Allocation.PAPER, code_cost(sizes), 200, (1, 5))
     assert plan.group_bits == (2, 2, 2, 2)
 
 
@@ -45,5 +45,24 @@ def test_rate_distortion_bits_average_to_budget():
 
 
 def test_uniform_bits():
-    plan = plan_groups(torch.rand(10), 3, 1, Allocation.PAPER, lambda b: 0, 0, (1, 5), True)
+    plan = plan_groups(torch.rand(10), 3, (10,), Allocation.PAPER, lambda b: 0, 0, (1, 5), True)
     assert plan.group_bits == (3,) and plan.group_sizes == (10,)
+
+
+@pytest.mark.parametrize(
+    ("total", "groups", "quantum", "sizes"),
+    [
+        (576, 4, 32, (160, 160, 128, 128)),  # 18 words' worth of columns, not 4 x 144
+        (600, 4, 32, (160, 160, 128, 152)),  # the last group takes the columns past a quantum
+        (100, 4, 32, (25, 25, 25, 25)),  # fewer quanta than groups: plain near-equal split
+        (120, 4, 1, (30, 30, 30, 30)),
+        (3, 4, 1, (1, 1, 1)),
+    ],
+)
+def test_split_sizes_in_whole_quanta(total, groups, quantum, sizes):
+    assert split_sizes(total, groups, quantum) == sizes
+
+
+def test_plan_refuses_sizes_that_miss_channels():
+    with pytest.raises(ValueError, match="do not cover"):
+        plan_groups(torch.rand(10), 3, (4, 4), Allocation.PAPER, lambda b: 0, 0, (1, 5))

@@ -36,26 +36,37 @@ def channel_bits(sensitivity: torch.Tensor, avg_bits: float, rule: Allocation) -
     return avg_bits + 0.5 * (logs - logs.mean())
 
 
-def split_sizes(total: int, groups: int) -> tuple[int, ...]:
-    """`groups` nearly equal consecutive sizes summing to `total` (larger ones first)."""
-    groups = max(1, min(groups, total))
-    base, extra = divmod(total, groups)
-    return tuple(base + (g < extra) for g in range(groups))
+def split_sizes(total: int, groups: int, quantum: int = 1) -> tuple[int, ...]:
+    """`groups` nearly equal consecutive sizes summing to `total` (larger ones first), in whole
+    `quantum`s where there are at least `groups` of them (the last group also takes the rest).
+
+    Packed codes fill whole 32-bit words per row of each group, so a group that ends mid-word
+    pads every row; whole quanta of columns keep the padding to the last group at most."""
+    units = total // quantum
+    if units < groups:
+        quantum, units = 1, total
+    groups = max(1, min(groups, units))
+    base, extra = divmod(units, groups)
+    sizes = [(base + (g < extra)) * quantum for g in range(groups)]
+    sizes[-1] += total - sum(sizes)
+    return tuple(sizes)
 
 
 def plan_groups(
     sensitivity: torch.Tensor,
     avg_bits: float,
-    groups: int,
+    sizes: tuple[int, ...],
     rule: Allocation,
     cost: Callable[[tuple[int, ...]], float],
     budget: float,
     bit_range: tuple[int, int],
     uniform: bool = False,
 ) -> GroupPlan:
-    """Sort, group and allocate; `cost(group_bits)` are the layer's stored bits."""
+    """Sort, cut into groups of `sizes` (most sensitive first), allocate; `cost(group_bits)`
+    are the layer's stored bits."""
+    if sum(sizes) != len(sensitivity):
+        raise ValueError(f"group sizes {sizes} do not cover {len(sensitivity)} channels")
     perm = torch.argsort(sensitivity.double(), descending=True, stable=True)
-    sizes = split_sizes(len(sensitivity), groups)
     if uniform:
         return GroupPlan(perm, sizes, (int(avg_bits),) * len(sizes))
     per_channel = channel_bits(sensitivity, avg_bits, rule)[perm]

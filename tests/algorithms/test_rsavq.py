@@ -178,3 +178,20 @@ def test_code_budget_holds_with_blocks(bits):
     sizes, group_bits = spec.group_sizes, spec.group_bits
     assert sum(1536 * n * b for n, b in zip(sizes, group_bits, strict=True)) <= bits * 1536 * 576
     assert set(spec.group_bits) == {bits}
+
+
+@pytest.mark.parametrize("name", ["default", "paper"])
+def test_wcsg_groups_fill_whole_words(name):
+    """Four groups of a 576-channel layer are cut in whole words' worth of columns, so no row of
+    any block pads its last word (4 x 144 columns padded 0.078 bits/weight at 3 bits)."""
+    from rsavq.config import preset
+    from rsavq.packing import packed_words
+
+    gen = torch.Generator().manual_seed(0)
+    stats_free = preset(name, 3, groups=4, uniform_bits=False, order="hessian")
+    H = torch.diag(torch.rand(576, generator=gen, dtype=torch.float64) ** 4 + 0.01)
+    spec, _ = make_plan(random_weight(576, 576), None, stats_free, hessian=H)
+    assert len(set(spec.group_bits)) > 1  # the groups got different widths
+    for g in range(len(spec.group_sizes)):
+        width, codes = spec.code_bits(g), spec.codes_per_row(g)
+        assert packed_words(codes, width) * 32 == codes * width

@@ -132,11 +132,11 @@ def make_plan(
         return sum(size * rows * b for size, b in zip(sizes, bits, strict=True))
 
     rows = m if axis == ChannelAxis.INPUT else n
-    sizes = split_sizes(channels, config.groups)
+    sizes = split_sizes(channels, config.groups, group_quantum(config))
     plan = plan_groups(
         sensitivity,
         config.bits,
-        config.groups,
+        sizes,
         config.allocation,
         cost,
         budget=config.bits * m * n,
@@ -164,17 +164,30 @@ def split_blocks(sizes, bits, rows: int, config: RSAVQConfig) -> tuple[list[int]
     weight; at least one block per group. Automatic blocks are cut in whole vectors whose codes
     fill whole 32-bit words, since each row of each block is packed into words of its own (so
     only a group's last block pads its rows)."""
-    v, out_sizes, out_bits = config.vector_length, [], []
+    out_sizes, out_bits = [], []
     for size, b in zip(sizes, bits, strict=True):
         if config.block_size:
             parts = [min(config.block_size, size - s) for s in range(0, size, config.block_size)]
         else:
-            codes = 32 // math.gcd(32, b * config.sub_dim)  # codes that fill whole words
-            quantum = v * (codes // math.gcd(codes, config.sub_vectors))
-            parts = _even_blocks(size, _auto_blocks(size, rows, b, config), quantum)
+            blocks = _auto_blocks(size, rows, b, config)
+            parts = _even_blocks(size, blocks, word_columns(b, config))
         out_sizes += parts
         out_bits += [b] * len(parts)
     return out_sizes, out_bits
+
+
+def word_columns(bits: int, config: RSAVQConfig) -> int:
+    """The fewest columns whose codes at `bits` per weight fill whole 32-bit words in every
+    sub-vector's row (whole vectors)."""
+    codes = 32 // math.gcd(32, bits * config.sub_dim)  # codes that fill whole words
+    return config.vector_length * (codes // math.gcd(codes, config.sub_vectors))
+
+
+def group_quantum(config: RSAVQConfig) -> int:
+    """Columns that fill whole words at every width a group may get (WCSG's groups are cut in
+    these before their bits are known, so no group but the last pads its rows)."""
+    lo, hi = config.bit_range
+    return math.lcm(*(word_columns(b, config) for b in range(lo, hi + 1)))
 
 
 def _auto_blocks(size: int, rows: int, b: int, config: RSAVQConfig) -> int:
