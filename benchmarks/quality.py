@@ -40,8 +40,9 @@ from pathlib import Path
 
 import torch
 
+from rsavq.api import Calibration, finetune_windows
 from rsavq.config import RSAVQConfig, ScalarConfig, preset
-from rsavq.data import calibration_windows, evaluation_windows, heldout_windows, load_corpus
+from rsavq.data import calibration_windows, evaluation_windows, load_corpus
 from rsavq.distill import Distillation, distill, teacher_targets
 from rsavq.eval import perplexity
 from rsavq.finetune import BlockTuning
@@ -50,7 +51,7 @@ from rsavq.models import load_model
 from rsavq.pipeline import quantize_model, summarize
 from rsavq.serialization import save_quantized
 from rsavq.stats.collect import CollectOptions
-from rsavq.stats.run import CalibrationSpec, collect_model_stats, default_stats_dir
+from rsavq.stats.run import collect_model_stats, default_stats_dir
 
 logger = logging.getLogger("quality")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -215,7 +216,8 @@ class Runner:
         self._load = lambda: load_model(args.model)
         _, self.tokenizer = self._load()
         self.calib = load_corpus("c4", args.data_dir)
-        self.calib_spec = CalibrationSpec(self.calib.name, args.nsamples, args.seqlen, 0)
+        self.calib_source = Calibration(self.calib, args.nsamples, args.seqlen, 0)
+        self.calib_spec = self.calib_source.spec(self.calib)
         wiki = load_corpus("wikitext2", args.data_dir)
         self.windows = evaluation_windows(self.tokenizer, wiki, 2048, args.windows)
         self._stats = None
@@ -229,26 +231,16 @@ class Runner:
             )
         return self._stats
 
-    def heldout(self, row: Row):
-        """Windows from C4 documents the calibration never reads (fine-tuning's over-fitting
-        check)."""
-        count = max((s.heldout for s in (row.tuning, row.distillation) if s), default=0)
-        if not count:
-            return None
-        c = self.calib_spec
-        read = max(c.nsamples, self._distill_count(row))  # as `rsavq.api.quantize` reads
-        return heldout_windows(self.tokenizer, self.calib, read, c.seqlen, c.seed, count)
-
-    @staticmethod
-    def _distill_count(row: Row) -> int:
-        return (row.distillation and row.distillation.windows) or 0
-
-    def calibration(self, count: int = 0):
-        """The first `count` calibration windows (default: the calibration's own)."""
-        c = self.calib_spec
-        return calibration_windows(
-            self.tokenizer, self.calib, count or c.nsamples, c.seqlen, c.seed
+    def finetune_windows(self, row: Row):
+        """The distillation's own windows (or None) and the held-out windows (or None), as
+        `rsavq.api.quantize` draws them."""
+        return finetune_windows(
+            self.tokenizer, self.calib, self.calib_source, row.tuning, row.distillation
         )
+
+    def calibration(self):
+        c = self.calib_spec
+        return calibration_windows(self.tokenizer, self.calib, c.nsamples, c.seqlen, c.seed)
 
     def run(self, row: Row) -> dict:
         result: dict = {
@@ -308,8 +300,8 @@ class Runner:
         base = dataclasses.replace(row, distillation=None)
         model, numbers = self._quantized(base)
         teacher, _ = self._load()
-        options, held = row.distillation, self.heldout(row)
-        windows = self.calibration(self._distill_count(row))
+        options, (windows, held) = row.distillation, self.finetune_windows(row)
+        windows = self.calibration() if windows is None else windows
         start = time.perf_counter()
         targets = teacher_targets(teacher, windows, options.top_k)
         heldout = None if held is None else (held, teacher_targets(teacher, held, options.top_k))
@@ -338,7 +330,7 @@ class Runner:
             calibration=self.calibration(),
             calibration_id={"spec": str(self.calib_spec)},
             tuning=row.tuning,
-            heldout=self.heldout(row),
+            heldout=self.finetune_windows(row)[1],
             distillation=row.distillation,
         )
         wall = time.perf_counter() - start

@@ -97,3 +97,26 @@ def test_finetune_auto_runs_where_the_sequential_vq_pass_does(tmp_path, tiny_tok
         rsavq.quantize(build_tiny_llama(64), plain, finetune=rsavq.BlockTuning(), **kwargs)
     with pytest.raises(rsavq.UsageError, match="use one of auto, none"):
         rsavq.quantize(build_tiny_llama(64), plain, finetune="yes", **kwargs)
+
+
+def test_finetune_windows_hold_out_past_the_distillation_windows(tiny_tokenizer):
+    """The distillation's own windows are drawn like the calibration's; the held-out windows
+    come from documents neither reads (quantize and benchmarks/quality.py share this rule)."""
+    from helpers import WORDS
+    from rsavq.api import Calibration, finetune_windows
+    from rsavq.data import Corpus, calibration_windows, heldout_windows
+    from rsavq.distill import Distillation
+    from rsavq.finetune import BlockTuning
+
+    corpus = Corpus("docs", tuple(" ".join([w] * 30) for w in sorted(set(WORDS))), shuffle=True)
+    c = Calibration(corpus, nsamples=2, seqlen=16, seed=3)
+    tuning = BlockTuning()
+    windows, held = finetune_windows(tiny_tokenizer, corpus, c, tuning, Distillation(windows=6))
+    assert torch.equal(windows, calibration_windows(tiny_tokenizer, corpus, 6, 16, 3))
+    assert torch.equal(held, heldout_windows(tiny_tokenizer, corpus, 6, 16, 3, tuning.heldout))
+    seen = lambda ws: {w for x in ws for w in tiny_tokenizer.decode(x).split()}  # noqa: E731
+    assert not seen(held) & seen(windows)
+    windows, held = finetune_windows(tiny_tokenizer, corpus, c, tuning, Distillation())
+    assert windows is None  # trains on the calibration's own windows
+    assert torch.equal(held, heldout_windows(tiny_tokenizer, corpus, 2, 16, 3, tuning.heldout))
+    assert finetune_windows(tiny_tokenizer, corpus, c, None, None) == (None, None)

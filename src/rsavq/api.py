@@ -106,13 +106,7 @@ def quantize(
     if needs_windows:
         windows = calibration_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed)
     identity = asdict(calibration.spec(corpus)) if corpus else None
-    distill_windows, read = None, c.nsamples  # (windows read before the held-out ones)
-    if distillation is not None and distillation.windows:
-        distill_windows = calibration_windows(tokenizer, corpus, distillation.windows, c.seqlen,
-                                              c.seed)  # fmt: skip
-        read = max(read, distillation.windows)
-    count = max((s.heldout for s in (tuning, distillation) if s is not None), default=0)
-    heldout = _heldout(tokenizer, corpus, calibration, count, read) if count else None
+    distill_windows, heldout = finetune_windows(tokenizer, corpus, c, tuning, distillation)
     run = lambda path: quantize_model(  # noqa: E731
         model, config, fisher, path, tokenizer, progress, windows, identity, save_dtype, tuning,
         heldout, distillation, distill_windows,
@@ -148,14 +142,30 @@ def finetune_stages(finetune: Finetune, config) -> tuple[BlockTuning | None, Dis
     return tuning, distillation
 
 
-def _heldout(tokenizer, corpus, c: Calibration, count: int, read: int):
-    """Held-out windows for the fine-tuning report (from documents that the first `read`
-    calibration windows do not reach), or None (with a warning) when none are left."""
+def finetune_windows(
+    tokenizer,
+    corpus: Corpus | None,
+    c: Calibration,
+    tuning: BlockTuning | None,
+    distillation: Distillation | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The fine-tuning stages' own text: the distillation's windows when it asks for a number
+    of its own (else None: it trains on the calibration's), and the held-out windows from
+    documents that neither the calibration nor those windows reach (None, with a warning,
+    when none are left or none are asked for)."""
+    distill_windows, read = None, c.nsamples  # (windows read before the held-out ones)
+    if distillation is not None and distillation.windows:
+        distill_windows = calibration_windows(tokenizer, corpus, distillation.windows, c.seqlen,
+                                              c.seed)  # fmt: skip
+        read = max(read, distillation.windows)
+    count = max((s.heldout for s in (tuning, distillation) if s is not None), default=0)
+    if not count:
+        return distill_windows, None
     try:
-        return heldout_windows(tokenizer, corpus, read, c.seqlen, c.seed, count)
+        return distill_windows, heldout_windows(tokenizer, corpus, read, c.seqlen, c.seed, count)
     except DataError as exc:
         logger.warning("no held-out fine-tuning loss: %s", exc)
-        return None
+        return distill_windows, None
 
 
 def _complete(stats) -> bool:
