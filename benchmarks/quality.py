@@ -129,7 +129,7 @@ def buildup_rows(bits: int) -> list[Row]:
 def rsavq_rows(bits: int) -> list[Row]:
     rows = [
         Row("rsavq", f"lambda {lam}", bits, preset("default", bits, lam=lam))
-        for lam in (0.0, 0.003, 0.03)
+        for lam in (0.0, 0.003, 0.03, 0.1, 0.3)
     ]
     rows += [
         Row("rsavq", f"{g} WCSG groups", bits, preset("default", bits, groups=g)) for g in (2, 4)

@@ -67,7 +67,7 @@ def test_rows_cover_the_issue_table(quality):
     buildup = [r.config for r in rows if r.section == "buildup" and r.bits == 2]
     assert buildup[0] == kmeans and buildup[-1] == default  # one mechanism at a time
     lambdas = [r.config.lam for r in rows if r.section == "rsavq" and r.bits == 2]
-    assert lambdas[:3] == [0.0, 0.003, 0.03]
+    assert lambdas[:5] == [0.0, 0.003, 0.03, 0.1, 0.3]
     tuned, distilled, *more = [r for r in rows if r.section == "finetune" and r.bits == 3]
     assert tuned.tuning == distilled.tuning and distilled.distillation == quality.Distillation()
     assert [m.distillation.windows for m in more] == [256, 512]
