@@ -29,7 +29,15 @@ from pathlib import Path
 import torch
 
 from rsavq.io import atomic_write_json, rewrite_block
-from rsavq.stats.memory import fisher_memory, layer_bytes, llama_shapes, parse_bytes, plan_passes
+from rsavq.stats.memory import (
+    collection_peak,
+    fisher_memory,
+    held_bytes,
+    layer_bytes,
+    llama_shapes,
+    parse_bytes,
+    plan_passes,
+)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GIB = 2**30
@@ -96,10 +104,10 @@ def peak_kib(stderr: str) -> int:
 def planner_figure(args) -> dict:
     shapes = dict(enumerate(llama_shapes(args.hidden, args.intermediate, args.blocks)))
     passes = plan_passes(shapes, False, parse_bytes(args.memory_budget))
-    held = max(sum(layer_bytes(*shapes[n], False) for n in p) for p in passes)
+    held = held_bytes(passes, shapes, False)
     memory = fisher_memory(list(shapes.values()), False, args.seqlen, activation_bytes=4)
     weights = (sum(m * n for m, n in shapes.values()) + 2 * 49152 * args.hidden) * 4
-    total = weights + held + memory.largest_G + memory.captured_inputs
+    total = collection_peak(weights, held, memory)
     return {"passes": len(passes), "accumulators_gib": held / GIB, "weights_gib": weights / GIB,
             "planned_gib": total / GIB}  # fmt: skip
 

@@ -25,7 +25,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rsavq.stats.memory import fisher_memory, layer_bytes, llama_shapes, parse_bytes, plan_passes
+from rsavq.stats.memory import (
+    collection_peak,
+    fisher_memory,
+    held_bytes,
+    llama_shapes,
+    parse_bytes,
+    plan_passes,
+)
 from scale import (
     GIB,
     PEAK,
@@ -61,12 +68,12 @@ def planner(args, streamed: bool, runtime: int = 0) -> dict:
     block = llama_shapes(args.hidden, args.intermediate, 1)
     shapes = dict(enumerate(block * args.blocks))
     passes = plan_passes(shapes, False, parse_bytes(args.memory_budget))
-    held = max(sum(layer_bytes(*shapes[n], False) for n in p) for p in passes)
+    held = held_bytes(passes, shapes, False)
     memory = fisher_memory(list(shapes.values()), False, args.seqlen, activation_bytes=4)
     block_bytes = sum(m * n for m, n in block) * 4
     weights = 2 * VOCAB * args.hidden * 4 + block_bytes * (1 if streamed else args.blocks)
     read = max(m * n for m, n in block) * 4 if streamed else 0
-    total = runtime + weights + read + held + memory.largest_G + memory.captured_inputs
+    total = collection_peak(runtime + weights, held, memory, read=read)
     return {"passes": len(passes), "weights_gib": weights / GIB, "runtime_gib": runtime / GIB,
             "read_gib": read / GIB, "fisher_planned_gib": total / GIB}  # fmt: skip
 

@@ -1,3 +1,4 @@
+import argparse
 import gc
 from pathlib import Path
 
@@ -134,3 +135,25 @@ def test_every_family_streams_with_the_same_outputs_and_gradients(family, tmp_pa
     for name, acc in collected[0].items():
         torch.testing.assert_close(acc.stats.F_I, collected[1][name].stats.F_I)
         torch.testing.assert_close(acc.stats.F_O, collected[1][name].stats.F_O)
+
+
+def test_fisher_plan_of_a_streamed_model_counts_one_block(tiny_model_dir, monkeypatch):
+    """`rsavq fisher` prints the expected peak; streamed, it adds the largest decoder block and
+    the largest tensor being read to what the process holds (the blocks are not resident)."""
+    from rsavq.cli.fisher import _expected_peak
+    from rsavq.modules import weight_shape
+    from rsavq.stats import memory as planner
+    from rsavq.stats.memory import collection_peak, fisher_memory, held_bytes
+
+    monkeypatch.setattr(planner, "resident_bytes", lambda: 10**9)  # what the process holds
+
+    model = load_streamed(tiny_model_dir, torch.float32, "cpu")
+    shapes = {n: weight_shape(m) for n, m in require_linears(model).items()}
+    args = argparse.Namespace(diag_output=False, seqlen=16, batch_size=1, stream_weights=True)
+    passes = [list(shapes)]
+    peak = _expected_peak(model, shapes, passes, args, torch.float32)
+    block = sum(m * n for name, (m, n) in shapes.items() if ".layers.0." in name) * 4
+    read = max(m * n for m, n in shapes.values()) * 4
+    memory = fisher_memory(list(shapes.values()), False, 16, 1, 4)
+    rest = collection_peak(0, held_bytes(passes, shapes, False), memory, block, read)
+    assert peak == 10**9 + rest

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from rsavq.errors import UsageError
 from rsavq.stats.memory import fisher_memory, llama_shapes
@@ -42,3 +43,26 @@ def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
     with pytest.raises(UsageError, match="use a size such as"):
         parse_bytes("lots")
+
+
+def test_collection_peak_adds_what_the_process_holds():
+    from rsavq.stats.memory import collection_peak, held_bytes, layer_bytes, plan_text
+
+    shapes = {"a": (4, 3), "b": (2, 3), "c": (4, 3)}
+    passes = [["a", "b"], ["c"]]
+    held = held_bytes(passes, shapes, False)
+    assert held == layer_bytes(4, 3, False) + layer_bytes(2, 3, False)
+    memory = fisher_memory(list(shapes.values()), False, seqlen=10)
+    peak = collection_peak(1000, held, memory, block=7, read=5)
+    assert peak == 1000 + 7 + 5 + held + memory.largest_G + memory.captured_inputs
+    text = plan_text(passes, shapes, False, 1, peak)
+    assert text.endswith(f"; expected peak about {peak / 1024:.2f} KiB per rank")
+
+
+def test_resident_bytes_is_this_process():
+    from rsavq.stats.memory import resident_bytes
+
+    before = resident_bytes()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert resident_bytes() - before > 48 * 2**20
+    del block

@@ -93,7 +93,8 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
     shapes = {n: weight_shape(m) for n, m in require_linears(model, skip).items()}
     passes = plan_passes(shapes, args.diag_output, budget)  # refused here, before any work
     if rank == 0:
-        print(f"plan: {plan_text(passes, shapes, args.diag_output, size)}")
+        peak = _expected_peak(model, shapes, passes, args, dtype)
+        print(f"plan: {plan_text(passes, shapes, args.diag_output, size, peak)}")
     start = time.perf_counter()
     stats = collect_model_stats(model, tokenizer, args.model, corpus, spec, args.out, options, skip)
     if rank == 0:
@@ -105,3 +106,29 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
             f"{time.perf_counter() - start:.0f} s{ranks})"
         )
     return 0
+
+
+def _expected_peak(model, shapes: dict, passes, args: argparse.Namespace, dtype) -> int:
+    """`collection_peak` for this process: what it holds now (the runtime and the loaded
+    weights), the plan's accumulators, and for streamed weights the largest decoder block."""
+    import torch
+
+    from rsavq.modules import decoder_blocks
+    from rsavq.stats.memory import collection_peak, fisher_memory, held_bytes, resident_bytes
+
+    size = torch.empty(0, dtype=dtype).element_size()
+    memory = fisher_memory(
+        list(shapes.values()), args.diag_output, args.seqlen, args.batch_size, size
+    )
+    block = read = 0
+    if args.stream_weights:
+        prefix, _ = decoder_blocks(model, shapes)
+        blocks: dict[str, int] = {}
+        for name, (m, n) in shapes.items():
+            if prefix and name.startswith(prefix + "."):
+                index = name[len(prefix) + 1 :].split(".")[0]
+                blocks[index] = blocks.get(index, 0) + m * n * size
+                read = max(read, m * n * size)
+        block = max(blocks.values(), default=0)
+    held = held_bytes(passes, shapes, args.diag_output)
+    return collection_peak(resident_bytes(), held, memory, block, read)

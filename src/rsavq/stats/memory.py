@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from rsavq.errors import UsageError
 
@@ -66,13 +69,46 @@ def plan_passes(
     return passes
 
 
-def plan_text(passes: list[list[str]], shapes: dict, diag_output: bool, ranks: int) -> str:
-    """One line describing a plan: layers, passes, the most accumulator memory a rank holds."""
-    held = max(sum(layer_bytes(*shapes[n], diag_output) for n in p) for p in passes)
-    return (
+def held_bytes(passes: list[list[str]], shapes: dict, diag_output: bool) -> int:
+    """The most accumulator bytes one pass holds."""
+    return max(sum(layer_bytes(*shapes[n], diag_output) for n in p) for p in passes)
+
+
+def collection_peak(
+    resident: int, held: int, memory: FisherMemory, block: int = 0, read: int = 0
+) -> int:
+    """Expected peak bytes of a Fisher collection process: what it holds before collecting
+    (`resident`: interpreter, libraries, the weights kept in memory), one pass's accumulators
+    `held`, the largest per-sequence gradient and the captured layer inputs; a streamed model
+    adds one decoder block of weights (`block`) and the file pages of the largest tensor being
+    read (`read`). Within 2% of the measured peak for a LLaMA-7B-shaped model (BENCHMARKS.md,
+    "Weight streaming")."""
+    return resident + block + read + held + memory.largest_G + memory.captured_inputs
+
+
+def plan_text(
+    passes: list[list[str]], shapes: dict, diag_output: bool, ranks: int, peak: int | None = None
+) -> str:
+    """One line describing a plan: layers, passes, the most accumulator memory a rank holds
+    and, when given, the expected peak memory of a rank (`collection_peak`)."""
+    held = held_bytes(passes, shapes, diag_output)
+    text = (
         f"{len(shapes)} layers in {len(passes)} pass(es) over the calibration windows, at most "
         f"{_gib(held)} of Fisher accumulators per rank ({ranks} rank(s))"
     )
+    return text if peak is None else f"{text}; expected peak about {_gib(peak)} per rank"
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux `/proc`), else its peak so far."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes there, KiB on Linux
 
 
 def _gib(nbytes: int) -> str:
