@@ -24,6 +24,7 @@ from torch import nn
 from rsavq.errors import UsageError
 from rsavq.kernels.reference import decode_block, unpack_block, unpermute
 from rsavq.nn import VQLinear
+from rsavq.packing import pack
 from rsavq.stats.sequential import Inputs, Pairs, block_output, hidden_of
 
 logger = logging.getLogger(__name__)
@@ -78,16 +79,51 @@ def micro_batches(inputs: Inputs, targets: list[torch.Tensor], size: int):
     return out
 
 
+@dataclass
+class CodeGroup:
+    """One group of one `VQLinear` whose codes train (`trainable(..., codes=...)`): its code
+    indices `[rows, n_vec, P]` (changed in place) and codebooks; over the backward passes since
+    the last `reset`, the sum of the loss gradients on its decoded vectors
+    `[rows, n_vec, P, d]` and, from the passes made with `fisher` set, the sum of the squared
+    gradients (the empirical Fisher of labels sampled from the model itself)."""
+
+    idx: torch.Tensor
+    books: nn.Parameter
+    grad_sum: torch.Tensor
+    fisher_sum: torch.Tensor
+    count: int = 0
+    fisher_count: int = 0
+    fisher: bool = False  # the next backward passes are Fisher passes
+
+    def accumulate(self, grad: torch.Tensor) -> None:
+        grad = grad.detach().float().view_as(self.grad_sum)
+        if self.fisher:
+            self.fisher_sum += grad.square()
+            self.fisher_count += 1
+        else:
+            self.grad_sum += grad
+            self.count += 1
+
+    def reset(self) -> None:
+        self.grad_sum.zero_()
+        self.fisher_sum.zero_()
+        self.count = self.fisher_count = 0
+
+
 @contextlib.contextmanager
-def trainable(block: nn.Module) -> Iterator[list[nn.Parameter]]:
+def trainable(
+    block: nn.Module, codes: list[CodeGroup] | None = None
+) -> Iterator[list[nn.Parameter]]:
     """Make `block` differentiable in its continuous parameters for the duration: each
     `VQLinear` computes `x (s * r * decode(codes, C))^T + b` with fp32 codebooks `C` and scale
     correction `r` as parameters; the block's norms and biases (1-D parameters; a layer left
-    unquantized keeps its weight) train as they are. On exit
-    the codebooks and scales are written back in fp16 and the block is restored."""
+    unquantized keeps its weight) train as they are. With a list `codes`, it is filled with a
+    `CodeGroup` per group of every `VQLinear`, whose gradients each backward pass accumulates
+    and whose indices the caller may change. On exit the codebooks and scales are written back
+    in fp16, the codes packed back (with `codes`), and the block is restored."""
     params: list[nn.Parameter] = []
     layers = [m for m in block.modules() if isinstance(m, VQLinear)]
-    finishers = [_make_trainable(layer, params) for layer in layers]
+    finishers = [_make_trainable(layer, params, codes) for layer in layers]
     own = [p for p in block.parameters() if p.is_floating_point() and p.dim() == 1]  # norms, biases
     flags = [p.requires_grad for p in own]
     for p in own:
@@ -102,17 +138,33 @@ def trainable(block: nn.Module) -> Iterator[list[nn.Parameter]]:
             p.requires_grad_(flag)
 
 
-def _make_trainable(layer: VQLinear, params: list[nn.Parameter]):
+def _make_trainable(layer: VQLinear, params: list[nn.Parameter], codes: list | None):
     spec = layer.spec
     idx = [unpack_block(c, spec, g) for g, c in enumerate(layer.codes)]
     books = [nn.Parameter(cb.detach().float().clone()) for cb in layer.codebooks]
     base = layer.scales.detach().float() if layer.scales is not None else None
     correction = nn.Parameter(torch.ones_like(base)) if base is not None else None
     params += books + ([correction] if correction is not None else [])
+    groups = (
+        [_code_group(i, b, spec) for i, b in zip(idx, books, strict=True)]
+        if codes is not None
+        else []
+    )
+    if codes is not None:
+        codes += groups
+
+    def decode(g: int) -> torch.Tensor:
+        if not groups:
+            return decode_block(idx[g], books[g], spec, g)
+        parts = [books[g][p][idx[g][..., p]] for p in range(spec.sub_vectors)]
+        vectors = torch.stack(parts, dim=2)  # [rows, n_vec, P, d], as decode_block builds it
+        if vectors.requires_grad:
+            vectors.register_hook(groups[g].accumulate)
+        rows, cols = spec.block_shape(g)
+        return vectors.reshape(rows, -1)[:, :cols]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        pairs = enumerate(zip(idx, books, strict=True))
-        W = unpermute([decode_block(i, b, spec, g) for g, (i, b) in pairs], layer.perm, spec)
+        W = unpermute([decode(g) for g in range(len(idx))], layer.perm, spec)
         if base is not None:
             W = W * (base * correction)[:, None]
         return F.linear(x, W.to(x.dtype), layer.bias)
@@ -124,10 +176,20 @@ def _make_trainable(layer: VQLinear, params: list[nn.Parameter]):
         with torch.no_grad():
             for g, book in enumerate(books):
                 getattr(layer, f"codebooks_{g}").copy_(book.half())
+                if groups:
+                    rows = spec.block_shape(g)[0]
+                    packed = pack(idx[g].reshape(rows, -1), spec.code_bits(g))
+                    getattr(layer, f"codes_{g}").copy_(packed)
             if base is not None:
                 layer.scales.copy_((base * correction).half())
 
     return finish
+
+
+def _code_group(idx: torch.Tensor, books: nn.Parameter, spec) -> CodeGroup:
+    shape = (*idx.shape, spec.sub_dim)
+    zeros = lambda: torch.zeros(shape, device=idx.device)  # noqa: E731
+    return CodeGroup(idx, books, zeros(), zeros())
 
 
 def block_loss(block: nn.Module, batches) -> float:
