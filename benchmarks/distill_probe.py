@@ -4,9 +4,10 @@ were chosen): learning rate, epochs, bf16 autocast.
     python benchmarks/distill_probe.py runs/quality/9b0c38811d1f9af2 1e-3 1 b3_lr1e-3 [bf16]
 
 Arguments: the checkpoint (the 3-bit `+ block fine-tuning` row of benchmarks/quality.py, kept
-under runs/quality/), lr, epochs, a tag, then optionally `bf16` for autocast and `windows=N` to
-distill on N calibration windows instead of the 64 the checkpoint was calibrated on. The teacher
-is SmolLM2-135M on the C4 calibration windows (N x 512, seed 0; cached in
+under runs/quality/), lr, epochs, a tag, then optionally `bf16` for autocast, `windows=N` to
+distill on N calibration windows instead of the 64 the checkpoint was calibrated on, and
+`code_every=N`, `code_lr=X`, `code_fraction=X` to train the codes too (`Distillation`'s
+options). The teacher is SmolLM2-135M on the C4 calibration windows (N x 512, seed 0; cached in
 /tmp/e2e/teacher[-N].pt), held-out: 4 C4 windows from documents the N windows do not read
 (other windows for each N: compare the before -> after change); evaluation: WikiText-2,
 first 16 windows of 2048, bf16. Prints and writes benchmarks/results/distill-probe/<tag>.json.
@@ -26,7 +27,9 @@ from rsavq.models import load_model
 
 ckpt, lr, epochs, tag = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 bf16 = "bf16" in sys.argv[5:]
-count = next((int(a.split("=")[1]) for a in sys.argv[5:] if a.startswith("windows=")), 64)
+named = dict(a.split("=") for a in sys.argv[5:] if "=" in a)
+count = int(named.pop("windows", 64))
+codes = {k: (int if k == "code_every" else float)(v) for k, v in named.items()}
 data = Path(__file__).resolve().parents[2] / "shared" / "data"
 fp, tok = load_model("smollm2-135m")
 c4 = load_corpus("c4", data)
@@ -44,7 +47,7 @@ else:
 print("top-k mass", t["rest"].exp().mean().item(), flush=True)  # (the lumped tail's mean mass)
 del fp
 q, _ = load_model(ckpt)
-options = Distillation(epochs=epochs, lr=lr, bf16=bf16)
+options = Distillation(epochs=epochs, lr=lr, bf16=bf16, **codes)
 rep = distill(q, win, t, options, heldout=(held, th), progress=False)
 print(rep, flush=True)
 ev = evaluation_windows(tok, load_corpus("wikitext2", data), 2048, 16)
@@ -53,6 +56,6 @@ ppl = perplexity(q, ev, "wikitext2", progress=False)
 print(tag, "ppl", ppl.to_dict(), flush=True)
 out = Path("benchmarks/results/distill-probe") / f"{tag}.json"
 out.parent.mkdir(parents=True, exist_ok=True)
-record = {"tag": tag, "lr": lr, "epochs": epochs, "bf16": bf16, "windows": count, **rep,
+record = {"tag": tag, "lr": lr, "epochs": epochs, "bf16": bf16, "windows": count, **codes, **rep,
           "ppl": ppl.to_dict()}  # fmt: skip
 out.write_text(json.dumps(record, indent=1))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsavq.errors import UsageError
-from rsavq.kernels.reference import decode_block, unpack_block, unpermute
+from rsavq.kernels.reference import decode_vectors, unpack_block, unpermute, vectors_block
 from rsavq.nn import VQLinear
 from rsavq.packing import pack
 from rsavq.stats.sequential import Inputs, Pairs, block_output, hidden_of
@@ -145,23 +145,16 @@ def _make_trainable(layer: VQLinear, params: list[nn.Parameter], codes: list | N
     base = layer.scales.detach().float() if layer.scales is not None else None
     correction = nn.Parameter(torch.ones_like(base)) if base is not None else None
     params += books + ([correction] if correction is not None else [])
-    groups = (
-        [_code_group(i, b, spec) for i, b in zip(idx, books, strict=True)]
-        if codes is not None
-        else []
-    )
+    groups: list[CodeGroup] = []
     if codes is not None:
+        groups = [_code_group(i, b) for i, b in zip(idx, books, strict=True)]
         codes += groups
 
     def decode(g: int) -> torch.Tensor:
-        if not groups:
-            return decode_block(idx[g], books[g], spec, g)
-        parts = [books[g][p][idx[g][..., p]] for p in range(spec.sub_vectors)]
-        vectors = torch.stack(parts, dim=2)  # [rows, n_vec, P, d], as decode_block builds it
-        if vectors.requires_grad:
+        vectors = decode_vectors(idx[g], books[g])
+        if groups and vectors.requires_grad:
             vectors.register_hook(groups[g].accumulate)
-        rows, cols = spec.block_shape(g)
-        return vectors.reshape(rows, -1)[:, :cols]
+        return vectors_block(vectors, spec, g)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         W = unpermute([decode(g) for g in range(len(idx))], layer.perm, spec)
@@ -186,10 +179,11 @@ def _make_trainable(layer: VQLinear, params: list[nn.Parameter], codes: list | N
     return finish
 
 
-def _code_group(idx: torch.Tensor, books: nn.Parameter, spec) -> CodeGroup:
-    shape = (*idx.shape, spec.sub_dim)
-    zeros = lambda: torch.zeros(shape, device=idx.device)  # noqa: E731
-    return CodeGroup(idx, books, zeros(), zeros())
+def _code_group(idx: torch.Tensor, books: nn.Parameter) -> CodeGroup:
+    shape = (*idx.shape, books.shape[-1])  # [rows, n_vec, P, sub_dim]
+    return CodeGroup(
+        idx, books, torch.zeros(shape, device=idx.device), torch.zeros(shape, device=idx.device)
+    )
 
 
 def block_loss(block: nn.Module, batches) -> float:

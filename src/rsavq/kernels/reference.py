@@ -16,12 +16,23 @@ def unpack_block(codes: torch.Tensor, spec: LayerSpec, g: int) -> torch.Tensor:
     return idx.view(rows, -1, spec.sub_vectors)
 
 
+def decode_vectors(idx: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Decoded sub-vectors `[rows, n_vec, P, sub_dim]` from indices `[rows, n_vec, P]` and
+    codebooks `[P, K, sub_dim]` (differentiable in the codebooks)."""
+    parts = [codebooks[p][idx[..., p]] for p in range(codebooks.shape[0])]  # P x [rows, n_vec, d]
+    return torch.stack(parts, dim=2)
+
+
+def vectors_block(vectors: torch.Tensor, spec: LayerSpec, g: int) -> torch.Tensor:
+    """Group g's block `[rows, cols]` from its decoded vectors (the padding columns cut)."""
+    rows, cols = spec.block_shape(g)
+    return vectors.reshape(rows, -1)[:, :cols]
+
+
 def decode_block(idx: torch.Tensor, codebooks: torch.Tensor, spec: LayerSpec, g: int):
     """Group g's block `[rows, cols]` from indices `[rows, n_vec, P]` and codebooks
     `[P, K, sub_dim]` (differentiable in the codebooks)."""
-    rows, cols = spec.block_shape(g)
-    parts = [codebooks[p][idx[..., p]] for p in range(spec.sub_vectors)]  # P x [rows, n_vec, d]
-    return torch.stack(parts, dim=2).reshape(rows, -1)[:, :cols]  # [rows, n_vec * v] cut
+    return vectors_block(decode_vectors(idx, codebooks), spec, g)
 
 
 def dequantize_block(codes: torch.Tensor, codebooks: torch.Tensor, spec: LayerSpec, g: int):
