@@ -76,7 +76,8 @@ def test_plan_splits_groups_into_blocks():
     W = torch.randn(64, 200)
     config = plain_config(bits=2, groups=2, uniform_bits=True, block_size=36)
     spec, _ = make_plan(W, None, config)
-    assert spec.group_sizes == (36, 36, 28, 36, 36, 28)
+    # the two WCSG groups are cut in whole words' worth of columns (96 + 104), then into blocks
+    assert spec.group_sizes == (36, 36, 24, 36, 36, 32)
     auto = plain_config(bits=2, groups=1, uniform_bits=True, codebook_overhead=2.0)
     spec, _ = make_plan(W, None, auto)  # 2 x 64-entry x 3-dim fp16 books = 6144 bits per block
     # 4 = 64 * 200 * 2.0 // 6144 blocks of 48 columns (8 vectors of two 6-bit codes: 3 words),
