@@ -57,13 +57,16 @@ def plan_groups(
     avg_bits: float,
     sizes: tuple[int, ...],
     rule: Allocation,
-    cost: Callable[[tuple[int, ...]], float],
+    cost: Callable[[tuple[int, ...], tuple[int, ...]], float],
     budget: float,
     bit_range: tuple[int, int],
     uniform: bool = False,
+    quantum: int = 1,
 ) -> GroupPlan:
-    """Sort, cut into groups of `sizes` (most sensitive first), allocate; `cost(group_bits)`
-    are the layer's stored bits."""
+    """Sort, cut into groups of `sizes` (most sensitive first), allocate; `cost(sizes, bits)`
+    are the layer's stored bits. Where neighbouring groups differ in width, their boundary may
+    move by whole `quantum`s of columns to meet the budget: first down to it from the rule's
+    rounding (before any bit is taken away), then, after the bits are repaired, up to it."""
     if sum(sizes) != len(sensitivity):
         raise ValueError(f"group sizes {sizes} do not cover {len(sensitivity)} channels")
     perm = torch.argsort(sensitivity.double(), descending=True, stable=True)
@@ -76,7 +79,34 @@ def plan_groups(
         bits.append(int(min(hi, max(lo, round(per_channel[start : start + size].mean().item())))))
         start += size
     bits = _monotone(bits)
-    return GroupPlan(perm, sizes, tuple(repair(bits, cost, budget, bit_range)))
+    floors = tuple(max(quantum, s // 2) for s in sizes)
+    sizes = _shift(sizes, floors, bits, cost, budget, quantum, down=True)
+    bits = repair(bits, lambda b: cost(sizes, b), budget, bit_range)
+    sizes = _shift(sizes, floors, tuple(bits), cost, budget, quantum, down=False)
+    return GroupPlan(perm, sizes, tuple(bits))
+
+
+def _shift(sizes, floors, bits, cost, budget: float, quantum: int, down: bool):
+    """Move boundaries between neighbours of different widths a `quantum` of columns at a
+    time: `down`, to the narrower group (least sensitive boundary first) until the cost fits
+    the budget; otherwise to the wider group, the smallest rise that still fits first, until
+    none fits. No group shrinks below its floor (half its size as cut)."""
+    sizes = tuple(sizes)
+    while not (down and cost(sizes, bits) <= budget):
+        moves = []
+        for g in range(len(sizes) - 1):
+            src, dst = (g, g + 1) if down else (g + 1, g)
+            if bits[g] != bits[g + 1] and sizes[src] - quantum >= floors[src]:
+                trial = list(sizes)
+                trial[src], trial[dst] = trial[src] - quantum, trial[dst] + quantum
+                moves.append(tuple(trial))
+        if not down:
+            fits = [m for m in moves if cost(m, bits) <= budget]
+            moves = sorted(fits, key=lambda m: cost(m, bits))
+        if not moves:
+            break
+        sizes = moves[-1] if down else moves[0]
+    return sizes
 
 
 def _monotone(bits: list[int]) -> list[int]:

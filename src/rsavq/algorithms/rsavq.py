@@ -126,22 +126,23 @@ def make_plan(
             config.row_scales,
         )
 
-    def cost(bits) -> float:
+    def cost(sizes, bits) -> float:
         if config.budget_includes_overhead:
             return layer_bits(spec_for(*split_blocks(sizes, bits, rows, config)))
         return sum(size * rows * b for size, b in zip(sizes, bits, strict=True))
 
     rows = m if axis == ChannelAxis.INPUT else n
-    sizes = split_sizes(channels, config.groups, group_quantum(config))
+    quantum = group_quantum(config)
     plan = plan_groups(
         sensitivity,
         config.bits,
-        sizes,
+        split_sizes(channels, config.groups, quantum),
         config.allocation,
         cost,
         budget=config.bits * m * n,
         bit_range=config.bit_range,
         uniform=config.uniform_bits,
+        quantum=quantum,
     )
     return spec_for(*split_blocks(plan.group_sizes, plan.group_bits, rows, config)), plan.perm
 
