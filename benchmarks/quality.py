@@ -165,6 +165,9 @@ def finetune_rows(bits: int) -> list[Row]:
         more = Distillation(windows=windows, bf16=True)
         more_label = f"+ distillation on {windows} windows (bf16 autocast)"
         rows.append(Row("finetune", more_label, bits, preset("default", bits), tuning, more))
+    hessian_order = preset("default", bits, order="hessian")
+    label = "order by diag(X^T X), block fine-tuning and distillation"
+    rows.append(Row("finetune", label, bits, hessian_order, tuning, e2e))
     return rows
 
 
@@ -539,7 +542,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(windows, dtype, tasks) reuses it",
     )
     p.add_argument("--json", default="benchmarks/results/quality.json")
-    p.add_argument("--markdown", default="BENCHMARKS.md")
+    p.add_argument(
+        "--markdown",
+        default=None,
+        help="file whose quality block is rewritten (default: BENCHMARKS.md with --table-only; "
+        "a run only prints its table, so a development row never overwrites the published one)",
+    )
     p.add_argument("--only", default="", help="';'-separated row labels to run (default all)")
     p.add_argument(
         "--eval-dtype",
@@ -558,7 +566,9 @@ def main(argv=None) -> None:
     results = load_results(Path(args.json)) if args.table_only else run_all(args)
     for extra in filter(None, args.merge.split(",")):
         results["rows"].update(load_results(Path(extra))["rows"])
-    rewrite_block(args.markdown, "quality", render(results))
+    markdown = args.markdown or ("BENCHMARKS.md" if args.table_only else None)
+    if markdown:
+        rewrite_block(markdown, "quality", render(results))
     print(render(results))
 
 
