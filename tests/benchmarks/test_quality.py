@@ -68,9 +68,11 @@ def test_rows_cover_the_issue_table(quality):
     assert buildup[0] == kmeans and buildup[-1] == default  # one mechanism at a time
     lambdas = [r.config.lam for r in rows if r.section == "rsavq" and r.bits == 2]
     assert lambdas[:5] == [0.0, 0.003, 0.03, 0.1, 0.3]
-    tuned, distilled, *more = [r for r in rows if r.section == "finetune" and r.bits == 3]
+    tuned, distilled, *more, order = [r for r in rows if r.section == "finetune" and r.bits == 3]
     assert tuned.tuning == distilled.tuning and distilled.distillation == quality.Distillation()
     assert [m.distillation.windows for m in more] == [256, 512]
+    assert order.config == quality.preset("default", 3, order="hessian")
+    assert (order.tuning, order.distillation) == (tuned.tuning, distilled.distillation)
     assert all(m.tuning == tuned.tuning and m.distillation.bf16 for m in more)
     assert tuned.distillation is None and "distillation" not in tuned.identity
     old, blocks, sequential = [r.config for r in rows if r.section == "compensation"]
