@@ -232,10 +232,14 @@ def test_an_undone_code_training_puts_the_codes_back(tmp_path):
     teacher = teacher_targets(fp, windows(), options.top_k)
     held = windows(2, seed=5)
     start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        logits = model(held).logits
     report = distill(model, windows(), teacher, options, progress=False,
                      heldout=(held, teacher_targets(fp, held, options.top_k)))  # fmt: skip
     assert report["codes_changed"] > 0 and not report["kept"]
     assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():  # nothing cached from the undone codes either
+        assert torch.equal(model(held).logits, logits)
 
 
 def test_code_training_options_are_checked():
