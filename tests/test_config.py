@@ -1,6 +1,8 @@
+import json
+
 import pytest
 
-from rsavq.config import LambdaMode, LayerSpec, Metric, RSAVQConfig
+from rsavq.config import LambdaMode, LayerSpec, Metric, RSAVQConfig, preset
 from rsavq.errors import UsageError
 
 
@@ -52,3 +54,14 @@ def test_layer_spec_geometry():
     assert spec.sub_dim == 3 and spec.code_bits(0) == 9 and spec.n_vectors(1) == 9
     assert spec.codes_per_row(1) == 18 and spec.block_shape(0) == (8, 50)
     assert LayerSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_layer_bits_apply_by_pattern_round_trip_and_are_checked():
+    config = preset("default", 3, layer_bits=(("k_proj", 4), ("*.layers.0.*", 2)))
+    assert config.for_layer("model.layers.1.self_attn.k_proj").bits == 4
+    assert config.for_layer("model.layers.0.mlp.up_proj").bits == 2
+    assert config.for_layer("model.layers.1.mlp.up_proj") is config
+    assert RSAVQConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert "layer_bits" not in preset("default", 3).to_dict()  # older identities unchanged
+    with pytest.raises(UsageError, match="layer bits k_proj=9"):
+        preset("default", 3, layer_bits=(("k_proj", 9),))

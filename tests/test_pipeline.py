@@ -266,3 +266,17 @@ def test_two_ranks_killed_and_resumed_equal_one_process(stats_dir, tmp_path):
         load_file(out / "model.safetensors"),
     )
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_layer_bits_give_matching_layers_their_own_width(tmp_path, stats_dir):
+    layer_bits = (("*.v_proj", 3), ("k_proj", 4))
+    config = preset("default", 2, vector_length=2, kmeans_iters=3, layer_bits=layer_bits)
+    model = quantize(tmp_path / "q", stats_dir, config)
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    widths = {row["name"].rsplit(".", 1)[-1]: set(row["group_bits"]) for row in report["layers"]}
+    assert widths["v_proj"] == {3} and widths["k_proj"] == {4}
+    assert widths["q_proj"] == widths["down_proj"] == {2}
+    loaded = load_quantized(tmp_path / "q")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -15,10 +15,11 @@ Glossary of tensor names (one vocabulary everywhere):
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 from typing import ClassVar
 
@@ -99,12 +100,30 @@ class RSAVQConfig:
     damping: float = 0.01
     seed: int = 0
     skip: tuple[str, ...] = DEFAULT_SKIP
+    # (fnmatch pattern on the qualified name or its last part, bits): matching layers take these
+    # bits instead of `bits` (the first pattern that matches wins)
+    layer_bits: tuple[tuple[str, float], ...] = ()
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         if self.vector_length == 0:
             object.__setattr__(self, "vector_length", default_vector_length(self.bits))
+        pairs = tuple((str(p), float(b)) for p, b in self.layer_bits)
+        object.__setattr__(self, "layer_bits", pairs)
         validate(self)
+        for pattern, bits in pairs:
+            try:
+                replace(self, bits=bits, layer_bits=())
+            except UsageError as e:
+                raise UsageError(f"layer bits {pattern}={bits:g}: {e}") from None
+
+    def for_layer(self, name: str) -> RSAVQConfig:
+        """The configuration layer `name` is quantized with (`layer_bits` applied)."""
+        leaf = name.rsplit(".", 1)[-1]
+        for pattern, bits in self.layer_bits:
+            if fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(leaf, pattern):
+                return replace(self, bits=bits, layer_bits=())
+        return self
 
     @property
     def sub_dim(self) -> int:
@@ -134,6 +153,9 @@ class RSAVQConfig:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["skip"] = list(self.skip)
+        data["layer_bits"] = [list(pair) for pair in self.layer_bits]
+        if not self.layer_bits:  # (the identity of configurations from before the option)
+            del data["layer_bits"]
         return {k: (v.value if isinstance(v, Enum) else v) for k, v in data.items()}
 
     @classmethod
@@ -148,6 +170,8 @@ class RSAVQConfig:
         kwargs = dict(data)
         if "skip" in kwargs:
             kwargs["skip"] = tuple(kwargs["skip"])
+        if "layer_bits" in kwargs:
+            kwargs["layer_bits"] = tuple(tuple(pair) for pair in kwargs["layer_bits"])
         return cls(**_enums(kwargs))
 
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from rsavq.cli.common import add_model_args, add_stream_arg, positive_int
+from rsavq.errors import UsageError
 from rsavq.runtime import resolve_device, resolve_dtype
 
 METHODS = ("rsavq", "kmeans", "gptq", "rtn")  # rsavq.methods.METHODS, without importing it
@@ -128,6 +129,13 @@ def add_parser(sub) -> None:
         default=None,
         help="what --bits limits: code bits only, or every stored bit",
     )
+    g.add_argument(
+        "--layer-bits",
+        default=None,
+        metavar="PATTERN=BITS,...",
+        help="other widths for some layers, e.g. 'k_proj=4,v_proj=4' (fnmatch patterns on the "
+        "layer's name or its last part; first match wins)",
+    )
     t = p.add_argument_group("fine-tuning (docs/method.md sections 8 and 9)")
     t.add_argument(
         "--finetune",
@@ -202,6 +210,19 @@ OVERRIDES = (
 )  # fmt: skip
 
 
+def _layer_bits(text: str) -> tuple[tuple[str, float], ...]:
+    pairs = []
+    for item in filter(None, text.split(",")):
+        pattern, _, bits = item.partition("=")
+        try:
+            pairs.append((pattern.strip(), float(bits)))
+        except ValueError:
+            raise UsageError(
+                f"--layer-bits item '{item}' is not PATTERN=BITS; e.g. 'k_proj=4,v_proj=4'"
+            ) from None
+    return tuple(pairs)
+
+
 def _config_from_args(args: argparse.Namespace):
     from rsavq.methods import METHODS
 
@@ -210,6 +231,8 @@ def _config_from_args(args: argparse.Namespace):
         given["skip"] = tuple(p for p in args.skip.split(",") if p)
     if args.budget is not None:
         given["budget_includes_overhead"] = args.budget == "stored"
+    if args.layer_bits is not None:
+        given["layer_bits"] = _layer_bits(args.layer_bits)
     if args.method == "rsavq":
         given["preset_name"] = args.preset
     return METHODS[args.method].configure(args.bits, seed=args.seed, **given)
