@@ -62,6 +62,9 @@ def test_layer_bits_apply_by_pattern_round_trip_and_are_checked():
     assert config.for_layer("model.layers.0.mlp.up_proj").bits == 2
     assert config.for_layer("model.layers.1.mlp.up_proj") is config
     assert RSAVQConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    assert "layer_bits" not in preset("default", 3).to_dict()  # older identities unchanged
+    assert "layer_bits" not in preset("default", 2).to_dict()  # older identities unchanged
+    assert preset("default", 3).layer_bits == (("k_proj", 4), ("v_proj", 4))  # the default's
+    assert preset("default", 3, layer_bits=()).for_layer("k_proj").bits == 3
+    assert preset("kmeans", 3).layer_bits == preset("default", 4).layer_bits == ()
     with pytest.raises(UsageError, match="layer bits k_proj=9"):
         preset("default", 3, layer_bits=(("k_proj", 9),))

@@ -340,12 +340,21 @@ class ScalarConfig:
 PRESETS = ("default", "paper", "kmeans")
 
 
+def default_layer_bits(bits: float) -> tuple[tuple[str, float], ...]:
+    """The default's other widths: at 3 bits `k_proj` and `v_proj` take 4. On SmolLM2-135M they
+    are 6.25% of the weights and cost 5-18x more perplexity per weight than the other roles;
+    one more bit on them took the 3-bit model from 38.93 to 29.97 (16 windows) at 3.150
+    bits/weight (BENCHMARKS.md, Quality I, "Where the error costs perplexity"). At 2 bits it
+    does not fit under 2.15 bits/weight; at 4 bits it was measured over the 4.15 limit."""
+    return (("k_proj", bits + 1), ("v_proj", bits + 1)) if bits == 3 else ()
+
+
 def preset(name: str, bits: float, **overrides) -> RSAVQConfig:
     """A named configuration at `bits`, with `overrides` (field names) on top.
 
     - `default`: the best configuration measured (BENCHMARKS.md): vectors by width, blocks of
       columns sharing codebooks, row scales, block-sequential Hessians, OBS assignment, refit,
-      EDSG.
+      EDSG; at 3 bits the key and value projections one bit wider (`default_layer_bits`).
     - `paper`: RSAVQ as published: 4 Fisher-sorted groups under an exact budget (codebooks and
       permutation count), EDSG lambda 0.01 (relative), 6-weight vectors as 2 sub-vectors of 3,
       one codebook per group, every vector assigned independently, no scales.
@@ -359,7 +368,7 @@ def preset(name: str, bits: float, **overrides) -> RSAVQConfig:
         "refit": False,
     }
     if name == "default":
-        base = {}
+        base = {"layer_bits": default_layer_bits(bits)}
     elif name == "paper":
         base = {**plain, "vector_length": 6, "sub_vectors": 2, "groups": 4}
         base["budget_includes_overhead"] = True

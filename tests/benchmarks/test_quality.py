@@ -112,3 +112,13 @@ def test_tables_from_cached_json(quality, tmp_path):
     old = {"label": "rsavq (default)", "tuning": {"epochs": 2}}
     assert quality.shown_label(old) == quality.BLOCK_ONLY
     assert quality.shown_label({**old, "distillation": {"epochs": 1}}) == "rsavq (default)"
+
+
+def test_rows_measured_before_the_default_widened_k_and_v_are_shown_for_what_they_ran(quality):
+    old = {"label": quality.DEFAULT, "bits": 3, "config": quality.preset("default", 2).to_dict()}
+    now = dict(old, config=quality.preset("default", 3).to_dict())
+    assert quality.shown_label(now) == quality.DEFAULT
+    assert quality.shown_label(old).startswith(f"{quality.DEFAULT}, k/v projections at 3 bits")
+    assert quality.shown_label(dict(old, bits=2)) == quality.DEFAULT  # 2 bits: nothing widened
+    buildup = [r.config for r in quality.buildup_rows(3)]
+    assert buildup[-1] == quality.preset("default", 3) and not buildup[-2].layer_bits
