@@ -345,7 +345,8 @@ def default_layer_bits(bits: float) -> tuple[tuple[str, float], ...]:
     are 6.25% of the weights and cost 5-18x more perplexity per weight than the other roles;
     one more bit on them took the 3-bit model from 38.93 to 29.97 (16 windows) at 3.150
     bits/weight (BENCHMARKS.md, Quality I, "Where the error costs perplexity"). At 2 bits it
-    does not fit under 2.15 bits/weight; at 4 bits it was measured over the 4.15 limit."""
+    does not fit under 2.15 bits/weight; at 4 bits both at 5 came to 4.159, over the 4.15
+    limit (`v_proj` alone fits: measured there, not yet the default)."""
     return (("k_proj", bits + 1), ("v_proj", bits + 1)) if bits == 3 else ()
 
 
