@@ -3,8 +3,8 @@ code training raised the KL of SmolLM2-135M at 3 bits (BENCHMARKS.md, Quality II
 
     python benchmarks/code_step_probe.py runs/quality/9b0c38811d1f9af2 [windows=16]
 
-From the block fine-tuned checkpoint (the 3-bit `+ block fine-tuning` row of
-benchmarks/quality.py, kept under runs/quality/), the gradient of the KL to the FP model and
+From a kept 3-bit checkpoint (runs/quality/ of benchmarks/quality.py; BENCHMARKS.md says which
+model the published run started from), the gradient of the KL to the FP model and
 the sampled-label Fisher are summed over the first N calibration windows (C4, 512 tokens, seed
 0, as `distill` accumulates them between code steps; codebooks not stepped), then one code step
 is taken per variant (fraction of the codes moved, or codes per group, `code_lr`, the Fisher

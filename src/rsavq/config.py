@@ -15,7 +15,6 @@ Glossary of tensor names (one vocabulary everywhere):
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import json
 import math
@@ -24,7 +23,7 @@ from enum import Enum
 from typing import ClassVar
 
 from rsavq.errors import UsageError
-from rsavq.modules import DEFAULT_SKIP
+from rsavq.modules import DEFAULT_SKIP, name_matches
 
 FORMAT_VERSION = 2  # 2: optional per-row scales
 READABLE_FORMAT_VERSIONS = (1, 2)  # version 1 is version 2 without scales
@@ -119,9 +118,8 @@ class RSAVQConfig:
 
     def for_layer(self, name: str) -> RSAVQConfig:
         """The configuration layer `name` is quantized with (`layer_bits` applied)."""
-        leaf = name.rsplit(".", 1)[-1]
         for pattern, bits in self.layer_bits:
-            if fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(leaf, pattern):
+            if name_matches(name, pattern):
                 return replace(self, bits=bits, layer_bits=())
         return self
 
@@ -330,6 +328,10 @@ class ScalarConfig:
     @property
     def needs_hessian(self) -> bool:
         return self.method == "gptq"
+
+    def for_layer(self, name: str) -> ScalarConfig:
+        """Every layer takes the same scalar configuration."""
+        return self
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -50,11 +50,15 @@ def find_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) -> dict
     for name, module in model.named_modules():
         if not is_linear(module) or module is output and "lm_head" in skip:
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        if any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(leaf, p) for p in skip):
+        if any(name_matches(name, p) for p in skip):
             continue
         found[name] = module
     return found
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether fnmatch `pattern` matches a module's qualified `name` or its last part."""
+    return fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(name.rsplit(".", 1)[-1], pattern)
 
 
 def require_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) -> dict:

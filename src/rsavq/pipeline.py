@@ -324,9 +324,7 @@ def _layer(name: str, hessian, work: Work):
         return method.load(tensors, meta), LayerRecord(**data)
     start = time.perf_counter()
     fisher = work.stats.layer(name) if work.stats is not None else None
-    if hasattr(config, "for_layer"):
-        config = config.for_layer(name)
-    result, step = method.quantize(config, materialize(layer), fisher, hessian)
+    result, step = method.quantize(config.for_layer(name), materialize(layer), fisher, hessian)
     W = weight_matrix(layer).detach().float().cpu()
     record = LayerRecord(
         name,
