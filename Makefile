@@ -25,16 +25,18 @@ test: setup lint
 	$(PY) -m pytest -q
 
 # The main job on the built-in default: quantize the bundled SmolLM2-135M to 3 bits with the
-# default preset (Fisher statistics from 64 x 512 C4 tokens, cached for reuse; input Hessians from
-# the same windows, block by block; each block fine-tuned once quantized; then the whole model
-# distilled for one epoch from the FP model), then FP vs quantized
-# WikiText-2 perplexity on the first 8 windows of 2048 tokens; embeddings and norms stored in
-# bfloat16. Rewrites runs/demo-smollm2-3bit.
+# default preset on a budget that fits 30 minutes on a 2-core CPU: Fisher statistics and input
+# Hessians (block by block) from 32 x 512 C4 tokens (Fisher cached for reuse), no fine-tuning
+# (the full default, 64 windows with block fine-tuning and distillation, took 71 minutes on the
+# same machine: README); then FP vs quantized WikiText-2 perplexity on the first 8 windows of
+# 2048 tokens; embeddings and norms stored in bfloat16. Rewrites runs/demo-smollm2-3bit.
+# DEMO_ARGS=... replaces the budget, e.g. DEMO_ARGS='--nsamples 64' for the full default.
 DEMO_OUT ?= runs/demo-smollm2-3bit
+DEMO_ARGS ?= --nsamples 32 --finetune none
 demo: setup
 	rm -rf $(DEMO_OUT)
-	$(VENV)/bin/rsavq quantize --model smollm2-135m --bits 3 --calib c4 --nsamples 64 \
-		--seqlen 512 --save-dtype bfloat16 --out $(DEMO_OUT) --eval wikitext2 --eval-limit 8
+	$(VENV)/bin/rsavq quantize --model smollm2-135m --bits 3 --calib c4 --seqlen 512 \
+		$(DEMO_ARGS) --save-dtype bfloat16 --out $(DEMO_OUT) --eval wikitext2 --eval-limit 8
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
