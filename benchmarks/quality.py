@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from rsavq.api import Calibration, finetune_windows
-from rsavq.config import RSAVQConfig, ScalarConfig, default_layer_bits, preset
+from rsavq.config import RSAVQConfig, ScalarConfig, default_widths, preset
 from rsavq.data import calibration_windows, evaluation_windows, load_corpus
 from rsavq.distill import Distillation, distill, teacher_targets
 from rsavq.eval import perplexity
@@ -90,14 +90,16 @@ BLOCK_ONLY = "rsavq, block fine-tuning only (Quality II part 1 default)"
 
 def shown_label(row: dict) -> str:
     """A row's label in the tables: rows measured as `rsavq (default)` before distillation
-    joined the default (their JSON records no distillation) are shown for what they ran."""
+    joined the default (their JSON records no distillation), or before the default widened the
+    key and value projections (no `layer_bits`), are shown for what they ran."""
     label = row["label"]
     if label == DEFAULT and row.get("tuning") and not row.get("distillation"):
         label = BLOCK_ONLY
     bits = row.get("bits")
-    former = bits and default_layer_bits(bits) and "layer_bits" not in (row.get("config") or {})
+    widened = bits and "layer_bits" in default_widths(bits)
+    former = widened and "layer_bits" not in (row.get("config") or {})
     if label in (NO_TUNING, DEFAULT, BLOCK_ONLY) and former:
-        return f"{label}, k/v projections at {bits} bits (before the default widened them)"
+        return f"{label}, k/v at {bits} bits (the earlier default)"
     return label
 
 
@@ -124,10 +126,13 @@ def buildup_rows(bits: int) -> list[Row]:
         ("+ Fisher channel order (WCSG sort, 1 group)", {"uniform_bits": False}),
         ("+ EDSG (lambda 0.01) = default", {"lam": 0.01}),
     ]
-    if default_layer_bits(bits):
+    if default_widths(bits):
         steps[-1] = ("+ EDSG (lambda 0.01)", {"lam": 0.01})
-        wider = {"layer_bits": default_layer_bits(bits)}
-        steps.append(("+ k/v projections one bit wider = default", wider))
+        wider = default_widths(bits)
+        label = "+ k/v projections one bit wider"
+        if "codebook_overhead" in wider:
+            label += f", codebooks at {wider['codebook_overhead']:g} bits/weight"
+        steps.append((f"{label} = default", wider))
     rows, overrides = [], {}
     for label, step in steps:
         overrides = {**overrides, **step}

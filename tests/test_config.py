@@ -65,6 +65,9 @@ def test_layer_bits_apply_by_pattern_round_trip_and_are_checked():
     assert "layer_bits" not in preset("default", 2).to_dict()  # older identities unchanged
     assert preset("default", 3).layer_bits == (("k_proj", 4), ("v_proj", 4))  # the default's
     assert preset("default", 3, layer_bits=()).for_layer("k_proj").bits == 3
-    assert preset("kmeans", 3).layer_bits == preset("default", 4).layer_bits == ()
+    assert preset("kmeans", 3).layer_bits == preset("default", 2).layer_bits == ()
+    four = preset("default", 4)  # k/v at 5 bits, the others' codebooks halved to pay for them
+    assert four.layer_bits == (("k_proj", 5), ("v_proj", 5)) and four.codebook_overhead == 0.02
+    assert preset("default", 4, codebook_overhead=0.04).codebook_overhead == 0.04
     with pytest.raises(UsageError, match="layer bits k_proj=9"):
         preset("default", 3, layer_bits=(("k_proj", 9),))

@@ -280,3 +280,15 @@ def test_layer_bits_give_matching_layers_their_own_width(tmp_path, stats_dir):
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_the_4_bit_default_widens_k_and_v_to_5_bits(tmp_path, stats_dir):
+    """1,024-entry codebooks on layers with fewer vectors than entries still quantize and load."""
+    model = quantize(tmp_path / "q", stats_dir, preset("default", 4, kmeans_iters=3))
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    widths = {row["name"].rsplit(".", 1)[-1]: set(row["group_bits"]) for row in report["layers"]}
+    assert widths["k_proj"] == widths["v_proj"] == {5} and widths["up_proj"] == {4}
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loaded = load_quantized(tmp_path / "q")(ids).logits
+        torch.testing.assert_close(loaded, model(ids).logits, rtol=0, atol=0)

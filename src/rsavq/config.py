@@ -342,14 +342,20 @@ class ScalarConfig:
 PRESETS = ("default", "paper", "kmeans")
 
 
-def default_layer_bits(bits: float) -> tuple[tuple[str, float], ...]:
-    """The default's other widths: at 3 bits `k_proj` and `v_proj` take 4. On SmolLM2-135M they
-    are 6.25% of the weights and cost 5-18x more perplexity per weight than the other roles;
-    one more bit on them took the 3-bit model from 38.93 to 29.97 (16 windows) at 3.150
-    bits/weight (BENCHMARKS.md, Quality I, "Where the error costs perplexity"). At 2 bits it
-    does not fit under 2.15 bits/weight; at 4 bits both at 5 came to 4.159, over the 4.15
-    limit (`v_proj` alone fits: measured there, not yet the default)."""
-    return (("k_proj", bits + 1), ("v_proj", bits + 1)) if bits == 3 else ()
+def default_widths(bits: float) -> dict:
+    """The default's settings that depend on the width: at 3 and 4 bits `k_proj` and `v_proj`
+    take one bit more. On SmolLM2-135M they are 6.25% of the weights and cost 5-18x more
+    perplexity per weight than the other roles; one more bit on them took the 3-bit model from
+    38.93 to 29.97 (16 windows) at 3.150 bits/weight (BENCHMARKS.md, Quality I, "Where the error
+    costs perplexity"). At 4 bits a 5-bit codebook cannot be spread over less than a whole k/v
+    layer, so the other layers' codebooks are halved to fit under 4.15 (`codebook_overhead`
+    0.02: 4.1455 bits/weight, 23.40 -> 22.48 over 16 windows). At 2 bits the wider k/v do not fit
+    under 2.15 bits/weight."""
+    if bits == 3:
+        return {"layer_bits": (("k_proj", 4), ("v_proj", 4))}
+    if bits == 4:
+        return {"layer_bits": (("k_proj", 5), ("v_proj", 5)), "codebook_overhead": 0.02}
+    return {}
 
 
 def preset(name: str, bits: float, **overrides) -> RSAVQConfig:
@@ -357,7 +363,7 @@ def preset(name: str, bits: float, **overrides) -> RSAVQConfig:
 
     - `default`: the best configuration measured (BENCHMARKS.md): vectors by width, blocks of
       columns sharing codebooks, row scales, block-sequential Hessians, OBS assignment, refit,
-      EDSG; at 3 bits the key and value projections one bit wider (`default_layer_bits`).
+      EDSG; at 3 and 4 bits the key and value projections one bit wider (`default_widths`).
     - `paper`: RSAVQ as published: 4 Fisher-sorted groups under an exact budget (codebooks and
       permutation count), EDSG lambda 0.01 (relative), 6-weight vectors as 2 sub-vectors of 3,
       one codebook per group, every vector assigned independently, no scales.
@@ -371,7 +377,7 @@ def preset(name: str, bits: float, **overrides) -> RSAVQConfig:
         "refit": False,
     }
     if name == "default":
-        base = {"layer_bits": default_layer_bits(bits)}
+        base = default_widths(bits)
     elif name == "paper":
         base = {**plain, "vector_length": 6, "sub_vectors": 2, "groups": 4}
         base["budget_includes_overhead"] = True

@@ -118,7 +118,9 @@ def test_rows_measured_before_the_default_widened_k_and_v_are_shown_for_what_the
     old = {"label": quality.DEFAULT, "bits": 3, "config": quality.preset("default", 2).to_dict()}
     now = dict(old, config=quality.preset("default", 3).to_dict())
     assert quality.shown_label(now) == quality.DEFAULT
-    assert quality.shown_label(old).startswith(f"{quality.DEFAULT}, k/v projections at 3 bits")
+    assert quality.shown_label(old) == f"{quality.DEFAULT}, k/v at 3 bits (the earlier default)"
     assert quality.shown_label(dict(old, bits=2)) == quality.DEFAULT  # 2 bits: nothing widened
-    buildup = [r.config for r in quality.buildup_rows(3)]
-    assert buildup[-1] == quality.preset("default", 3) and not buildup[-2].layer_bits
+    for bits in (3, 4):
+        buildup = [r.config for r in quality.buildup_rows(bits)]
+        assert buildup[-1] == quality.preset("default", bits) and not buildup[-2].layer_bits
+    assert quality.buildup_rows(4)[-1].label.endswith("codebooks at 0.02 bits/weight = default")
