@@ -91,14 +91,16 @@ BLOCK_ONLY = "rsavq, block fine-tuning only (Quality II part 1 default)"
 def shown_label(row: dict) -> str:
     """A row's label in the tables: rows measured as `rsavq (default)` before distillation
     joined the default (their JSON records no distillation), or before the default widened the
-    key and value projections (no `layer_bits`), are shown for what they ran."""
+    key and value projections (no `layer_bits`; also the fine-tuning rows, which start from the
+    default), are shown for what they ran."""
     label = row["label"]
     if label == DEFAULT and row.get("tuning") and not row.get("distillation"):
         label = BLOCK_ONLY
     bits = row.get("bits")
     widened = bits and "layer_bits" in default_widths(bits)
     former = widened and "layer_bits" not in (row.get("config") or {})
-    if label in (NO_TUNING, DEFAULT, BLOCK_ONLY) and former:
+    on_default = label in (NO_TUNING, DEFAULT, BLOCK_ONLY) or row.get("section") == "finetune"
+    if on_default and former:
         return f"{label}, k/v at {bits} bits (the earlier default)"
     return label
 
@@ -513,7 +515,7 @@ def ablation_table(rows: list[dict]) -> str:
         other = _protocol(r) != protocol  # a row measured otherwise says how
         how = f" ({r['wikitext2']['windows']} windows, {_protocol(r)[1]})" if other else ""
         lines.append(
-            f"| {r['section']} | {r['bits']} | {r['label']} | {r['bits_per_weight']:.3f} | "
+            f"| {r['section']} | {r['bits']} | {shown_label(r)} | {r['bits_per_weight']:.3f} | "
             f"{_fmt_ppl(r['wikitext2']['ppl'])}{how} | {r['median_relative_error']:.3f} | "
             f"{_time(r)} |"
         )

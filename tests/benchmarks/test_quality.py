@@ -120,6 +120,10 @@ def test_rows_measured_before_the_default_widened_k_and_v_are_shown_for_what_the
     assert quality.shown_label(now) == quality.DEFAULT
     assert quality.shown_label(old) == f"{quality.DEFAULT}, k/v at 3 bits (the earlier default)"
     assert quality.shown_label(dict(old, bits=2)) == quality.DEFAULT  # 2 bits: nothing widened
+    tuned = dict(old, section="finetune", label="+ distillation on 256 windows (bf16 autocast)")
+    assert quality.shown_label(tuned).endswith(", k/v at 3 bits (the earlier default)")
+    assert quality.shown_label(dict(tuned, config=now["config"])) == tuned["label"]
+    assert quality.shown_label(dict(tuned, section="vector")) == tuned["label"]
     for bits in (3, 4):
         buildup = [r.config for r in quality.buildup_rows(bits)]
         assert buildup[-1] == quality.preset("default", bits) and not buildup[-2].layer_bits
