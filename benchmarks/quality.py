@@ -90,19 +90,21 @@ BLOCK_ONLY = "rsavq, block fine-tuning only (Quality II part 1 default)"
 
 def shown_label(row: dict) -> str:
     """A row's label in the tables: rows measured as `rsavq (default)` before distillation
-    joined the default (their JSON records no distillation), or before the default widened the
+    joined the default (their JSON records no distillation), before the default widened the
     key and value projections (no `layer_bits`; also the fine-tuning rows, which start from the
-    default), are shown for what they ran."""
+    default) or before it distilled on 256 windows (no `windows`) are shown for what they ran."""
     label = row["label"]
     if label == DEFAULT and row.get("tuning") and not row.get("distillation"):
         label = BLOCK_ONLY
     bits = row.get("bits")
     widened = bits and "layer_bits" in default_widths(bits)
-    former = widened and "layer_bits" not in (row.get("config") or {})
     on_default = label in (NO_TUNING, DEFAULT, BLOCK_ONLY) or row.get("section") == "finetune"
-    if on_default and former:
-        return f"{label}, k/v at {bits} bits (the earlier default)"
-    return label
+    earlier = []
+    if on_default and widened and "layer_bits" not in (row.get("config") or {}):
+        earlier.append(f"k/v at {bits} bits")
+    if label == DEFAULT and "windows" not in (row.get("distillation") or {"windows": 0}):
+        earlier.append("distilled on the calibration's windows")
+    return f"{label}, {' and '.join(earlier)} (the earlier default)" if earlier else label
 
 
 def main_rows(bits: int) -> list[Row]:
@@ -170,7 +172,7 @@ def vector_rows(bits: int) -> list[Row]:
 def finetune_rows(bits: int) -> list[Row]:
     """The default, then block fine-tuning on top, then end-to-end distillation on top of
     that (issue "Quality II")."""
-    tuning, e2e = BlockTuning(), Distillation()
+    tuning, e2e = BlockTuning(), Distillation(windows=None)  # on the calibration's windows
     label = f"+ block fine-tuning ({tuning.epochs} epochs, lr {tuning.lr:g})"
     e2e_label = f"+ end-to-end distillation ({e2e.epochs} epoch, lr {e2e.lr:g})"
     rows = [

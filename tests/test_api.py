@@ -1,5 +1,7 @@
 """The Python API: `rsavq.quantize` in place, then load."""
 
+import logging
+
 import pytest
 import torch
 
@@ -99,13 +101,13 @@ def test_finetune_auto_runs_where_the_sequential_vq_pass_does(tmp_path, tiny_tok
         rsavq.quantize(build_tiny_llama(64), plain, finetune="yes", **kwargs)
 
 
-def test_finetune_windows_hold_out_past_the_distillation_windows(tiny_tokenizer):
+def test_finetune_windows_hold_out_past_the_distillation_windows(tiny_tokenizer, caplog):
     """The distillation's own windows are drawn like the calibration's; the held-out windows
     come from documents neither reads (quantize and benchmarks/quality.py share this rule)."""
     from helpers import WORDS
     from rsavq.api import Calibration, finetune_windows
     from rsavq.data import Corpus, calibration_windows, heldout_windows
-    from rsavq.distill import Distillation
+    from rsavq.distill import DEFAULT_WINDOWS, Distillation
     from rsavq.finetune import BlockTuning
 
     corpus = Corpus("docs", tuple(" ".join([w] * 30) for w in sorted(set(WORDS))), shuffle=True)
@@ -116,7 +118,14 @@ def test_finetune_windows_hold_out_past_the_distillation_windows(tiny_tokenizer)
     assert torch.equal(held, heldout_windows(tiny_tokenizer, corpus, 6, 16, 3, tuning.heldout))
     seen = lambda ws: {w for x in ws for w in tiny_tokenizer.decode(x).split()}  # noqa: E731
     assert not seen(held) & seen(windows)
-    windows, held = finetune_windows(tiny_tokenizer, corpus, c, tuning, Distillation())
+    windows, held = finetune_windows(tiny_tokenizer, corpus, c, tuning, Distillation(windows=None))
     assert windows is None  # trains on the calibration's own windows
     assert torch.equal(held, heldout_windows(tiny_tokenizer, corpus, 2, 16, 3, tuning.heldout))
+    with pytest.raises(rsavq.DataError, match="fewer than 300 windows"):
+        finetune_windows(tiny_tokenizer, corpus, c, tuning, Distillation(windows=300))
+    with caplog.at_level(logging.WARNING, logger="rsavq.api"):  # the default count gives way
+        windows, _ = finetune_windows(tiny_tokenizer, corpus, c, tuning, Distillation())
+    assert windows is None and "distilling on the calibration's 2 windows" in caplog.text
+    large = Calibration(corpus, nsamples=DEFAULT_WINDOWS, seqlen=1, seed=3)
+    assert finetune_windows(tiny_tokenizer, corpus, large, None, Distillation())[0] is None
     assert finetune_windows(tiny_tokenizer, corpus, c, None, None) == (None, None)

@@ -20,7 +20,7 @@ from torch import nn
 
 from rsavq.config import RSAVQConfig, ScalarConfig, preset
 from rsavq.data import Corpus, calibration_windows, heldout_windows, load_corpus
-from rsavq.distill import Distillation
+from rsavq.distill import DEFAULT_WINDOWS, Distillation
 from rsavq.errors import DataError, UsageError
 from rsavq.finetune import BlockTuning
 from rsavq.methods import FISHER, HESSIAN, method_for
@@ -153,11 +153,8 @@ def finetune_windows(
     of its own (else None: it trains on the calibration's), and the held-out windows from
     documents that neither the calibration nor those windows reach (None, with a warning,
     when none are left or none are asked for)."""
-    distill_windows, read = None, c.nsamples  # (windows read before the held-out ones)
-    if distillation is not None and distillation.windows:
-        distill_windows = calibration_windows(tokenizer, corpus, distillation.windows, c.seqlen,
-                                              c.seed)  # fmt: skip
-        read = max(read, distillation.windows)
+    distill_windows = _distill_windows(tokenizer, corpus, c, distillation)
+    read = c.nsamples if distill_windows is None else max(c.nsamples, len(distill_windows))
     count = max((s.heldout for s in (tuning, distillation) if s is not None), default=0)
     if not count:
         return distill_windows, None
@@ -166,6 +163,22 @@ def finetune_windows(
     except DataError as exc:
         logger.warning("no held-out fine-tuning loss: %s", exc)
         return distill_windows, None
+
+
+def _distill_windows(tokenizer, corpus, c: Calibration, distillation: Distillation | None):
+    """The distillation's own windows, or None for the calibration's: asked for by
+    `windows=None`, and what the default count gives way to when the calibration has at least
+    as many windows or the corpus has too few (then with a warning)."""
+    count = distillation.windows if distillation is not None else None
+    if not count or (count == DEFAULT_WINDOWS and c.nsamples >= count):
+        return None
+    try:
+        return calibration_windows(tokenizer, corpus, count, c.seqlen, c.seed)
+    except DataError as exc:
+        if count != DEFAULT_WINDOWS:
+            raise
+        logger.warning("distilling on the calibration's %d windows: %s", c.nsamples, exc)
+        return None
 
 
 def _complete(stats) -> bool:

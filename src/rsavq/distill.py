@@ -1,6 +1,7 @@
 """End-to-end distillation (docs/method.md section 9): once every layer is quantized (and its
 block fine-tuned), the continuous parameters of the whole quantized model are trained, codes
-frozen, to match the FP model's next-token distributions on the calibration windows.
+frozen, to match the FP model's next-token distributions on calibration text (by default 256
+windows drawn like the calibration's, `Distillation.windows`).
 
 The teacher is the FP model itself, run once before quantization: for every calibration token
 its `top_k` most likely next tokens, their log-probabilities and the log of the remaining mass
@@ -34,6 +35,9 @@ logger = logging.getLogger(__name__)
 Snapshot = tuple[dict[str, torch.Tensor], dict[str, str]]  # tensors, metadata
 
 
+DEFAULT_WINDOWS = 256
+
+
 @dataclass(frozen=True)
 class Distillation:
     """Options of end-to-end distillation."""
@@ -47,9 +51,10 @@ class Distillation:
     heldout: int = 4  # calibration-length windows from unseen documents, to watch over-fitting
     bf16: bool = False  # bfloat16 autocast for the training steps
     save_every: int = 16  # optimizer steps between resumable snapshots
-    # calibration windows to distill on: None for those the quantizer calibrates on, else this
-    # many drawn the same way (more text: 256 beat 64 at 3 and 4 bits, BENCHMARKS.md Quality II)
-    windows: int | None = None
+    # calibration windows to distill on: this many drawn like the calibration's (more text: 256
+    # beat 64 at 3 and 4 bits, BENCHMARKS.md Quality II), or None for those the quantizer
+    # calibrates on; the default falls back to those when the corpus is too small for it
+    windows: int | None = DEFAULT_WINDOWS
     # codes train too when > 0: a discrete step (`rsavq.algorithms.codes.code_step`) every
     # this many optimizer steps, each moving at most `code_fraction` of the codes; `code_lr`
     # scales its Newton step (the curvature is the Fisher divided by it; 1.0 over-steps on the

@@ -69,7 +69,8 @@ def test_rows_cover_the_issue_table(quality):
     lambdas = [r.config.lam for r in rows if r.section == "rsavq" and r.bits == 2]
     assert lambdas[:5] == [0.0, 0.003, 0.03, 0.1, 0.3]
     tuned, distilled, *more, order = [r for r in rows if r.section == "finetune" and r.bits == 3]
-    assert tuned.tuning == distilled.tuning and distilled.distillation == quality.Distillation()
+    assert tuned.tuning == distilled.tuning
+    assert distilled.distillation == quality.Distillation(windows=None)  # the identity it had
     assert [m.distillation.windows for m in more] == [256, 512]
     assert order.config == quality.preset("default", 3, order="hessian")
     assert (order.tuning, order.distillation) == (tuned.tuning, distilled.distillation)
@@ -111,7 +112,9 @@ def test_tables_from_cached_json(quality, tmp_path):
     assert md.read_text() == text  # the block is replaced, not appended again
     old = {"label": "rsavq (default)", "tuning": {"epochs": 2}}
     assert quality.shown_label(old) == quality.BLOCK_ONLY
-    assert quality.shown_label({**old, "distillation": {"epochs": 1}}) == "rsavq (default)"
+    assert quality.shown_label({**old, "distillation": {"windows": 256}}) == "rsavq (default)"
+    earlier = quality.shown_label({**old, "distillation": {"epochs": 1}})
+    assert earlier.endswith(", distilled on the calibration's windows (the earlier default)")
 
 
 def test_rows_measured_before_the_default_widened_k_and_v_are_shown_for_what_they_ran(quality):

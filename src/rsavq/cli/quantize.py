@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from rsavq.cli.common import add_model_args, add_stream_arg, positive_int
+from rsavq.cli.common import add_model_args, add_stream_arg, non_negative_int, positive_int
 from rsavq.errors import UsageError
 from rsavq.runtime import resolve_device, resolve_dtype
 
@@ -164,11 +164,12 @@ def add_parser(sub) -> None:
     )
     t.add_argument(
         "--distill-windows",
-        type=positive_int,
+        type=non_negative_int,
         default=None,
-        help="e2e stage: distill on this many calibration windows of --seqlen (default: the "
-        "--nsamples the quantizer calibrates on; more text generalizes better: 256 beat 64 on "
-        "SmolLM2, BENCHMARKS.md)",
+        help="e2e stage: distill on this many C4 windows of --seqlen drawn like the "
+        "calibration's (default 256, or the calibration's own when --nsamples is larger or the "
+        "text too short; 0: the calibration's windows; more text generalizes better: 256 beat 64 "
+        "on SmolLM2, BENCHMARKS.md)",
     )
     t.add_argument(
         "--distill-code-every",
@@ -253,10 +254,17 @@ def _tuning(args: argparse.Namespace, config):
     if e2e is not None:
         e2e = Distillation(
             epochs=args.distill_epochs, lr=args.distill_lr, tokens=args.distill_tokens,
-            seed=args.seed, bf16=args.finetune_bf16, windows=args.distill_windows,
+            seed=args.seed, bf16=args.finetune_bf16, windows=_windows(args.distill_windows),
             code_every=args.distill_code_every, code_fraction=args.distill_code_fraction,
         )  # fmt: skip
     return block, e2e
+
+
+def _windows(count: int | None) -> int | None:
+    """`--distill-windows`: unset is the default count, 0 the calibration's own windows."""
+    from rsavq.distill import DEFAULT_WINDOWS
+
+    return DEFAULT_WINDOWS if count is None else count or None
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
