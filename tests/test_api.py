@@ -88,7 +88,9 @@ def test_finetune_auto_runs_where_the_sequential_vq_pass_does(tmp_path, tiny_tok
     kwargs = {"tokenizer": tiny_tokenizer, "calibration": calibration, "progress": False}
     config = rsavq.preset("default", bits=2, kmeans_iters=2, lam=0, uniform_bits=True)
     rsavq.quantize(build_tiny_llama(len(tiny_tokenizer)), config, out=tmp_path / "a", **kwargs)
-    assert len(json.loads((tmp_path / "a" / "report.json").read_text())["finetune"]) == 2
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert len(report["finetune"]) == 2
+    assert report["distill"]["windows"] == 256  # the default, drawn like the calibration
     plain = rsavq.preset("kmeans", bits=2, kmeans_iters=2)
     rsavq.quantize(build_tiny_llama(len(tiny_tokenizer)), plain, out=tmp_path / "b", **kwargs)
     assert "finetune" not in json.loads((tmp_path / "b" / "report.json").read_text())

@@ -186,7 +186,7 @@ def distill(
     teacher targets, never trained on) is scored before and after; when training did not lower
     it, the model is put back as it was (`kept` False in the report). Returns the losses (mean
     training KL over the first and the last tenth of the steps, held-out KL before and after),
-    steps, tokens, seconds and whether the result was kept."""
+    steps, windows trained on, tokens, seconds and whether the result was kept."""
     schedule = options.schedule(len(windows), windows.shape[1])
     report: dict = {}
     start = trained_state(model) | (_codes(model) if options.code_every else {})
@@ -226,6 +226,7 @@ def distill(
         loss_first=sum(losses[:tenth]) / tenth,
         loss_last=sum(losses[-tenth:]) / tenth,
         steps=len(schedule),
+        windows=len(windows),
         tokens=sum(len(r) for r in schedule) * windows.shape[1],
         seconds=time.perf_counter() - start_time,
     )
