@@ -28,8 +28,9 @@ test: setup lint
 # default preset on a budget that fits 30 minutes on a 2-core CPU: Fisher statistics and input
 # Hessians (block by block) from 32 x 512 C4 tokens (Fisher cached for reuse), no fine-tuning
 # (the full default, block fine-tuning and distillation, took 71 minutes on the same machine
-# when it distilled on 64 windows, longer now that it distills on 256: README); then FP vs quantized WikiText-2 perplexity on the first 8 windows of
-# 2048 tokens; embeddings and norms stored in bfloat16. Rewrites runs/demo-smollm2-3bit.
+# when it distilled on 64 windows, longer now that it distills on 256: README); then FP vs
+# quantized WikiText-2 perplexity on the first 8 windows of 2048 tokens; embeddings and norms
+# stored in bfloat16. Rewrites runs/demo-smollm2-3bit.
 # DEMO_ARGS=... replaces the budget, e.g. DEMO_ARGS='--nsamples 64' for the full default.
 DEMO_OUT ?= runs/demo-smollm2-3bit
 DEMO_ARGS ?= --nsamples 32 --finetune none

@@ -52,7 +52,7 @@ class Distillation:
     bf16: bool = False  # bfloat16 autocast for the training steps
     save_every: int = 16  # optimizer steps between resumable snapshots
     # calibration windows to distill on: this many drawn like the calibration's (more text: 256
-    # beat 64 at 3 and 4 bits, BENCHMARKS.md Quality II), or None for those the quantizer
+    # beat 64 at 3 bits, BENCHMARKS.md Quality II), or None for those the quantizer
     # calibrates on; the default falls back to those when the corpus is too small for it
     windows: int | None = DEFAULT_WINDOWS
     # codes train too when > 0: a discrete step (`rsavq.algorithms.codes.code_step`) every
