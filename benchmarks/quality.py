@@ -183,6 +183,8 @@ def finetune_rows(bits: int) -> list[Row]:
         more = Distillation(windows=windows, bf16=True)
         more_label = f"+ distillation on {windows} windows (bf16 autocast)"
         rows.append(Row("finetune", more_label, bits, preset("default", bits), tuning, more))
+    label = "+ block fine-tuning to the FP model's hidden states"
+    rows.append(Row("finetune", label, bits, preset("default", bits), BlockTuning(targets="model")))
     hessian_order = preset("default", bits, order="hessian")
     label = "order by diag(X^T X), block fine-tuning and distillation"
     rows.append(Row("finetune", label, bits, hessian_order, tuning, e2e))

@@ -72,10 +72,11 @@ def test_tuning_lowers_the_block_error_and_is_deterministic(tmp_path):
     assert all(torch.equal(tuned[k], v) for k, v in block.state_dict().items())
 
 
-def test_pipeline_tunes_resumes_and_reports(tmp_path, monkeypatch):
+@pytest.mark.parametrize("targets", ["block", "model"])
+def test_pipeline_tunes_resumes_and_reports(tmp_path, monkeypatch, targets):
     import rsavq.pipeline as pipeline
 
-    tuning = BlockTuning(epochs=1, lr=1e-3)
+    tuning = BlockTuning(epochs=1, lr=1e-3, targets=targets)
 
     def run(out):
         model = build_tiny_llama(64)
@@ -110,7 +111,9 @@ def test_pipeline_tunes_resumes_and_reports(tmp_path, monkeypatch):
     assert all(r["after"] <= r["before"] for r in report["finetune"])
     assert all("heldout_after" in r for r in report["finetune"])
     config = json.loads((tmp_path / "full" / "config.json").read_text())
-    assert config["quantization_config"]["finetune"]["block"]["epochs"] == 1
+    recorded = config["quantization_config"]["finetune"]["block"]
+    assert recorded["epochs"] == 1
+    assert recorded.get("targets", "block") == targets  # absent for the default
 
 
 def test_tuning_needs_the_sequential_vq_pass(tmp_path):
@@ -122,6 +125,8 @@ def test_tuning_needs_the_sequential_vq_pass(tmp_path):
         )  # fmt: skip
     with pytest.raises(UsageError, match="epochs >= 1"):
         BlockTuning(epochs=0)
+    with pytest.raises(UsageError, match="targets must be one of block, model"):
+        BlockTuning(targets="layer")
     assert not (tmp_path / "q").exists()
 
 

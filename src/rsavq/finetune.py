@@ -30,6 +30,9 @@ from rsavq.stats.sequential import Inputs, Pairs, block_output, hidden_of
 logger = logging.getLogger(__name__)
 
 
+TARGETS = ("block", "model")
+
+
 @dataclass(frozen=True)
 class BlockTuning:
     """Options of block-wise fine-tuning."""
@@ -42,8 +45,16 @@ class BlockTuning:
     seed: int = 0
     heldout: int = 4  # calibration-length windows from unseen documents, to watch over-fitting
     bf16: bool = False  # bfloat16 autocast for the training steps (losses measured as the model)
+    # "block": the FP block's outputs on the quantized prefix's outputs (AQLM); "model": the FP
+    # model's own hidden states, so each block also learns to undo the error of those before it
+    targets: str = "block"
 
     def __post_init__(self) -> None:
+        if self.targets not in TARGETS:
+            raise UsageError(
+                f"block fine-tuning targets must be one of {', '.join(TARGETS)};"
+                f" got {self.targets!r}"
+            )
         if self.epochs < 1 or self.lr <= 0 or self.micro_batch < 1 or self.heldout < 0:
             raise UsageError(
                 "block fine-tuning needs epochs >= 1, lr > 0, micro_batch >= 1 and heldout >= 0;"
@@ -51,11 +62,14 @@ class BlockTuning:
             )
 
     def to_dict(self) -> dict:
-        """What the result depends on (the held-out windows only measure it; `bf16` appears
-        only when on, so runs from before it existed keep their identity)."""
+        """What the result depends on (the held-out windows only measure it; `bf16` and
+        `targets` appear only when not their defaults, so runs from before they existed keep
+        their identity)."""
         data = {k: v for k, v in asdict(self).items() if k != "heldout"}
         if not self.bf16:
             del data["bf16"]
+        if self.targets == "block":
+            del data["targets"]
         return data
 
 

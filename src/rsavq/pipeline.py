@@ -120,7 +120,8 @@ def quantize_model(
     records, specs, tuned = [], {}, []
     bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress or rank)
     tune = _tuner(store, tuning, tuned, bar) if tuning is not None else None
-    hessians = HESSIAN in needs, calibration, tune, heldout
+    model_targets = tuning is not None and tuning.targets == "model"
+    hessians = HESSIAN in needs, calibration, tune, heldout, model_targets
     work = Work(model, layers, method, config, stats, store)
     for batch in _hessian_schedule(model, layers, config, store, *hessians):
         for result, record in _quantize_batch(batch, work):
@@ -188,14 +189,18 @@ def _save(model, out: Path, qconfig, tokenizer, save_dtype) -> None:
     save_quantized(model, out, qconfig, tokenizer, save_dtype)
 
 
-def _hessian_schedule(model, layers, config, store: Store, needed, calibration, tune, heldout):
+def _hessian_schedule(
+    model, layers, config, store: Store, needed, calibration, tune, heldout, model_targets
+):
     """Batches `{name: H or None}` in model order (see `stats.sequential`); `tune` (block
     fine-tuning) joins the block-sequential pass."""
     if not needed:
         yield dict.fromkeys(layers)
         return
     if config.sequential:
-        yield from sequential_hessians(model, layers, calibration, store.has, tune, heldout)
+        yield from sequential_hessians(
+            model, layers, calibration, store.has, tune, heldout, model_targets
+        )
         return
     todo = {n: m for n, m in layers.items() if not store.has(n)}
     hessians = input_hessians(model, todo, calibration) if todo else {}

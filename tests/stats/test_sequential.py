@@ -37,6 +37,28 @@ def test_later_blocks_see_the_changed_prefix():
     assert set(first) == {n for n in layers if n.startswith("model.layers.0.")}
 
 
+@pytest.mark.parametrize("model_targets", [False, True])
+def test_tuning_targets_follow_the_fp_block_or_the_fp_model(model_targets):
+    model = build_tiny_llama(vocab_size=64, layers=3)
+    with torch.no_grad():
+        out = model(_windows(), output_hidden_states=True)
+    fp_hidden = out.hidden_states[1:-1]  # each block's output (the last one is normed)
+    seen = []
+
+    def tune(index, block, data):
+        ((inputs, targets),) = data
+        seen.append(torch.cat(targets))
+
+    layers = find_linears(model)
+    batches = sequential_hessians(model, layers, _windows(), tune=tune, model_targets=model_targets)
+    for i, _ in enumerate(batches):
+        if i < 3:  # "quantize" each block: halve its MLP output
+            with torch.no_grad():
+                weight_matrix(model.model.layers[i].mlp.down_proj).mul_(0.5)
+    torch.testing.assert_close(seen[0], fp_hidden[0])  # the same inputs for block 0
+    assert torch.allclose(seen[1], fp_hidden[1], rtol=1e-4, atol=1e-5) == model_targets
+
+
 def test_done_layers_get_no_hessian_and_done_blocks_are_not_calibrated():
     model = build_tiny_llama(vocab_size=64, layers=2)
     layers = find_linears(model)

@@ -149,6 +149,14 @@ def add_parser(sub) -> None:
     )
     t.add_argument("--finetune-epochs", type=positive_int, default=2, help="block stage")
     t.add_argument("--finetune-lr", type=float, default=3e-3, help="block stage")
+    t.add_argument(
+        "--finetune-targets",
+        choices=["block", "model"],
+        default="block",
+        help="block stage: what a tuned block's outputs should match: block (default): the FP "
+        "block's outputs on the same inputs (AQLM); model: the FP model's own hidden states, "
+        "so each block also undoes the error of the blocks before it",
+    )
     t.add_argument("--distill-epochs", type=positive_int, default=1, help="e2e stage")
     t.add_argument("--distill-lr", type=float, default=1e-3, help="e2e stage")
     t.add_argument(
@@ -249,7 +257,7 @@ def _tuning(args: argparse.Namespace, config):
     if block is not None:
         block = BlockTuning(
             epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed,
-            bf16=args.finetune_bf16,
+            bf16=args.finetune_bf16, targets=args.finetune_targets,
         )  # fmt: skip
     if e2e is not None:
         e2e = Distillation(

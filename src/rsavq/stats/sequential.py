@@ -90,6 +90,7 @@ def sequential_hessians(
     done: Callable[[str], bool] = lambda name: False,
     tune: Callable[[int, nn.Module, list[Pairs]], None] | None = None,
     heldout: torch.Tensor | None = None,
+    model_targets: bool = False,
 ) -> Iterator[dict[str, torch.Tensor | None]]:
     """Yield `{name: H}` block by block, in model order; the caller quantizes (and swaps in) those
     layers before asking for the next block. Layers for which `done(name)` holds get `None` (the
@@ -97,7 +98,9 @@ def sequential_hessians(
     the FP block's outputs on its inputs are kept before the yield, and `tune(index, block,
     [(inputs, fp_outputs), ...])` runs on the quantized block before it makes the next block's
     inputs; the list holds the calibration windows, then the `heldout` windows (which never
-    enter a Hessian) when given.
+    enter a Hessian) when given. With `model_targets` the targets are the FP model's own hidden
+    states instead (a second stream through the FP blocks, run before each is quantized), so a
+    tuned block also learns to undo the error of the blocks before it.
     Layers outside the decoder blocks come last, from a pass over the whole (by then quantized)
     model."""
     blocks_name, blocks = decoder_blocks(model, layers)
@@ -105,6 +108,7 @@ def sequential_hessians(
     if blocks:
         sets = [windows] + ([heldout] if tune is not None and heldout is not None else [])
         streams = [capture_inputs(model, blocks[0], w) for w in sets]
+        fp_streams = streams
         for i, block in enumerate(blocks):
             materialize(block)  # a streamed block is read into memory now (rsavq.streaming)
             prefix = f"{blocks_name}.{i}."
@@ -112,10 +116,12 @@ def sequential_hessians(
             todo = {n: m for n, m in mine.items() if not done(n)}
             hessians = block_hessians(block, todo, streams[0]) if todo else {}
             if tune is not None:
-                targets = [[hidden_of(*b) for b in run_block(block, x)] for x in streams]
+                fp_next = [run_block(block, x) for x in (fp_streams if model_targets else streams)]
+                targets = [[hidden_of(*b) for b in x] for x in fp_next]
             yield {n: hessians.get(n) for n in mine}
             if tune is not None:
                 tune(i, block, list(zip(streams, targets, strict=True)))
+                fp_streams = fp_next
             if i + 1 < len(blocks):
                 streams = [run_block(block, x) for x in streams]
     rest = {n: m for n, m in layers.items() if n not in inside}
