@@ -185,6 +185,9 @@ def finetune_rows(bits: int) -> list[Row]:
         rows.append(Row("finetune", more_label, bits, preset("default", bits), tuning, more))
     label = "+ block fine-tuning to the FP model's hidden states"
     rows.append(Row("finetune", label, bits, preset("default", bits), BlockTuning(targets="model")))
+    staged = preset("default", bits, true_sequential=True)
+    label = "+ block fine-tuning, stage by stage within each block (true-sequential)"
+    rows.append(Row("finetune", label, bits, staged, tuning))
     hessian_order = preset("default", bits, order="hessian")
     label = "order by diag(X^T X), block fine-tuning and distillation"
     rows.append(Row("finetune", label, bits, hessian_order, tuning, e2e))

@@ -149,6 +149,7 @@ def test_option_of_another_method_is_refused(tiny_model_dir, tmp_path, capsys):
         (["--preset", "paper"], {"groups": 4, "vector_length": 6, "compensation": "none"}),
         (["--one-pass", "--lambda", "0"], {"sequential": False, "lam": 0.0, "refit": True}),
         (["--no-refit", "--block-size", "8"], {"refit": False, "block_size": 8}),
+        (["--true-sequential"], {"true_sequential": True, "sequential": True}),
     ],
 )
 def test_quantize_presets_and_overrides(

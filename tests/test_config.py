@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from rsavq.config import LambdaMode, LayerSpec, Metric, RSAVQConfig, preset
+from rsavq.config import LambdaMode, LayerSpec, Metric, RSAVQConfig, ScalarConfig, preset
 from rsavq.errors import UsageError
 
 
@@ -23,11 +23,22 @@ def test_roundtrip_through_dict():
         ({"vector_length": 12, "sub_vectors": 2, "bits": 3}, "exceed 16 bits"),
         ({"uniform_bits": True, "bits": 2.5}, "uniform bits need a whole number"),
         ({"groups": 0}, "groups and k-means iterations must be >= 1"),
+        ({"true_sequential": True, "sequential": False}, "drop --one-pass"),
     ],
 )
 def test_invalid_configs_are_refused(kwargs, message):
     with pytest.raises(UsageError, match=message):
         RSAVQConfig(**kwargs)
+
+
+def test_new_options_keep_the_identity_of_older_configurations():
+    assert "true_sequential" not in RSAVQConfig().to_dict()
+    staged = RSAVQConfig(true_sequential=True)
+    assert RSAVQConfig.from_dict(staged.to_dict()) == staged
+    assert ScalarConfig("gptq", true_sequential=True).to_dict()["true_sequential"]
+    assert "true_sequential" not in ScalarConfig().to_dict()
+    with pytest.raises(UsageError, match="drop --one-pass"):
+        ScalarConfig("gptq", sequential=False, true_sequential=True)
 
 
 def test_unknown_keys_and_enum_values():

@@ -90,6 +90,9 @@ class RSAVQConfig:
     refit: bool = True  # after assignment: codebooks and scales refit to the Hessian objective
     order: ChannelOrder = ChannelOrder.FISHER
     sequential: bool = True  # input Hessians from the already-quantized prefix, block by block
+    # within a block too: each stage of linears (q/k/v, o, gate/up, down) calibrated on what the
+    # block's quantized earlier stages produce (GPTQ's true-sequential); needs `sequential`
+    true_sequential: bool = False
     uniform_bits: bool = False  # every group at `bits` (with groups=1: no WCSG)
     budget_includes_overhead: bool = False  # True: codebooks + perm count against the budget
     min_group_bits: int = 1
@@ -154,6 +157,8 @@ class RSAVQConfig:
         data["layer_bits"] = [list(pair) for pair in self.layer_bits]
         if not self.layer_bits:  # (the identity of configurations from before the option)
             del data["layer_bits"]
+        if not self.true_sequential:  # (likewise)
+            del data["true_sequential"]
         return {k: (v.value if isinstance(v, Enum) else v) for k, v in data.items()}
 
     @classmethod
@@ -198,8 +203,17 @@ def default_vector_length(bits: float) -> int:
     return 4 if bits < 2.5 else 2
 
 
+def _check_true_sequential(config: RSAVQConfig | ScalarConfig) -> None:
+    if config.true_sequential and not config.sequential:
+        raise UsageError(
+            "--true-sequential stages the block-sequential pass; drop --one-pass"
+            " (or --true-sequential)"
+        )
+
+
 def validate(config: RSAVQConfig) -> None:
     """Refuse configurations that cannot be quantized, naming the fix."""
+    _check_true_sequential(config)
     v, P = config.vector_length, config.sub_vectors
     if v < 1 or P < 1 or v % P:
         raise UsageError(f"vector length {v} must be a positive multiple of sub-vectors {P}")
@@ -314,10 +328,12 @@ class ScalarConfig:
     damping: float = 0.01  # GPTQ only: fraction of mean(diag H)
     skip: tuple[str, ...] = DEFAULT_SKIP
     sequential: bool = True  # GPTQ only: Hessians from the already-quantized prefix
+    true_sequential: bool = False  # GPTQ only: and from the block's quantized earlier stages
 
     def __post_init__(self) -> None:
         if self.method not in ("rtn", "gptq"):
             raise UsageError(f"scalar method '{self.method}' unknown; use rtn or gptq")
+        _check_true_sequential(self)
         if not 1 <= self.bits <= 8 or self.group_size < 1:
             raise UsageError("scalar baselines need 1 <= bits <= 8 and a group size >= 1")
 
@@ -336,6 +352,8 @@ class ScalarConfig:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["skip"] = list(self.skip)
+        if not self.true_sequential:  # (the identity of configurations from before the option)
+            del data["true_sequential"]
         return data
 
 

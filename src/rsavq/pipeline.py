@@ -199,8 +199,9 @@ def _hessian_schedule(
         return
     if config.sequential:
         yield from sequential_hessians(
-            model, layers, calibration, store.has, tune, heldout, model_targets
-        )
+            model, layers, calibration, store.has, tune, heldout, model_targets,
+            config.true_sequential,
+        )  # fmt: skip
         return
     todo = {n: m for n, m in layers.items() if not store.has(n)}
     hessians = input_hessians(model, todo, calibration) if todo else {}

@@ -4,7 +4,7 @@ import torch
 from helpers import build_tiny_llama
 from rsavq.modules import decoder_blocks, find_linears, weight_matrix
 from rsavq.stats.hessian import input_hessians
-from rsavq.stats.sequential import sequential_hessians
+from rsavq.stats.sequential import block_stages, capture_inputs, sequential_hessians
 
 
 def _windows(vocab=64):
@@ -88,3 +88,52 @@ def test_other_families(family):
         seen.update(batch)
     for name in layers:
         torch.testing.assert_close(seen[name], one_pass[name], rtol=1e-4, atol=1e-4)
+
+
+def test_stages_follow_the_blocks_data_flow():
+    model = build_tiny_llama(vocab_size=64, layers=2)
+    layers = find_linears(model)
+    block = model.model.layers[1]
+    mine = {n: m for n, m in layers.items() if n.startswith("model.layers.1.")}
+    stages = block_stages(block, mine, capture_inputs(model, model.model.layers[0], _windows()))
+    short = [[n.rsplit(".", 1)[-1] for n in stage] for stage in stages]
+    qkv, o, gate_up, down = (
+        ["q_proj", "k_proj", "v_proj"],
+        ["o_proj"],
+        ["gate_proj", "up_proj"],
+        ["down_proj"],
+    )
+    assert short == [qkv, o, gate_up, down]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2_moe"])
+def test_stages_cover_other_families_once(family):
+    from families import build_family
+
+    model = build_family(family)
+    layers = find_linears(model)
+    batches = list(sequential_hessians(model, layers, _windows(), true_sequential=True))
+    names = [n for b in batches for n in b]
+    assert sorted(names) == sorted(layers) and len(names) == len(layers)
+
+
+def test_true_sequential_stages_see_the_blocks_quantized_earlier_stages():
+    model = build_tiny_llama(vocab_size=64, layers=2)
+    layers = find_linears(model)
+    block = model.model.layers[0]
+    batches = sequential_hessians(model, layers, _windows(), true_sequential=True)
+    first = next(batches)  # q/k/v of block 0: now "quantize" them (halve v_proj)
+    assert [n.rsplit(".", 1)[-1] for n in first] == ["q_proj", "k_proj", "v_proj"]
+    with torch.no_grad():
+        weight_matrix(block.self_attn.v_proj).mul_(0.5)
+    second = next(batches)
+    assert list(second) == ["model.layers.0.self_attn.o_proj"]
+    expected = input_hessians(model, layers, _windows(), progress=False)
+    name = "model.layers.0.self_attn.o_proj"
+    torch.testing.assert_close(second[name], expected[name], rtol=1e-4, atol=1e-5)
+    staged = {n: h for b in batches for n, h in b.items()}
+    assert set(staged) == {n for n in layers if not n.startswith("model.layers.0.self_attn")}
+    with torch.no_grad():
+        weight_matrix(block.self_attn.v_proj).mul_(2.0)
+    plain = {n: h for b in sequential_hessians(model, layers, _windows()) for n, h in b.items()}
+    assert not torch.allclose(plain[name], second[name])  # without stages: the FP block's

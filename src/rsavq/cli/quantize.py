@@ -82,6 +82,13 @@ def add_parser(sub) -> None:
         default=None,
         help="input Hessians from one pass over the FP model instead of block by block",
     )
+    _flag(
+        p,
+        "true-sequential",
+        "within each decoder block too: quantize its linears stage by stage (q/k/v, o, gate/up, "
+        "down), each stage calibrated on what the block's quantized earlier stages produce "
+        "(GPTQ's true-sequential)",
+    )
     g = p.add_argument_group("rsavq options (override the preset)")
     g.add_argument("--lambda", dest="lam", type=float, default=None, help="EDSG step")
     g.add_argument("--lambda-mode", choices=[e.value for e in LambdaMode], default=None)
@@ -215,7 +222,7 @@ OVERRIDES = (
     "lam", "lambda_mode", "edsg_sign", "groups", "uniform_bits", "vector_length", "sub_vectors",
     "block_size", "codebook_overhead", "row_scales", "refit", "compensation", "order", "metric",
     "allocation", "channel_axis", "kmeans_iters", "kmeans_tol", "damping", "sequential",
-    "group_size", "act_order",
+    "true_sequential", "group_size", "act_order",
 )  # fmt: skip
 
 

@@ -74,13 +74,86 @@ def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
     return outputs
 
 
+@contextlib.contextmanager
+def _stop_after(layer: nn.Module | None) -> Iterator[None]:
+    """Cut each block call short once `layer` has run (its hooks registered before this one
+    have seen its input); nothing when `layer` is None."""
+    if layer is None:
+        yield
+        return
+
+    def stop(_module, _args, _output):
+        raise _Captured
+
+    handle = layer.register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
-def block_hessians(block: nn.Module, layers: dict[str, nn.Module], inputs: Inputs) -> dict:
-    """`{name: H}` for `layers` (inside `block`) on the block's inputs."""
+def block_hessians(
+    block: nn.Module,
+    layers: dict[str, nn.Module],
+    inputs: Inputs,
+    until: nn.Module | None = None,
+) -> dict:
+    """`{name: H}` for `layers` (inside `block`) on the block's inputs; with `until`, each call
+    of the block stops once that layer has run (the rest of the block is not needed)."""
     with hessian_hooks(layers) as finish:
-        for args, kwargs in inputs:
-            block(*args, **kwargs)
+        with _stop_after(until):
+            for args, kwargs in inputs:
+                with contextlib.suppress(_Captured):
+                    block(*args, **kwargs)
         return finish()
+
+
+@torch.no_grad()
+def block_stages(block: nn.Module, layers: dict[str, nn.Module], inputs: Inputs) -> list[list[str]]:
+    """`layers` in the order the block calls them, cut where the input changes: layers that read
+    the same activations (q/k/v, gate/up) form one stage, each later stage reads what the earlier
+    ones produce (GPTQ's `true-sequential`). Found generically from one call on the first batch;
+    layers the call never reaches form a last stage."""
+    calls: list[tuple[str, torch.Tensor]] = []
+
+    def hook(name):
+        def fn(_module, args):
+            if all(name != n for n, _ in calls):
+                calls.append((name, args[0]))
+
+        return fn
+
+    with contextlib.ExitStack() as stack:
+        for name, layer in layers.items():
+            stack.callback(layer.register_forward_pre_hook(hook(name)).remove)
+        args, kwargs = inputs[0]
+        block(*args, **kwargs)
+    stages: list[list[str]] = []
+    previous = None
+    for name, x in calls:
+        same = previous is not None and x.data_ptr() == previous.data_ptr()
+        if same and x.shape == previous.shape:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        previous = x
+    missed = [n for n in layers if all(n != c for c, _ in calls)]
+    return stages + ([missed] if missed else [])
+
+
+def _stage_hessians(
+    block: nn.Module, mine: dict, done: Callable[[str], bool], inputs: Inputs, staged: bool
+) -> Iterator[dict[str, torch.Tensor | None]]:
+    """A block's `{name: H}`: all at once, or (`staged`) stage by stage, each stage's Hessians
+    taken after the caller has quantized the stages before it."""
+    todo = {n: m for n, m in mine.items() if not done(n)}
+    stages = block_stages(block, mine, inputs) if staged and todo else [list(mine)]
+    for stage in stages:
+        layers = {n: todo[n] for n in stage if n in todo}
+        last = mine[stage[-1]] if staged else None
+        hessians = block_hessians(block, layers, inputs, until=last) if layers else {}
+        yield {n: hessians.get(n) for n in stage}
 
 
 def sequential_hessians(
@@ -91,9 +164,12 @@ def sequential_hessians(
     tune: Callable[[int, nn.Module, list[Pairs]], None] | None = None,
     heldout: torch.Tensor | None = None,
     model_targets: bool = False,
+    true_sequential: bool = False,
 ) -> Iterator[dict[str, torch.Tensor | None]]:
     """Yield `{name: H}` block by block, in model order; the caller quantizes (and swaps in) those
-    layers before asking for the next block. Layers for which `done(name)` holds get `None` (the
+    layers before asking for the next block. With `true_sequential` a block comes in stages
+    (`block_stages`), each calibrated on what the block's already-quantized stages produce.
+    Layers for which `done(name)` holds get `None` (the
     caller has them already); a block whose layers are all done is not calibrated. With `tune`,
     the FP block's outputs on its inputs are kept before the yield, and `tune(index, block,
     [(inputs, fp_outputs), ...])` runs on the quantized block before it makes the next block's
@@ -113,12 +189,10 @@ def sequential_hessians(
             materialize(block)  # a streamed block is read into memory now (rsavq.streaming)
             prefix = f"{blocks_name}.{i}."
             mine = {n: m for n, m in layers.items() if n.startswith(prefix)}
-            todo = {n: m for n, m in mine.items() if not done(n)}
-            hessians = block_hessians(block, todo, streams[0]) if todo else {}
             if tune is not None:
                 fp_next = [run_block(block, x) for x in (fp_streams if model_targets else streams)]
                 targets = [[hidden_of(*b) for b in x] for x in fp_next]
-            yield {n: hessians.get(n) for n in mine}
+            yield from _stage_hessians(block, mine, done, streams[0], true_sequential)
             if tune is not None:
                 tune(i, block, list(zip(streams, targets, strict=True)))
                 fp_streams = fp_next
