@@ -517,12 +517,15 @@ def ablation_table(rows: list[dict]) -> str:
         "| quantize time |",
         "|---|---|---|---|---|---|---|",
     ]
-    protocol = _protocol(abl[0])
+    protocol, calibration = _protocol(abl[0]), abl[0]["settings"]["calibration"]
     for r in abl:
         other = _protocol(r) != protocol  # a row measured otherwise says how
         how = f" ({r['wikitext2']['windows']} windows, {_protocol(r)[1]})" if other else ""
+        label = shown_label(r)
+        if r["settings"]["calibration"] != calibration:  # and one calibrated otherwise, on what
+            label += f", calibration {r['settings']['calibration']}"
         lines.append(
-            f"| {r['section']} | {r['bits']} | {shown_label(r)} | {r['bits_per_weight']:.3f} | "
+            f"| {r['section']} | {r['bits']} | {label} | {r['bits_per_weight']:.3f} | "
             f"{_fmt_ppl(r['wikitext2']['ppl'])}{how} | {r['median_relative_error']:.3f} | "
             f"{_time(r)} |"
         )

@@ -99,8 +99,10 @@ def test_tables_from_cached_json(quality, tmp_path):
             "a": _row("main", "FP", None, 19.13, shots={"arc_easy": 0.5, "piqa": 0.6}),
             "b": _row("main", "RTN g128", 2, 1.8e6, 2.266, {"arc_easy": 0.25, "piqa": 0.5}),
             "c": _row("rsavq", "lambda 0.03", 2, 2.6e7, 1.814),
+            "d": _row("rsavq", "lambda 0.1", 2, 30.5, 1.814),
         }
     }
+    results["rows"]["d"]["settings"] = dict(SETTINGS, calibration="c4 128x512 seed 0")
     path = tmp_path / "q.json"
     path.write_text(json.dumps(results))
     md = tmp_path / "BENCHMARKS.md"
@@ -111,6 +113,7 @@ def test_tables_from_cached_json(quality, tmp_path):
     assert "| FP | FP | 32 (fp32) | 19.13 | 50.0 | - | 60.0 | - | 55.0 | - |" in text
     assert "| 2 | RTN g128 | 2.266 | 1.80e+06 | 25.0 | - | 50.0 | - | 37.5 | 61 s |" in text
     assert "| rsavq | 2 | lambda 0.03 | 1.814 | 2.60e+07 | 0.250 | 61 s |" in text
+    assert "| lambda 0.1, calibration c4 128x512 seed 0 | 1.814 | 30.50 |" in text
     assert text.index("| FP | FP |") < text.index("| 2 | RTN g128 |")  # FP first
     assert "16 windows x 2048" in text and "first 100 examples per task" in text
     quality.main(["--table-only", "--json", str(path), "--markdown", str(md)])
