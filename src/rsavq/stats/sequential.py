@@ -28,7 +28,7 @@ Pairs = tuple[Inputs, list[torch.Tensor]]  # a block's inputs and the FP block's
 
 
 class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass at the first block."""
+    """Raised by a hook to cut a forward pass short (at the first block, or after a stage)."""
 
 
 @torch.no_grad()
@@ -115,12 +115,11 @@ def block_stages(block: nn.Module, layers: dict[str, nn.Module], inputs: Inputs)
     the same activations (q/k/v, gate/up) form one stage, each later stage reads what the earlier
     ones produce (GPTQ's `true-sequential`). Found generically from one call on the first batch;
     layers the call never reaches form a last stage."""
-    calls: list[tuple[str, torch.Tensor]] = []
+    calls: dict[str, torch.Tensor] = {}  # each layer's first input, in call order
 
     def hook(name):
         def fn(_module, args):
-            if all(name != n for n, _ in calls):
-                calls.append((name, args[0]))
+            calls.setdefault(name, args[0])
 
         return fn
 
@@ -131,14 +130,17 @@ def block_stages(block: nn.Module, layers: dict[str, nn.Module], inputs: Inputs)
         block(*args, **kwargs)
     stages: list[list[str]] = []
     previous = None
-    for name, x in calls:
-        same = previous is not None and x.data_ptr() == previous.data_ptr()
-        if same and x.shape == previous.shape:
+    for name, x in calls.items():
+        if (
+            previous is not None
+            and x.data_ptr() == previous.data_ptr()
+            and x.shape == previous.shape
+        ):
             stages[-1].append(name)
         else:
             stages.append([name])
         previous = x
-    missed = [n for n in layers if all(n != c for c, _ in calls)]
+    missed = [n for n in layers if n not in calls]
     return stages + ([missed] if missed else [])
 
 
