@@ -57,7 +57,7 @@ logger = logging.getLogger("quality")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande")
 ROW_FILE = "row.json"  # beside a kept checkpoint: its bits, times and errors
-SECTIONS = ("main", "buildup", "rsavq", "vector", "compensation", "finetune")
+SECTIONS = ("main", "buildup", "rsavq", "vector", "codebooks", "compensation", "finetune")
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,25 @@ def vector_rows(bits: int) -> list[Row]:
     return [*rows, Row("vector", "codebook overhead 0.08 bits/weight", bits, overhead)]
 
 
+def codebook_rows(bits: int) -> list[Row]:
+    """Codebook scope and storage (issue "Quality I", item 4): int8 codebooks (twice the blocks
+    at the same overhead), codebooks shared by the linears of each decoder block (one per
+    width: no refit), then what sharing affords: 4,096-entry codebooks (`12 // bits`-weight
+    vectors) in int8, and the paper's 4 WCSG groups."""
+    long = 12 // bits
+    block = {"codebook_scope": "block"}
+    settings = [
+        ("int8 codebooks (twice the blocks)", {"codebook_dtype": "int8"}),
+        ("default without refit", {"refit": False}),
+        ("codebooks shared per decoder block", block),
+        ("shared per block, int8", {**block, "codebook_dtype": "int8"}),
+        (f"shared per block, int8, vector length {long} (4096 entries)",
+         {**block, "codebook_dtype": "int8", "vector_length": long}),
+        ("shared per block, 4 WCSG groups", {**block, "groups": 4}),
+    ]  # fmt: skip
+    return [Row("codebooks", label, bits, preset("default", bits, **o)) for label, o in settings]
+
+
 def finetune_rows(bits: int) -> list[Row]:
     """The default, then block fine-tuning on top, then end-to-end distillation on top of
     that (issue "Quality II")."""
@@ -214,6 +233,7 @@ SECTION_ROWS = {
     "buildup": buildup_rows,
     "rsavq": rsavq_rows,
     "vector": vector_rows,
+    "codebooks": codebook_rows,
     "finetune": finetune_rows,
 }
 

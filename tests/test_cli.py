@@ -67,6 +67,7 @@ def test_bad_number_is_argparse_usage_error():
             "block size 6 must be a multiple of the vector length 4",
         ),
         (["--bits", "2", "--channel-axis", "output"], "use --channel-axis input"),
+        (["--bits", "2", "--codebook-scope", "block", "--refit"], "add --no-refit"),
     ],
 )
 def test_quantize_bad_settings_exit_2(tiny_model_dir, tmp_path, capsys, extra, message):
@@ -150,6 +151,10 @@ def test_option_of_another_method_is_refused(tiny_model_dir, tmp_path, capsys):
         (["--one-pass", "--lambda", "0"], {"sequential": False, "lam": 0.0, "refit": True}),
         (["--no-refit", "--block-size", "8"], {"refit": False, "block_size": 8}),
         (["--true-sequential"], {"true_sequential": True, "sequential": True}),
+        (
+            ["--codebook-scope", "block", "--codebook-dtype", "int8"],
+            {"codebook_scope": "block", "codebook_dtype": "int8", "refit": False},
+        ),
     ],
 )
 def test_quantize_presets_and_overrides(

@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from rsavq.config import LambdaMode, LayerSpec, Metric, RSAVQConfig, ScalarConfig, preset
+from rsavq.config import (
+    CodebookScope,
+    LambdaMode,
+    LayerSpec,
+    Metric,
+    RSAVQConfig,
+    ScalarConfig,
+    preset,
+)
 from rsavq.errors import UsageError
 
 
@@ -24,6 +32,15 @@ def test_roundtrip_through_dict():
         ({"uniform_bits": True, "bits": 2.5}, "uniform bits need a whole number"),
         ({"groups": 0}, "groups and k-means iterations must be >= 1"),
         ({"true_sequential": True, "sequential": False}, "drop --one-pass"),
+        ({"codebook_scope": CodebookScope.BLOCK}, "add --no-refit"),
+        (
+            {"codebook_scope": CodebookScope.BLOCK, "refit": False, "true_sequential": True},
+            "drop --true-sequential",
+        ),
+        (
+            {"codebook_scope": CodebookScope.BLOCK, "refit": False, "block_size": 8},
+            "--block-size does not apply",
+        ),
     ],
 )
 def test_invalid_configs_are_refused(kwargs, message):
@@ -39,6 +56,20 @@ def test_new_options_keep_the_identity_of_older_configurations():
     assert "true_sequential" not in ScalarConfig().to_dict()
     with pytest.raises(UsageError, match="drop --one-pass"):
         ScalarConfig("gptq", sequential=False, true_sequential=True)
+
+
+def test_codebook_options_round_trip_and_keep_older_identities():
+    data = RSAVQConfig().to_dict()
+    assert "codebook_scope" not in data and "codebook_dtype" not in data
+    shared = RSAVQConfig.from_dict({"codebook_scope": "block", "codebook_dtype": "int8",
+                                    "refit": False})  # fmt: skip
+    assert shared.to_dict()["codebook_scope"] == "block"
+    assert RSAVQConfig.from_dict(shared.to_dict()) == shared
+    spec = LayerSpec(8, 4, (8,), (2,), 2, 1, codebook_dtype="int8", codebook_source="b.books")
+    assert LayerSpec.from_dict(spec.to_dict()) == spec
+    assert "codebook_source" not in LayerSpec(8, 4, (8,), (2,), 2, 1).to_dict()
+    with pytest.raises(UsageError, match="codebook_scope 'model' unknown"):
+        RSAVQConfig.from_dict({"codebook_scope": "model"})
 
 
 def test_unknown_keys_and_enum_values():

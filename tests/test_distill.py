@@ -13,6 +13,8 @@ from rsavq.pipeline import quantize_model
 from test_finetune import quantized  # the same tiny model, config and windows
 
 CONFIG = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2)
+SHARED = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2, codebook_scope="block",
+                codebook_dtype="int8")  # fmt: skip
 
 
 def windows(n=4, t=16, vocab=64, seed=1):
@@ -87,8 +89,10 @@ def test_a_distillation_that_raises_the_heldout_kl_is_undone(tmp_path):
     assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("code_every", [0, 2])
-def test_pipeline_distills_resumes_and_reports(tmp_path, monkeypatch, code_every):
+@pytest.mark.parametrize(
+    ("code_every", "config"), [(0, CONFIG), (2, CONFIG), (2, SHARED)], ids=["0", "2", "2-shared"]
+)
+def test_pipeline_distills_resumes_and_reports(tmp_path, monkeypatch, code_every, config):
     import rsavq.distill as module
 
     options = Distillation(epochs=2, lr=3e-3, micro_batch=2, save_every=1, code_every=code_every,
@@ -98,7 +102,7 @@ def test_pipeline_distills_resumes_and_reports(tmp_path, monkeypatch, code_every
         torch.manual_seed(0)
         model = build_tiny_llama(64)
         quantize_model(
-            model, CONFIG, None, out, progress=False, calibration=windows(),
+            model, config, None, out, progress=False, calibration=windows(),
             heldout=windows(2, seed=5), tuning=BlockTuning(epochs=1), distillation=options,
         )  # fmt: skip
         return model

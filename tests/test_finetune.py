@@ -9,25 +9,27 @@ from rsavq.pipeline import quantize_model
 from rsavq.stats.sequential import capture_inputs, hidden_of, run_block
 
 CONFIG = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2)
+SHARED = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2, codebook_scope="block",
+                codebook_dtype="int8")  # fmt: skip
 
 
 def windows(n=4, t=16, vocab=64):
     return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(1))
 
 
-def quantized(tmp_path):
+def quantized(tmp_path, config=CONFIG):
     """A tiny FP model and its twin quantized without tuning."""
     torch.manual_seed(0)
     fp = build_tiny_llama(64)
     model = build_tiny_llama(64)
     model.load_state_dict(fp.state_dict())
-    quantize_model(model, CONFIG, None, tmp_path / "q", progress=False, calibration=windows())
+    quantize_model(model, config, None, tmp_path / "q", progress=False, calibration=windows())
     return fp, model
 
 
-def quantized_block(tmp_path):
+def quantized_block(tmp_path, config=CONFIG):
     """A tiny model quantized without tuning, its FP twin, and block 0's inputs."""
-    fp, model = quantized(tmp_path)
+    fp, model = quantized(tmp_path, config)
     inputs = capture_inputs(fp, fp.model.layers[0], windows())
     targets = [hidden_of(*b) for b in run_block(fp.model.layers[0], inputs)]
     return model.model.layers[0], inputs, targets
@@ -72,8 +74,25 @@ def test_tuning_lowers_the_block_error_and_is_deterministic(tmp_path):
     assert all(torch.equal(tuned[k], v) for k, v in block.state_dict().items())
 
 
-@pytest.mark.parametrize("targets", ["block", "model"])
-def test_pipeline_tunes_resumes_and_reports(tmp_path, monkeypatch, targets):
+def test_shared_codebooks_train_as_one_parameter_and_stay_shared(tmp_path):
+    block, inputs, targets = quantized_block(tmp_path, SHARED)
+    holder = block.rsavq_codebooks
+    before = holder.codebook(2).clone()
+    with trainable(block) as params:
+        books = [p for p in params if p.dim() == 3]
+        assert len(books) == len(holder.widths()) == 1  # 7 layers, one codebook
+    tune_block(block, inputs, targets, BlockTuning(epochs=2, lr=1e-3), 0)
+    assert holder.codebooks_b2.dtype == torch.int8 and not torch.equal(holder.codebook(2), before)
+    for layer in (block.self_attn.q_proj, block.mlp.down_proj):
+        assert torch.equal(layer.codebooks[0], holder.codebook(2))
+
+
+@pytest.mark.parametrize(
+    ("targets", "config"),
+    [("block", CONFIG), ("model", CONFIG), ("block", SHARED)],
+    ids=["block", "model", "block-shared-int8"],
+)
+def test_pipeline_tunes_resumes_and_reports(tmp_path, monkeypatch, targets, config):
     import rsavq.pipeline as pipeline
 
     tuning = BlockTuning(epochs=1, lr=1e-3, targets=targets)
@@ -82,7 +101,7 @@ def test_pipeline_tunes_resumes_and_reports(tmp_path, monkeypatch, targets):
         model = build_tiny_llama(64)
         kwargs = {"progress": False, "calibration": windows(), "tuning": tuning}
         kwargs["heldout"] = windows(2)
-        quantize_model(model, CONFIG, None, out, **kwargs)
+        quantize_model(model, config, None, out, **kwargs)
         return model
 
     torch.manual_seed(0)

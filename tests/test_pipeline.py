@@ -17,7 +17,14 @@ from rsavq.stats.run import CalibrationSpec, fisher_stats
 
 CONFIG = plain_config(bits=2, groups=2, kmeans_iters=3, budget_includes_overhead=False)
 DEFAULT = preset("default", 2, kmeans_iters=3)  # block-sequential, OBS, scales, refit
-BOTH = pytest.mark.parametrize("config", [CONFIG, DEFAULT], ids=["fisher-only", "default"])
+# one int8 codebook per width for each decoder block, WCSG groups at two widths
+SHARED = preset(
+    "default", 2, kmeans_iters=3, codebook_scope="block", codebook_dtype="int8", refit=False,
+    groups=2, vector_length=2,
+)  # fmt: skip
+BOTH = pytest.mark.parametrize(
+    "config", [CONFIG, DEFAULT, SHARED], ids=["fisher-only", "default", "shared-int8"]
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +78,22 @@ def test_report_bits_are_the_stored_bits(tmp_path, stats_dir, config):
     quantize(tmp_path / "q", stats_dir, config)
     report = json.loads((tmp_path / "q" / "report.json").read_text())
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    shared = config.codebook_scope.value == "block"
+    total = 0.0
     for row in report["layers"]:
         stored = sum(
             t.numel() * t.element_size() * 8
             for k, t in tensors.items()
             if k.startswith(row["name"] + ".") and not k.endswith(".bias")
         )
-        assert stored == pytest.approx(row["bits_per_weight"] * row["shape"][0] * row["shape"][1])
+        counted = row["bits_per_weight"] * row["shape"][0] * row["shape"][1]
+        assert stored < counted if shared else stored == pytest.approx(counted)
+        total += counted - stored
+    books = sum(
+        t.numel() * t.element_size() * 8 for k, t in tensors.items() if "rsavq_codebooks" in k
+    )
+    assert total == pytest.approx(books, abs=1e-3)  # every shared codebook counted once, spread
+    assert (books > 0) == shared
     assert (tmp_path / "q" / "report.md").read_text().startswith("# RSAVQ report: 14 layers")
 
 
@@ -97,7 +113,8 @@ def test_resume_after_interruption_gives_the_same_checkpoint(
     monkeypatch.setattr(methods, "quantize_layer", dies_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         quantize(tmp_path / "resumed", stats_dir, config)
-    assert len(list((tmp_path / "resumed" / ".partial" / "items").iterdir())) == 4
+    items = (tmp_path / "resumed" / ".partial" / "items").iterdir()
+    assert len([p for p in items if "codebooks" not in p.name]) == 4
     monkeypatch.setattr(methods, "quantize_layer", original)
     quantize(tmp_path / "resumed", stats_dir, config)
     a = load_file(str(tmp_path / "full" / "model.safetensors"))

@@ -11,6 +11,11 @@ Glossary of tensor names (one vocabulary everywhere):
 - `scales` `[m]` fp16 (when `row_scales`): row i of the weight is `scales[i]` times its decoded row.
 - a *block*: consecutive columns of one channel group that share codebooks; each block is stored
   as a group of its own (same bits), so more blocks mean more, smaller-scope codebooks.
+- `codebook_scope` "block": every linear of one decoder block reads its codebooks from one
+  `SharedCodebooks` module (`<block>.rsavq_codebooks`, one codebook per width, buffers
+  `codebooks_b{bits}`); a layer's spec names it in `codebook_source` and holds none of its own.
+- `codebook_dtype` "int8": a codebook is stored as int8 with one fp16 scale per sub-vector
+  position (`codebook_scales_*` `[P]`); it decodes to `fp16(int8 * scale)`.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from typing import ClassVar
 from rsavq.errors import UsageError
 from rsavq.modules import DEFAULT_SKIP, name_matches
 
-FORMAT_VERSION = 2  # 2: optional per-row scales
-READABLE_FORMAT_VERSIONS = (1, 2)  # version 1 is version 2 without scales
+FORMAT_VERSION = 3  # 2: optional per-row scales; 3: optional int8 and shared codebooks
+READABLE_FORMAT_VERSIONS = (1, 2, 3)  # each older version is the next without its options
 QUANT_METHOD = "rsavq"  # `quantization_config.quant_method` of rsavq checkpoints
 MAX_CODE_BITS = 16
 
@@ -62,6 +67,16 @@ class ChannelOrder(str, Enum):
     HESSIAN = "hessian"  # GPTQ's act-order: by diag(X^T X); needs input Hessians
 
 
+class CodebookScope(str, Enum):
+    LAYER = "layer"  # codebooks per group (or block of columns) of each layer
+    BLOCK = "block"  # one codebook per width for all the linears of a decoder block
+
+
+class CodebookDtype(str, Enum):
+    FLOAT16 = "float16"
+    INT8 = "int8"  # int8 entries, an fp16 scale per sub-vector position (GPTVQ)
+
+
 class ChannelAxis(str, Enum):
     INPUT = "input"  # columns of W (the paper's choice)
     OUTPUT = "output"  # rows of W, for comparison
@@ -87,6 +102,10 @@ class RSAVQConfig:
     codebook_overhead: float = 0.04  # block_size 0: blocks sized for about this many codebook
     # bits per weight (never smaller than needed); 0 with block_size 0: one codebook per group
     row_scales: bool = True  # an fp16 scale per output row; the codebooks see unit-RMS rows
+    # "block": the linears of a decoder block share one codebook per width (fitted on all of
+    # them at once), which affords longer vectors and more WCSG groups
+    codebook_scope: CodebookScope = CodebookScope.LAYER
+    codebook_dtype: CodebookDtype = CodebookDtype.FLOAT16
     refit: bool = True  # after assignment: codebooks and scales refit to the Hessian objective
     order: ChannelOrder = ChannelOrder.FISHER
     sequential: bool = True  # input Hessians from the already-quantized prefix, block by block
@@ -157,8 +176,9 @@ class RSAVQConfig:
         data["layer_bits"] = [list(pair) for pair in self.layer_bits]
         if not self.layer_bits:  # (the identity of configurations from before the option)
             del data["layer_bits"]
-        if not self.true_sequential:  # (likewise)
-            del data["true_sequential"]
+        for key in ("true_sequential", "codebook_scope", "codebook_dtype"):  # (likewise)
+            if data[key] == getattr(RSAVQConfig, key):
+                del data[key]
         return {k: (v.value if isinstance(v, Enum) else v) for k, v in data.items()}
 
     @classmethod
@@ -187,6 +207,8 @@ def _enums(kwargs: dict) -> dict:
         "channel_axis": ChannelAxis,
         "compensation": Compensation,
         "order": ChannelOrder,
+        "codebook_scope": CodebookScope,
+        "codebook_dtype": CodebookDtype,
     }
     for key, enum in types.items():
         if key in kwargs:
@@ -243,8 +265,29 @@ def validate(config: RSAVQConfig) -> None:
         raise UsageError(
             f"block size {config.block_size} must be a multiple of the vector length {v}"
         )
+    _check_codebooks(config)
     if config.groups < 1 or config.kmeans_iters < 1 or config.lam < 0 or config.damping < 0:
         raise UsageError("groups and k-means iterations must be >= 1; lambda, damping >= 0")
+
+
+def _check_codebooks(config: RSAVQConfig) -> None:
+    if config.codebook_scope != CodebookScope.BLOCK:
+        return
+    if config.refit:
+        raise UsageError(
+            "--codebook-scope block fits one codebook per width for a whole decoder block, "
+            "refit re-solves a layer's own codebooks: add --no-refit"
+        )
+    if config.true_sequential:
+        raise UsageError(
+            "--codebook-scope block fits the block's codebooks before its first stage: drop "
+            "--true-sequential (or --codebook-scope)"
+        )
+    if config.block_size:
+        raise UsageError(
+            "--codebook-scope block shares codebooks across the block: --block-size does not "
+            "apply; drop it"
+        )
 
 
 @dataclass(frozen=True)
@@ -260,6 +303,8 @@ class LayerSpec:
     axis: str = ChannelAxis.INPUT.value
     bias: bool = False
     row_scales: bool = False
+    codebook_dtype: str = CodebookDtype.FLOAT16.value
+    codebook_source: str = ""  # a `SharedCodebooks` module's name; "": the layer's own
 
     @property
     def perm_dtype(self):
@@ -290,9 +335,15 @@ class LayerSpec:
     def codes_per_row(self, g: int) -> int:
         return self.n_vectors(g) * self.sub_vectors
 
+    def codebook_shape(self, g: int) -> tuple[int, int, int]:
+        return self.sub_vectors, 2 ** self.code_bits(g), self.sub_dim
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["group_sizes"], data["group_bits"] = list(self.group_sizes), list(self.group_bits)
+        for key in ("codebook_dtype", "codebook_source"):  # (specs from before the options)
+            if data[key] == getattr(LayerSpec, key):
+                del data[key]
         return data
 
     def to_json(self) -> str:
@@ -387,6 +438,9 @@ def preset(name: str, bits: float, **overrides) -> RSAVQConfig:
       one codebook per group, every vector assigned independently, no scales.
     - `kmeans`: the plain product-VQ baseline: the default's vector shape, one codebook per
       layer, no EDSG, no WCSG, no scales, no Hessian.
+
+    With `codebook_scope="block"` among the overrides, refit is off unless asked for (and then
+    refused: it re-solves one layer's own codebooks).
     """
     plain = {
         "compensation": Compensation.NONE,
@@ -403,4 +457,6 @@ def preset(name: str, bits: float, **overrides) -> RSAVQConfig:
         base = {**plain, "groups": 1, "uniform_bits": True, "lam": 0.0}
     else:
         raise UsageError(f"preset '{name}' unknown; use one of {', '.join(PRESETS)}")
+    if overrides.get("codebook_scope") == CodebookScope.BLOCK:
+        base["refit"] = False  # (it re-solves a layer's own codebooks; unless asked for)
     return RSAVQConfig.from_dict({**base, "bits": bits, **overrides})

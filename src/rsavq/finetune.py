@@ -137,7 +137,8 @@ def trainable(
     in fp16, the codes packed back (with `codes`), and the block is restored."""
     params: list[nn.Parameter] = []
     layers = [m for m in block.modules() if isinstance(m, VQLinear)]
-    finishers = [_make_trainable(layer, params, codes) for layer in layers]
+    books: dict = {}  # one parameter per stored codebook (layers may share one)
+    finishers = [_make_trainable(layer, params, codes, books) for layer in layers]
     own = [p for p in block.parameters() if p.is_floating_point() and p.dim() == 1]  # norms, biases
     flags = [p.requires_grad for p in own]
     for p in own:
@@ -152,13 +153,19 @@ def trainable(
             p.requires_grad_(flag)
 
 
-def _make_trainable(layer: VQLinear, params: list[nn.Parameter], codes: list | None):
+def _make_trainable(layer: VQLinear, params: list[nn.Parameter], codes: list | None, shared: dict):
     spec = layer.spec
     idx = [unpack_block(c, spec, g) for g, c in enumerate(layer.codes)]
-    books = [nn.Parameter(cb.detach().float().clone()) for cb in layer.codebooks]
+    books = []
+    for g, cb in enumerate(layer.codebooks):
+        key = layer.codebook_key(g)
+        if key not in shared:
+            shared[key] = nn.Parameter(cb.detach().float().clone())
+            params.append(shared[key])
+        books.append(shared[key])
     base = layer.scales.detach().float() if layer.scales is not None else None
     correction = nn.Parameter(torch.ones_like(base)) if base is not None else None
-    params += books + ([correction] if correction is not None else [])
+    params += [correction] if correction is not None else []
     groups: list[CodeGroup] = []
     if codes is not None:
         groups = [_code_group(i, b) for i, b in zip(idx, books, strict=True)]
@@ -182,7 +189,7 @@ def _make_trainable(layer: VQLinear, params: list[nn.Parameter], codes: list | N
         del layer.forward  # the class's kernel dispatch again
         with torch.no_grad():
             for g, book in enumerate(books):
-                getattr(layer, f"codebooks_{g}").copy_(book.half())
+                layer.set_codebook(g, book)
                 if groups:
                     rows = spec.block_shape(g)[0]
                     packed = pack(idx[g].reshape(rows, -1), spec.code_bits(g))
@@ -251,16 +258,25 @@ def tune_block(
     return {"before": before, "after": after, **losses, "seconds": time.perf_counter() - start}
 
 
+def _is_codebook(name: str) -> bool:
+    """Codebooks and their int8 scales, own (`codebooks_{g}`) or shared (`codebooks_b{bits}`)."""
+    return name.rsplit(".", 1)[-1].startswith("codebook")
+
+
 def trained_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of what `trainable(module)` changes: codebooks, and every 1-D floating tensor
     (row scales, norms, biases)."""
     return {
         k: t.detach().clone()
         for k, t in module.state_dict().items()
-        if t.is_floating_point() and (t.dim() == 1 or k.rsplit(".", 1)[-1].startswith("codebooks"))
+        if _is_codebook(k) or t.is_floating_point() and t.dim() == 1
     }
 
 
 def tuned_state(block: nn.Module) -> dict[str, torch.Tensor]:
     """What tuning changes in `block`: its floating tensors (codebooks, scales, norms, biases)."""
-    return {k: t.detach().clone() for k, t in block.state_dict().items() if t.is_floating_point()}
+    return {
+        k: t.detach().clone()
+        for k, t in block.state_dict().items()
+        if t.is_floating_point() or _is_codebook(k)
+    }

@@ -22,7 +22,8 @@ from rsavq.algorithms.scalar import gptq, rtn, scalar_bits
 from rsavq.config import LayerSpec, RSAVQConfig, ScalarConfig, preset
 from rsavq.errors import UsageError
 from rsavq.modules import weight_matrix
-from rsavq.serialization import set_module
+from rsavq.nn.codebooks import decode_codebook
+from rsavq.serialization import set_module, shared_codebooks
 
 FISHER, HESSIAN = "fisher", "hessian"  # the statistics a method can ask for
 
@@ -66,29 +67,51 @@ class VQResult:
         return self.layer.dequantize()
 
     def state(self):
+        """The checkpoint's tensors (+ the shared codebooks it read, as `shared.b{bits}`)."""
         tensors = self.layer.tensors()
         if self.layer.bias is not None:
             tensors["bias"] = self.layer.bias
-        return tensors, {"spec": json.dumps(self.layer.spec.to_dict())}
+        if self.layer.spec.codebook_source:
+            books = zip(self.layer.spec.group_bits, self.layer.codebooks, strict=True)
+            tensors |= {f"shared.b{b}": book for b, book in books}
+        meta = {"spec": json.dumps(self.layer.spec.to_dict())}
+        return tensors, meta | {"shared_bits": repr(self.layer.shared_bits)}
 
     @classmethod
     def load(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> VQResult:
         spec = LayerSpec.from_dict(json.loads(meta["spec"]))
         groups = range(len(spec.group_bits))
+        if spec.codebook_source:
+            books = [tensors[f"shared.b{b}"] for b in spec.group_bits]
+        else:
+            books = [
+                decode_codebook(tensors[f"codebooks_{g}"], tensors.get(f"codebook_scales_{g}"))
+                for g in groups
+            ]
         return cls(
             QuantizedLayer(
                 spec,
                 tensors["perm"],
                 [tensors[f"codes_{g}"] for g in groups],
-                [tensors[f"codebooks_{g}"] for g in groups],
+                books,
                 tensors.get("bias"),
                 tensors.get("scales"),
+                float(meta.get("shared_bits", 0.0)),
             )
         )
 
     def install(self, model: nn.Module, name: str, layer: nn.Module) -> None:
+        """Replace the layer by its `VQLinear` (whose shared codebooks go into the block's
+        `SharedCodebooks`, made on first use)."""
         weight = weight_matrix(layer)
-        set_module(model, name, self.layer.module().to(weight.device, weight.dtype))
+        source = None
+        spec = self.layer.spec
+        if spec.codebook_source:
+            source = shared_codebooks(model, spec, weight.device)
+            for g, book in enumerate(self.layer.codebooks):
+                source.set(spec.group_bits[g], book)
+        module = self.layer.module(source)
+        set_module(model, name, module.to(weight.device, weight.dtype))
 
     def spec(self) -> LayerSpec:
         return self.layer.spec
@@ -147,8 +170,9 @@ class Method:
         return frozenset(k for k, v in wanted.items() if v)
 
 
-def _vq(config: RSAVQConfig, layer, fisher, hessian):
-    quantized, step = quantize_layer(weight_matrix(layer), fisher, config, layer.bias, hessian)
+def _vq(config: RSAVQConfig, layer, fisher, hessian, shared=None):
+    W = weight_matrix(layer)
+    quantized, step = quantize_layer(W, fisher, config, layer.bias, hessian, shared)
     return VQResult(quantized), step
 
 

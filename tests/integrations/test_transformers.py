@@ -14,11 +14,14 @@ from rsavq.serialization import load_quantized
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(scope="module", params=["fisher-only", "default"])
+@pytest.fixture(scope="module", params=["fisher-only", "default", "shared-int8"])
 def checkpoint(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("hf") / "q"
     if request.param == "default":  # row scales, codebooks per block of columns
         config = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2)
+    elif request.param == "shared-int8":  # int8 codebooks shared by each decoder block
+        config = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2,
+                        codebook_scope="block", codebook_dtype="int8")  # fmt: skip
     else:
         config = plain_config(bits=2, groups=2, lam=0, uniform_bits=True, kmeans_iters=2)
     windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
@@ -71,5 +74,11 @@ def test_future_format_is_refused(checkpoint, tmp_path):
 def test_codebooks_stay_fp16(checkpoint):
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
     layer = model.model.layers[0].self_attn.q_proj
-    assert layer.codebooks_0.dtype == torch.float16 and layer.perm.dtype == torch.int16
+    assert all(book.dtype == torch.float16 for book in layer.codebooks)
+    assert layer.perm.dtype == torch.int16
     assert logits(model).dtype == torch.bfloat16
+    books = [
+        t.dtype for n, t in model.named_buffers() if n.rsplit(".", 1)[-1].startswith("codebooks")
+    ]
+    int8 = model.config.quantization_config.config.get("codebook_dtype") == "int8"
+    assert set(books) == {torch.int8 if int8 else torch.float16}

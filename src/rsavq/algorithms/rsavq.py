@@ -4,6 +4,10 @@ sensitivity -> sorted groups with bits (exact budget) -> blocks of columns shari
 -> EDSG target `T = W - lambda * ng` -> per-row scales -> per block: Hessian-weighted k-means on
 the columns as the error feedback left them, then OBS assignment vector by vector (GPTVQ-style)
 -> codebooks and scales refit to the Hessian objective -> packed codes.
+
+With `codebook_scope` "block" the codebooks are not fitted per layer: `fit_shared_codebooks`
+fits one per width on all the linears of a decoder block (each weighted as its own OBS pass
+would weight it), and every layer assigns its codes against those.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from rsavq.allocation import plan_groups, split_sizes
 from rsavq.config import (
     ChannelAxis,
     ChannelOrder,
+    CodebookScope,
     Compensation,
     EdsgSign,
     LambdaMode,
@@ -34,9 +39,30 @@ from rsavq.config import (
     RSAVQConfig,
 )
 from rsavq.errors import UsageError
+from rsavq.nn.codebooks import codebook_bits, encode_codebook, round_codebook
 from rsavq.packing import pack, packed_words
 
-CODEBOOK_BITS = 16  # fp16
+SCALE_BITS = 16  # fp16 row scales
+
+
+@dataclass
+class SharedBooks:
+    """One decoder block's codebooks (`codebook_scope` "block"): per width, the codebook (fp16
+    values, as decoded) and how many weights of the block use it."""
+
+    source: str  # the `SharedCodebooks` module's name
+    books: dict[int, torch.Tensor]  # bits -> [P, K, d] fp16
+    weights: dict[int, int]
+
+    def share(self, spec: LayerSpec) -> float:
+        """Bits of the shared codebooks charged to a layer: each codebook's in proportion to
+        the weights of the layer that use it."""
+        return sum(
+            codebook_bits(tuple(self.books[b].shape), spec.codebook_dtype)
+            * math.prod(spec.block_shape(g))
+            / self.weights[b]
+            for g, b in enumerate(spec.group_bits)
+        )
 
 
 @dataclass
@@ -46,15 +72,21 @@ class QuantizedLayer:
     spec: LayerSpec
     perm: torch.Tensor  # [channels] int16/int32
     codes: list[torch.Tensor]  # per group [rows, words] int32
-    codebooks: list[torch.Tensor]  # per group [P, K_g, sub_dim] fp16
+    codebooks: list[torch.Tensor]  # per group [P, K_g, sub_dim] fp16, as decoded
     bias: torch.Tensor | None = None
     scales: torch.Tensor | None = None  # [out_features] fp16 when spec.row_scales
+    shared_bits: float = 0.0  # this layer's share of shared codebooks (`SharedBooks.share`)
 
-    def stored_bits(self) -> int:
-        """Bits of every stored quantization tensor, counted from the tensors themselves."""
-        tensors = [self.perm, *self.codes, *self.codebooks]
-        tensors += [self.scales] if self.scales is not None else []
-        return sum(t.numel() * t.element_size() * 8 for t in tensors)
+    def stored_codebook(self, g: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Group g's codebook as stored (fp16, or int8 and its scales)."""
+        return encode_codebook(self.codebooks[g], self.spec.codebook_dtype)
+
+    def stored_bits(self) -> float:
+        """Bits of every stored quantization tensor, counted from the tensors themselves (and
+        the layer's share of shared codebooks)."""
+        return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values()) + (
+            self.shared_bits
+        )
 
     def dequantize(self) -> torch.Tensor:
         from rsavq.kernels import dequantize
@@ -62,29 +94,36 @@ class QuantizedLayer:
         W = dequantize(self.codes, self.codebooks, self.perm, self.spec)
         return W if self.scales is None else W * self.scales.float()[:, None]
 
-    def module(self):
+    def module(self, source=None):
+        """The layer as a `VQLinear` (reading shared codebooks from `source`)."""
         from rsavq.nn import VQLinear
 
-        return VQLinear.from_quantized(self)
+        return VQLinear.from_quantized(self, source)
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors of the layer (shared codebooks are the block's)."""
         out = {"perm": self.perm}
-        for g, (c, cb) in enumerate(zip(self.codes, self.codebooks, strict=True)):
-            out[f"codes_{g}"], out[f"codebooks_{g}"] = c, cb
+        for g, c in enumerate(self.codes):
+            out[f"codes_{g}"] = c
+            if not self.spec.codebook_source:
+                out[f"codebooks_{g}"], scale = self.stored_codebook(g)
+                if scale is not None:
+                    out[f"codebook_scales_{g}"] = scale
         if self.scales is not None:
             out["scales"] = self.scales
         return out
 
 
 def layer_bits(spec: LayerSpec) -> int:
-    """Stored bits of a layer with this spec (codes as int32 words, fp16 codebooks, perm)."""
+    """Stored bits of a layer with this spec (codes as int32 words, its own codebooks, perm)."""
     perm_bits = spec.channels * torch.empty(0, dtype=spec.perm_dtype).element_size() * 8
     total = perm_bits
     for g in range(len(spec.group_bits)):
         rows = spec.block_shape(g)[0]
         total += rows * packed_words(spec.codes_per_row(g), spec.code_bits(g)) * 32
-        total += spec.sub_vectors * 2 ** spec.code_bits(g) * spec.sub_dim * CODEBOOK_BITS
-    return total + (spec.out_features * CODEBOOK_BITS if spec.row_scales else 0)
+        if not spec.codebook_source:
+            total += codebook_bits(spec.codebook_shape(g), spec.codebook_dtype)
+    return total + (spec.out_features * SCALE_BITS if spec.row_scales else 0)
 
 
 def edsg_target(W: torch.Tensor, stats: LayerFisher | None, config: RSAVQConfig):
@@ -106,8 +145,10 @@ def make_plan(
     config: RSAVQConfig,
     bias: bool = False,
     hessian: torch.Tensor | None = None,
+    source: str = "",
 ) -> tuple[LayerSpec, torch.Tensor]:
-    """WCSG: the layer's spec (groups, bits, blocks) and permutation, within the budget."""
+    """WCSG: the layer's spec (groups, bits, blocks) and permutation, within the budget
+    (`source`: the shared codebooks' module, when the layer reads those)."""
     axis = ChannelAxis(config.channel_axis)
     m, n = W.shape
     channels = n if axis == ChannelAxis.INPUT else m
@@ -124,6 +165,8 @@ def make_plan(
             axis.value,
             bias,
             config.row_scales,
+            config.codebook_dtype.value,
+            source,
         )
 
     def cost(sizes, bits) -> float:
@@ -167,7 +210,9 @@ def split_blocks(sizes, bits, rows: int, config: RSAVQConfig) -> tuple[list[int]
     only a group's last block pads its rows)."""
     out_sizes, out_bits = [], []
     for size, b in zip(sizes, bits, strict=True):
-        if config.block_size:
+        if config.codebook_scope == CodebookScope.BLOCK:
+            parts = [size]  # (the block's codebooks cost this layer nothing to cut further)
+        elif config.block_size:
             parts = [min(config.block_size, size - s) for s in range(0, size, config.block_size)]
         else:
             blocks = _auto_blocks(size, rows, b, config)
@@ -194,7 +239,8 @@ def group_quantum(config: RSAVQConfig) -> int:
 def _auto_blocks(size: int, rows: int, b: int, config: RSAVQConfig) -> int:
     if not config.codebook_overhead or size == 0:
         return 1
-    book = config.sub_vectors * 2 ** (b * config.sub_dim) * config.sub_dim * CODEBOOK_BITS
+    shape = (config.sub_vectors, 2 ** (b * config.sub_dim), config.sub_dim)
+    book = codebook_bits(shape, config.codebook_dtype)
     return max(1, int(size * rows * config.codebook_overhead // book))
 
 
@@ -234,19 +280,26 @@ def _as_points(block: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     return padded.view(rows, -1, P, spec.sub_dim).permute(2, 0, 1, 3).reshape(P, -1, spec.sub_dim)
 
 
-def fit_codebooks(T_block, w_block, spec: LayerSpec, g: int, config: RSAVQConfig, generator):
-    """Weighted k-means per sub-vector position: fp16 codebooks `[P, K, d]`."""
+def _weighted_points(T_block, w_block, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[P, N, d]` points of a block and their weights (0 on the padding)."""
     points = _as_points(T_block, spec)
-    weights = _as_points(w_block, spec) * _as_points(torch.ones_like(T_block), spec)  # 0: pad
-    K = 2 ** spec.code_bits(g)
-    return torch.stack(
-        [
-            kmeans(
-                points[p], weights[p], K, config.kmeans_iters, config.kmeans_tol, generator
-            ).centroids.to(torch.float16)
-            for p in range(spec.sub_vectors)
-        ]
-    )
+    return points, _as_points(w_block, spec) * _as_points(torch.ones_like(T_block), spec)
+
+
+def _kmeans_books(points, weights, K: int, config: RSAVQConfig, generator) -> torch.Tensor:
+    """Weighted k-means per sub-vector position: codebooks `[P, K, d]` as stored and decoded
+    (fp16 values)."""
+    books = [
+        kmeans(p, w, K, config.kmeans_iters, config.kmeans_tol, generator).centroids
+        for p, w in zip(points, weights, strict=True)
+    ]
+    return round_codebook(torch.stack(books), config.codebook_dtype.value)
+
+
+def fit_codebooks(T_block, w_block, spec: LayerSpec, g: int, config: RSAVQConfig, generator):
+    """Weighted k-means per sub-vector position: codebooks `[P, K, d]` (fp16 values)."""
+    points, weights = _weighted_points(T_block, w_block, spec)
+    return _kmeans_books(points, weights, 2 ** spec.code_bits(g), config, generator)
 
 
 def assign_codes(T_block, w_block, codebooks: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
@@ -258,22 +311,23 @@ def assign_codes(T_block, w_block, codebooks: torch.Tensor, spec: LayerSpec) -> 
     return torch.stack([c.view(rows, -1) for c in codes], dim=2)
 
 
-def quantize_compensated(T, metric, H, spec: LayerSpec, perm, config: RSAVQConfig, generator):
+def quantize_compensated(
+    T, weights, H, spec: LayerSpec, perm, config: RSAVQConfig, generator, given=None
+):
     """Groups (blocks) in permuted order, sub-vector by sub-vector, with OBS error feedback
     (`algorithms.obs`), as GPTVQ does.
 
-    A group's codebooks are fitted when the group is reached, on its columns with every earlier
-    error already absorbed, by k-means weighted with each column's OBS importance `1 / U_jj^2`;
-    then each sub-vector `J` takes the codeword that minimizes the OBS error
-    `||(w_J - c) U_JJ^-1||^2`, and the later columns absorb it. Returns per group
-    `(codebooks [P, K, d] fp16, codes [rows, n_vec, P] int64)`.
+    A group's codebooks are fitted when the group is reached (unless `given`, one per group),
+    on its columns with every earlier error already absorbed, by k-means with `weights` (the
+    metric times each column's OBS importance, `obs_weights`); then each sub-vector `J` takes
+    the codeword that minimizes the OBS error `||(w_J - c) U_JJ^-1||^2`, and the later columns
+    absorb it. Returns per group `(codebooks [P, K, d] fp16, codes [rows, n_vec, P] int64)`.
     """
     order = perm.long()
     edges = [0, *torch.tensor(spec.group_sizes).cumsum(0).tolist()]
     segments = [_segments(c0, c1, spec) for c0, c1 in zip(edges[:-1], edges[1:], strict=True)]
     U = inverse_cholesky(H[order][:, order], config.damping)
-    importance = (1.0 / torch.diag(U).square()).float()
-    metric_p = metric[:, order] * importance
+    weights = weights[:, order]
     books: list[torch.Tensor] = []
     codes = [
         torch.zeros(T.shape[0], spec.n_vectors(g), spec.sub_vectors, dtype=torch.int64)
@@ -281,7 +335,10 @@ def quantize_compensated(T, metric, H, spec: LayerSpec, perm, config: RSAVQConfi
     ]
 
     def prepare(g, block):
-        w = metric_p[:, edges[g] : edges[g + 1]]
+        if given is not None:
+            books.append(given[g])
+            return
+        w = weights[:, edges[g] : edges[g + 1]]
         books.append(fit_codebooks(block, w / w.mean(), spec, g, config, generator))
 
     def quantize(g, k, segment):
@@ -310,22 +367,32 @@ def row_scales(T: torch.Tensor) -> torch.Tensor:
     return torch.where(rms > 0, rms, torch.ones_like(rms)).to(torch.float16)
 
 
-def quantize_layer(
+@dataclass
+class Prepared:
+    """A layer ready for assignment: its plan, EDSG target and the k-means weights."""
+
+    spec: LayerSpec
+    perm: torch.Tensor  # [n] int64
+    T: torch.Tensor  # EDSG target [m, n]
+    T_unit: torch.Tensor  # ... divided by the row scales
+    scales: torch.Tensor | None
+    weights: torch.Tensor  # [m, n]: metric x OBS importance of the column
+    step: float  # ||lambda * ng|| / ||W||
+
+
+def prepare_layer(
     W: torch.Tensor,
     stats: LayerFisher | None,
     config: RSAVQConfig,
-    bias: torch.Tensor | None = None,
+    bias: bool = False,
     hessian: torch.Tensor | None = None,
-) -> tuple[QuantizedLayer, float]:
-    """Quantize `W` `[m, n]`; returns the layer and the EDSG step's relative norm.
-
-    `hessian` (`X^T X`, `[n, n]`) is needed for compensation 'hessian', refit and the Hessian
-    channel order.
-    """
+    source: str = "",
+) -> Prepared:
+    """WCSG plan, EDSG target, row scales and k-means weights of one layer."""
     if config.refit and hessian is None:
         raise UsageError("refit needs input Hessians (X^T X) from calibration")
     W = W.detach().float().cpu()
-    spec, perm = make_plan(W, stats, config, bias is not None, hessian)
+    spec, perm = make_plan(W, stats, config, bias, hessian, source)
     T, step = edsg_target(W, stats, config)
     scales = row_scales(T) if config.row_scales else None
     T_unit = T if scales is None else T / scales.float()[:, None]
@@ -334,22 +401,77 @@ def quantize_layer(
         metric = metric / metric.mean().clamp_min(1e-30)
     else:
         metric = torch.ones_like(W)
+    order = perm.long()
+    weights = metric
+    if config.compensation != Compensation.NONE:
+        H = _compensation_hessian(config, stats, hessian)
+        U = inverse_cholesky(H[order][:, order], config.damping)
+        importance = torch.empty(len(order))
+        importance[order] = (1.0 / torch.diag(U).square()).float()  # of the OBS pass's order
+        weights = metric * importance
+    return Prepared(spec, order, T, T_unit, scales, weights, step)
+
+
+def fit_shared_codebooks(layers: list[tuple], source: str, config: RSAVQConfig) -> SharedBooks:
+    """One codebook per width for `layers` (each `(W, stats, layer config, hessian)`: a decoder
+    block's linears), by weighted k-means on all their groups at that width at once: each
+    layer's EDSG target in unit-RMS rows, weighted as its own OBS pass weights its columns
+    (normalized per group, so every layer counts by its size)."""
+    points: dict[int, list] = {}
+    counts: dict[int, int] = {}
+    spec = None
+    for W, stats, layer_config, hessian in layers:
+        prep = prepare_layer(W, stats, layer_config, False, hessian, source)
+        spec, perm = prep.spec, prep.perm
+        blocks, weights = _blocks(prep.T_unit, spec, perm), _blocks(prep.weights, spec, perm)
+        for b, t, w in zip(spec.group_bits, blocks, weights, strict=True):
+            points.setdefault(b, []).append(_weighted_points(t, w / w.mean(), spec))
+            counts[b] = counts.get(b, 0) + t.numel()
+    if spec is None:
+        raise ValueError("no layers to fit shared codebooks on")
+    generator = torch.Generator().manual_seed(config.seed)
+    books = {}
+    for b, parts in sorted(points.items()):
+        X = torch.cat([p for p, _ in parts], dim=1)
+        w = torch.cat([w for _, w in parts], dim=1)
+        books[b] = _kmeans_books(X, w, 2 ** (b * config.sub_dim), config, generator)
+    return SharedBooks(source, books, counts)
+
+
+def quantize_layer(
+    W: torch.Tensor,
+    stats: LayerFisher | None,
+    config: RSAVQConfig,
+    bias: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
+    shared: SharedBooks | None = None,
+) -> tuple[QuantizedLayer, float]:
+    """Quantize `W` `[m, n]`; returns the layer and the EDSG step's relative norm.
+
+    `hessian` (`X^T X`, `[n, n]`) is needed for compensation 'hessian', refit and the Hessian
+    channel order. With `shared` the codes are assigned against those codebooks.
+    """
+    source = shared.source if shared is not None else ""
+    prep = prepare_layer(W, stats, config, bias is not None, hessian, source)
+    spec, perm, scales = prep.spec, prep.perm, prep.scales
+    given = [shared.books[b] for b in spec.group_bits] if shared is not None else None
     generator = torch.Generator().manual_seed(config.seed)
     if config.compensation == Compensation.NONE:
+        blocks, weights = _blocks(prep.T_unit, spec, perm), _blocks(prep.weights, spec, perm)
         groups = [
-            _quantize_block(t, w, spec, g, config, generator)
-            for g, (t, w) in enumerate(
-                zip(_blocks(T_unit, spec, perm), _blocks(metric, spec, perm), strict=True)
-            )
+            _quantize_block(t, w, spec, g, config, generator, given)
+            for g, (t, w) in enumerate(zip(blocks, weights, strict=True))
         ]
     else:
         H = _compensation_hessian(config, stats, hessian)
-        groups = quantize_compensated(T_unit, metric, H, spec, perm, config, generator)
+        groups = quantize_compensated(
+            prep.T_unit, prep.weights, H, spec, perm, config, generator, given
+        )
     books, codes = [b for b, _ in groups], [c for _, c in groups]
     if config.refit:
-        order = perm.long()
-        H = damped(hessian[order][:, order], config.damping)
-        books, scales = refit(T[:, order], H, codes, books, scales, spec)
+        H = damped(hessian[perm][:, perm], config.damping)
+        books, scales = refit(prep.T[:, perm], H, codes, books, scales, spec)
+        books = [round_codebook(b, spec.codebook_dtype) for b in books]
     layer = QuantizedLayer(
         spec,
         perm.to(spec.perm_dtype),
@@ -357,10 +479,13 @@ def quantize_layer(
         books,
         None if bias is None else bias.detach(),
         scales,
+        shared.share(spec) if shared is not None else 0.0,
     )
-    return layer, step
+    return layer, prep.step
 
 
-def _quantize_block(T_block, w_block, spec: LayerSpec, g: int, config: RSAVQConfig, generator):
+def _quantize_block(T_block, w_block, spec: LayerSpec, g: int, config, generator, given=None):
+    if given is not None:
+        return given[g], assign_codes(T_block, w_block, given[g], spec)
     codebooks = fit_codebooks(T_block, w_block, spec, g, config, generator)
     return codebooks, assign_codes(T_block, w_block, codebooks, spec)

@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
         Allocation,
         ChannelAxis,
         ChannelOrder,
+        CodebookDtype,
+        CodebookScope,
         Compensation,
         EdsgSign,
         LambdaMode,
@@ -115,6 +117,18 @@ def add_parser(sub) -> None:
         type=float,
         default=None,
         help="with --block-size 0: codebook bits per weight to aim at (0: one codebook per group)",
+    )
+    g.add_argument(
+        "--codebook-scope",
+        choices=[e.value for e in CodebookScope],
+        default=None,
+        help="block: the linears of each decoder block share one codebook per width (refit off)",
+    )
+    g.add_argument(
+        "--codebook-dtype",
+        choices=[e.value for e in CodebookDtype],
+        default=None,
+        help="int8: codebooks stored as int8 with an fp16 scale per sub-vector position",
     )
     _flag(g, "row-scales", "an fp16 scale per output row")
     _flag(g, "refit", "refit codebooks and scales to the Hessian objective after assignment")
@@ -220,9 +234,9 @@ def _flag(group, name: str, text: str) -> None:
 
 OVERRIDES = (
     "lam", "lambda_mode", "edsg_sign", "groups", "uniform_bits", "vector_length", "sub_vectors",
-    "block_size", "codebook_overhead", "row_scales", "refit", "compensation", "order", "metric",
-    "allocation", "channel_axis", "kmeans_iters", "kmeans_tol", "damping", "sequential",
-    "true_sequential", "group_size", "act_order",
+    "block_size", "codebook_overhead", "codebook_scope", "codebook_dtype", "row_scales", "refit",
+    "compensation", "order", "metric", "allocation", "channel_axis", "kmeans_iters", "kmeans_tol",
+    "damping", "sequential", "true_sequential", "group_size", "act_order",
 )  # fmt: skip
 
 

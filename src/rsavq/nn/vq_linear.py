@@ -8,14 +8,22 @@ from torch import nn
 from rsavq.config import LayerSpec
 from rsavq.kernels import Backend, reference
 from rsavq.kernels import vq_linear as vq_linear_kernel
+from rsavq.nn.codebooks import (
+    SharedCodebooks,
+    decode_codebook,
+    encode_codebook,
+    stored_dtype,
+)
 from rsavq.packing import packed_words
 
 
 class VQLinear(nn.Module):
-    """Drop-in for `nn.Linear`; buffers `perm`, `codes_{g}`, `codebooks_{g}` (+ `scales`, `bias`).
+    """Drop-in for `nn.Linear`; buffers `perm`, `codes_{g}`, `codebooks_{g}` (+ `scales`, `bias`;
+    `codebook_scales_{g}` with int8 codebooks).
 
     Built empty from a `LayerSpec` alone (so checkpoints load onto the meta device), then filled
-    with `load_state_dict` or `from_quantized`.
+    with `load_state_dict` or `from_quantized`. A layer whose spec names a `codebook_source`
+    holds no codebooks: `tie` points it at that `SharedCodebooks` module.
     """
 
     def __init__(self, spec: LayerSpec, device=None, dtype=torch.float32):
@@ -32,10 +40,15 @@ class VQLinear(nn.Module):
             self.register_buffer(
                 f"codes_{g}", torch.empty(rows, words, dtype=torch.int32, device=device)
             )
-            shape = (spec.sub_vectors, 2 ** spec.code_bits(g), spec.sub_dim)
-            self.register_buffer(
-                f"codebooks_{g}", torch.empty(shape, dtype=torch.float16, device=device)
-            )
+            if spec.codebook_source:
+                continue
+            stored = stored_dtype(spec.codebook_dtype)
+            book = torch.empty(spec.codebook_shape(g), dtype=stored, device=device)
+            self.register_buffer(f"codebooks_{g}", book)
+            if stored == torch.int8:
+                scale = torch.empty(spec.sub_vectors, dtype=torch.float16, device=device)
+                self.register_buffer(f"codebook_scales_{g}", scale)
+        self._source: list[SharedCodebooks] = []  # (a list: not a submodule of this layer)
         scales = torch.empty(spec.out_features, dtype=torch.float16, device=device)
         self.register_buffer("scales", scales if spec.row_scales else None)  # multiplies y
         self.bias = (
@@ -47,14 +60,52 @@ class VQLinear(nn.Module):
         )
 
     @classmethod
-    def from_quantized(cls, layer) -> VQLinear:
-        """From an `rsavq.algorithms.rsavq.QuantizedLayer`."""
+    def from_quantized(cls, layer, source: SharedCodebooks | None = None) -> VQLinear:
+        """From an `rsavq.algorithms.rsavq.QuantizedLayer` (reading shared codebooks from
+        `source`)."""
         module = cls(layer.spec, dtype=layer.bias.dtype if layer.bias is not None else None)
         state = layer.tensors()
         if layer.bias is not None:
             state["bias"] = layer.bias
         module.load_state_dict(state)
+        if source is not None:
+            module.tie(source)
         return module
+
+    def tie(self, source: SharedCodebooks) -> None:
+        """Read the codebooks from `source` (the module the spec's `codebook_source` names)."""
+        missing = {self.spec.group_bits[g] for g in range(len(self.spec.group_bits))}
+        missing -= set(source.widths())
+        if missing:
+            raise ValueError(f"shared codebooks lack widths {sorted(missing)}")
+        self._source[:] = [source]
+
+    def _stored_codebook(self, g: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.spec.codebook_source:
+            return getattr(self, f"codebooks_{g}"), getattr(self, f"codebook_scales_{g}", None)
+        if not self._source:
+            raise RuntimeError(
+                f"this layer reads shared codebooks from {self.spec.codebook_source}, not tied "
+                "yet; load the checkpoint with rsavq.load_quantized or transformers"
+            )
+        return self._source[0].stored(self.spec.group_bits[g])
+
+    def codebook_key(self, g: int) -> tuple[int, int]:
+        """Identifies the stored codebook group g reads (equal for layers sharing one)."""
+        if self.spec.codebook_source:
+            return id(self._source[0]), self.spec.group_bits[g]
+        return id(self), g
+
+    def set_codebook(self, g: int, book: torch.Tensor) -> None:
+        """Store `book` (float `[P, K, d]`) as group g's codebook, in the spec's dtype."""
+        if self.spec.codebook_source:
+            self._source[0].set(self.spec.group_bits[g], book)
+            return
+        target, target_scale = self._stored_codebook(g)
+        stored, scale = encode_codebook(book, self.spec.codebook_dtype)
+        target.copy_(stored)
+        if target_scale is not None:
+            target_scale.copy_(scale)
 
     @property
     def codes(self) -> list[torch.Tensor]:
@@ -62,7 +113,10 @@ class VQLinear(nn.Module):
 
     @property
     def codebooks(self) -> list[torch.Tensor]:
-        return [getattr(self, f"codebooks_{g}") for g in range(len(self.spec.group_bits))]
+        """Every group's codebook as the kernels read it: `[P, K, d]` fp16."""
+        return [
+            decode_codebook(*self._stored_codebook(g)) for g in range(len(self.spec.group_bits))
+        ]
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         W = reference.dequantize(self.codes, self.codebooks, self.perm, self.spec, dtype)
@@ -80,12 +134,12 @@ class VQLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _apply(self, fn, recurse=True):
-        """Move codebooks and scales with the module but keep them fp16 (`model.to(bfloat16)`
-        is safe)."""
+        """Move codebooks and scales with the module but keep their stored dtypes
+        (`model.to(bfloat16)` is safe)."""
         names = [
             n
             for n, t in self._buffers.items()
-            if t is not None and (n.startswith("codebooks_") or n == "scales")
+            if t is not None and (n.startswith("codebook") or n == "scales")
         ]
         kept = {n: self._buffers.pop(n) for n in names}
         super()._apply(fn, recurse)

@@ -1,0 +1,118 @@
+"""Stored codebooks: fp16 or int8 (with an fp16 scale per sub-vector position), and the
+`SharedCodebooks` module that holds one decoder block's codebooks for all its linears."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rsavq.config import CodebookDtype
+
+INT8_MAX = 127
+
+
+def encode_codebook(book: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`book` `[P, K, d]` as stored: fp16 (no scale), or int8 entries and fp16 scales `[P]`
+    (symmetric, each sub-vector position's largest magnitude at 127). Encoding is idempotent:
+    a decoded book encodes back to the same entries and scales (`_stable_scale`)."""
+    if CodebookDtype(dtype) == CodebookDtype.FLOAT16:
+        return book.to(torch.float16), None
+    book = book.float()
+    scale = _stable_scale(book.abs().amax(dim=(1, 2)) / INT8_MAX)
+    q = torch.round(book / scale.float()[:, None, None]).clamp(-INT8_MAX, INT8_MAX)
+    return q.to(torch.int8), scale
+
+
+def _stable_scale(scale: torch.Tensor) -> torch.Tensor:
+    """`scale` in fp16, raised by an ulp where needed so that the scale computed again from the
+    decoded largest entry, `fp16(fp16(127 s) / 127)`, is `s` itself (true of ~99% of fp16
+    values; one ulp up fixes the rest)."""
+    scale = scale.to(torch.float16)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    up = torch.tensor(float("inf"), dtype=torch.float16)
+    for _ in range(4):
+        again = (INT8_MAX * scale.float()).half().float() / INT8_MAX
+        unstable = again.half() != scale
+        if not unstable.any():
+            break
+        scale = torch.where(unstable, torch.nextafter(scale, up), scale)
+    return scale
+
+
+def decode_codebook(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The fp16 codebook every kernel reads: `stored` itself, or `fp16(int8 * scale)`."""
+    if scale is None:
+        return stored
+    return (stored.float() * scale.float()[:, None, None]).to(torch.float16)
+
+
+def round_codebook(book: torch.Tensor, dtype: str) -> torch.Tensor:
+    """What `book` becomes once stored and read back (fp16 values)."""
+    return decode_codebook(*encode_codebook(book, dtype))
+
+
+def stored_dtype(dtype: str) -> torch.dtype:
+    return torch.int8 if CodebookDtype(dtype) == CodebookDtype.INT8 else torch.float16
+
+
+def codebook_bits(shape: tuple[int, ...], dtype: str) -> int:
+    """Stored bits of one codebook `[P, K, d]` (with its scales)."""
+    P, K, d = shape
+    if CodebookDtype(dtype) == CodebookDtype.INT8:
+        return P * K * d * 8 + P * 16
+    return P * K * d * 16
+
+
+class SharedCodebooks(nn.Module):
+    """One decoder block's codebooks, one per code width: buffers `codebooks_b{bits}` `[P, K, d]`
+    (+ `codebook_scales_b{bits}` `[P]` when int8). Every `VQLinear` whose spec names this
+    module in `codebook_source` decodes its groups of `b` bits with `codebook(b)`."""
+
+    def __init__(self, dtype: str = CodebookDtype.FLOAT16.value):
+        super().__init__()
+        self.dtype = CodebookDtype(dtype).value
+
+    def names(self, bits: int) -> tuple[str, str]:
+        return f"codebooks_b{bits}", f"codebook_scales_b{bits}"
+
+    def add(self, bits: int, shape: tuple[int, int, int], device=None) -> None:
+        """An empty codebook of `bits` and `shape` (nothing when there is one)."""
+        book, scale = self.names(bits)
+        if hasattr(self, book):
+            return
+        dtype = stored_dtype(self.dtype)
+        self.register_buffer(book, torch.empty(shape, dtype=dtype, device=device))
+        if self.dtype == CodebookDtype.INT8.value:
+            self.register_buffer(scale, torch.empty(shape[0], dtype=torch.float16, device=device))
+
+    def stored(self, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        book, scale = self.names(bits)
+        return getattr(self, book), getattr(self, scale, None)
+
+    def codebook(self, bits: int) -> torch.Tensor:
+        return decode_codebook(*self.stored(bits))
+
+    def set(self, bits: int, book: torch.Tensor) -> None:
+        """Store `book` (float) as the codebook of `bits`, in this module's dtype."""
+        stored, scale = encode_codebook(book, self.dtype)
+        target, target_scale = self.stored(bits)
+        target.copy_(stored)
+        if target_scale is not None:
+            target_scale.copy_(scale)
+
+    def widths(self) -> list[int]:
+        return sorted(int(n.removeprefix("codebooks_b")) for n, _ in self.named_buffers()
+                      if n.startswith("codebooks_b"))  # fmt: skip
+
+    def _apply(self, fn, recurse=True):
+        """Keep the stored dtypes (int8 or fp16) when the model moves or changes dtype."""
+        kept = {n: self._buffers.pop(n) for n in list(self._buffers)}
+        super()._apply(fn, recurse)
+        here = next(iter(kept.values())).device if kept else None
+        device = fn(torch.empty(0, dtype=torch.float16, device=here)).device
+        for name, tensor in kept.items():
+            self._buffers[name] = tensor.to(device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"widths={self.widths()}, dtype={self.dtype}"
