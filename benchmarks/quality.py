@@ -173,7 +173,8 @@ def codebook_rows(bits: int) -> list[Row]:
     """Codebook scope and storage (issue "Quality I", item 4): int8 codebooks (twice the blocks
     at the same overhead), codebooks shared by the linears of each decoder block (one per
     width: no refit), then what sharing affords: 4,096-entry codebooks (`12 // bits`-weight
-    vectors) in int8, and the paper's 4 WCSG groups."""
+    vectors) in int8, and the paper's 4 WCSG groups; and with a fallback to codebooks of the
+    layer's own where the block's give 1.25x its output error."""
     long = 12 // bits
     block = {"codebook_scope": "block"}
     settings = [
@@ -184,6 +185,11 @@ def codebook_rows(bits: int) -> list[Row]:
         (f"shared per block, int8, vector length {long} (4096 entries)",
          {**block, "codebook_dtype": "int8", "vector_length": long}),
         ("shared per block, 4 WCSG groups", {**block, "groups": 4}),
+        ("shared per block, own codebooks where they give < 1/1.25 the error",
+         {**block, "codebook_fallback": 1.25}),
+        (f"shared per block, int8, vector length {long}, own codebooks where they give < 1/1.25 "
+         "the error", {**block, "codebook_dtype": "int8", "vector_length": long,
+                       "codebook_fallback": 1.25}),
     ]  # fmt: skip
     return [Row("codebooks", label, bits, preset("default", bits, **o)) for label, o in settings]
 

@@ -3,11 +3,15 @@
     python benchmarks/speed.py --threads 2                 # -> benchmarks/results/speed.json
     python benchmarks/speed.py --threads 1 --json benchmarks/results/speed-1thread.json
     python benchmarks/speed.py --table-only                # rewrite BENCHMARKS.md's tables
+    python benchmarks/speed.py --threads 1 --codebooks shared-long \
+        --json benchmarks/results/speed-1thread-shared-long.json  # format 3 layers
 
 Layers (random codes: speed does not depend on their values): shapes in x out 576x1536,
 1536x576, 4096x4096, 11008x4096 at 2/3/4 bits in the default configuration's format (vector
 length by width, blocks of columns with their own codebooks, row scales; one WCSG group unless
-`--groups`); decode
+`--groups`; `--codebooks int8`: int8 codebooks, twice the blocks; `--codebooks shared-long`:
+one int8 codebook of 4,096 entries read from a `SharedCodebooks` module, vectors of `12 // bits`
+weights, as `--codebook-scope block` makes them); decode
 (1 token) and prefill (512 tokens), each timed interleaved with the fp32 dense `F.linear` of the
 same shape and with the reference kernel, in one process; dense/VQ > 1 means VQ is faster. Whole
 model: SmolLM2-135M greedy decode tokens/s, FP vs the same model with every decoder linear
@@ -32,31 +36,55 @@ from rsavq.allocation import split_sizes
 from rsavq.config import LayerSpec, preset
 from rsavq.io import atomic_write_json, rewrite_block
 from rsavq.kernels import Backend, choose_backend, reference
-from rsavq.nn import VQLinear
+from rsavq.nn import SharedCodebooks, VQLinear
 from rsavq.packing import pack
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (11008, 4096)]
 TABLES = "benchmarks/results/speed-1thread.json"  # speed.json: 2 threads, format 1 (history)
 
 
-def random_vqlinear(n: int, m: int, bits: int, groups: int = 1, seed: int = 0) -> VQLinear:
+CODEBOOKS = {  # --codebooks: the options of `rsavq quantize` each layer format comes from
+    "default": {},
+    "int8": {"codebook_dtype": "int8"},
+    "shared-long": {"codebook_scope": "block", "codebook_dtype": "int8"},
+}
+FORMATS = {
+    "default": "format 2: the default's vectors, blocks and row scales",
+    "int8": "format 3: the default's, int8 codebooks (twice the blocks)",
+    "shared-long": "format 3: one shared int8 codebook of 4096 entries, vectors of 12 // bits",
+}
+
+
+def random_vqlinear(
+    n: int, m: int, bits: int, groups: int = 1, seed: int = 0, codebooks: str = "default"
+) -> VQLinear:
     """A layer in the default configuration's format at `bits` (vector length, blocks of columns
-    with codebooks of their own, row scales), with random codes, codebooks and scales."""
-    config = preset("default", bits, groups=groups, uniform_bits=True)
+    with codebooks of their own, row scales; `codebooks` as in `CODEBOOKS`), with random codes,
+    codebooks and scales."""
+    options = dict(CODEBOOKS[codebooks])
+    if codebooks == "shared-long":
+        options["vector_length"] = 12 // bits
+    config = preset("default", bits, groups=groups, uniform_bits=True, **options)
     sizes, group_bits = split_blocks(split_sizes(n, groups), (bits,) * groups, m, config)
+    source = "shared" if config.codebook_scope.value == "block" else ""
     spec = LayerSpec(
         n, m, tuple(sizes), tuple(group_bits), config.vector_length, config.sub_vectors,
-        row_scales=config.row_scales,
+        row_scales=config.row_scales, codebook_dtype=config.codebook_dtype.value,
+        codebook_source=source,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     module = VQLinear(spec)
+    if source:
+        holder = SharedCodebooks(spec.codebook_dtype)
+        for g in range(len(sizes)):
+            holder.add(group_bits[g], spec.codebook_shape(g))
+        module.tie(holder)
     module.perm.copy_(torch.randperm(n, generator=gen).to(spec.perm_dtype))
     for g in range(len(sizes)):
         K = 2 ** spec.code_bits(g)
         idx = torch.randint(0, K, (m, spec.codes_per_row(g)), generator=gen)
         getattr(module, f"codes_{g}").copy_(pack(idx, spec.code_bits(g)))
-        book = torch.randn(spec.sub_vectors, K, spec.sub_dim, generator=gen)
-        getattr(module, f"codebooks_{g}").copy_(book)
+        module.set_codebook(g, torch.randn(spec.sub_vectors, K, spec.sub_dim, generator=gen))
     if module.scales is not None:
         module.scales.copy_(torch.rand(m, generator=gen) * 0.04)
     return module
@@ -76,12 +104,12 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def layer_rows(bits_list, tokens_list, groups: int) -> list[dict]:
+def layer_rows(bits_list, tokens_list, groups: int, codebooks: str = "default") -> list[dict]:
     rows = []
     for n, m in SHAPES:
         W = torch.randn(m, n) * 0.02
         for bits in bits_list:
-            module = random_vqlinear(n, m, bits, groups)
+            module = random_vqlinear(n, m, bits, groups, codebooks=codebooks)
             for tokens in tokens_list:
                 x = torch.randn(tokens, n)
                 repeats = 5 if tokens > 1 or n * m > 10**7 else 20
@@ -117,7 +145,16 @@ def decode_seconds(model, ids, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def model_row(model_id: str, bits: int, new_tokens: int, groups: int, rounds: int = 3) -> dict:
+def layer_bytes(module: VQLinear) -> int:
+    """Bytes of a layer's buffers and of the shared codebooks it reads."""
+    tensors = [*module.buffers(), *(b for s in module._source for b in s.buffers())]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def model_row(
+    model_id: str, bits: int, new_tokens: int, groups: int, codebooks: str = "default",
+    rounds: int = 3,
+) -> dict:  # fmt: skip
     """FP and VQ decode of the same prompt, alternated `rounds` times (medians)."""
     from rsavq.models import load_model
     from rsavq.modules import find_linears
@@ -128,14 +165,11 @@ def model_row(model_id: str, bits: int, new_tokens: int, groups: int, rounds: in
     layers = find_linears(vq_model)
     params = sum(layer.weight.numel() for layer in layers.values())
     for i, (name, layer) in enumerate(layers.items()):
-        vq_layer = random_vqlinear(layer.in_features, layer.out_features, bits, groups, i)
+        vq_layer = random_vqlinear(
+            layer.in_features, layer.out_features, bits, groups, i, codebooks
+        )
         set_module(vq_model, name, vq_layer)
-    vq_bytes = sum(
-        b.numel() * b.element_size()
-        for m in vq_model.modules()
-        if isinstance(m, VQLinear)
-        for b in m.buffers()
-    )
+    vq_bytes = sum(layer_bytes(m) for m in vq_model.modules() if isinstance(m, VQLinear))
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     fns = {
         "fp": lambda: decode_seconds(model, ids, new_tokens),
@@ -297,6 +331,8 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--groups", type=int, default=1, help="channel groups per layer (default 1)")
     p.add_argument("--model-bits", default="2,3", help="bit widths of the whole-model rows")
+    p.add_argument("--codebooks", choices=list(CODEBOOKS), default="default",
+                   help="the layers' codebook format (see the module docstring)")  # fmt: skip
     p.add_argument("--json", default="benchmarks/results/speed.json")
     p.add_argument("--tables", default=TABLES, help="result JSONs tabulated in --markdown")
     p.add_argument("--markdown", default="BENCHMARKS.md")
@@ -310,11 +346,13 @@ def main(argv=None) -> None:
     result = {
         "threads": args.threads,
         "groups": args.groups,
-        "format": "format 2: the default's vectors, blocks and row scales",
+        "format": FORMATS[args.codebooks],
         "torch": torch.__version__,
-        "layers": layer_rows(bits, [int(t) for t in args.tokens.split(",")], args.groups),
+        "layers": layer_rows(
+            bits, [int(t) for t in args.tokens.split(",")], args.groups, args.codebooks
+        ),
         "models": [
-            model_row(args.model, int(b), args.new_tokens, args.groups)
+            model_row(args.model, int(b), args.new_tokens, args.groups, args.codebooks)
             for b in args.model_bits.split(",")
         ],
     }

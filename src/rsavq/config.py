@@ -106,6 +106,10 @@ class RSAVQConfig:
     # them at once), which affords longer vectors and more WCSG groups
     codebook_scope: CodebookScope = CodebookScope.LAYER
     codebook_dtype: CodebookDtype = CodebookDtype.FLOAT16
+    # with codebook_scope "block": a layer whose output error with the block's codebooks is more
+    # than this many times its error with codebooks of its own (at the width's default vector
+    # length) keeps its own; 0: never
+    codebook_fallback: float = 0.0
     refit: bool = True  # after assignment: codebooks and scales refit to the Hessian objective
     order: ChannelOrder = ChannelOrder.FISHER
     sequential: bool = True  # input Hessians from the already-quantized prefix, block by block
@@ -176,7 +180,7 @@ class RSAVQConfig:
         data["layer_bits"] = [list(pair) for pair in self.layer_bits]
         if not self.layer_bits:  # (the identity of configurations from before the option)
             del data["layer_bits"]
-        for key in ("true_sequential", "codebook_scope", "codebook_dtype"):  # (likewise)
+        for key in ("true_sequential", "codebook_scope", "codebook_dtype", "codebook_fallback"):
             if data[key] == getattr(RSAVQConfig, key):
                 del data[key]
         return {k: (v.value if isinstance(v, Enum) else v) for k, v in data.items()}
@@ -271,7 +275,11 @@ def validate(config: RSAVQConfig) -> None:
 
 
 def _check_codebooks(config: RSAVQConfig) -> None:
+    if config.codebook_fallback < 0:
+        raise UsageError("--codebook-fallback must be >= 0 (0: never)")
     if config.codebook_scope != CodebookScope.BLOCK:
+        if config.codebook_fallback:
+            raise UsageError("--codebook-fallback applies to --codebook-scope block; add that")
         return
     if config.refit:
         raise UsageError(

@@ -207,7 +207,7 @@ def _shared_books(batch: dict, work: Work) -> dict[str, SharedBooks]:
 
 
 def _block_books(source: str, names: list[str], batch: dict, work: Work) -> SharedBooks:
-    key, (rank, size) = f"codebooks:{source}", distributed.world()
+    key, (rank, size) = f"codebooks-{source}", distributed.world()
     if size > 1:
         torch.distributed.barrier()  # every rank sees the same store below
     fresh = not work.store.has(key)

@@ -112,3 +112,26 @@ def test_shared_module_keeps_its_dtypes_when_the_model_is_cast():
     assert holder.codebooks_b2.dtype == torch.int8
     assert holder.codebook_scales_b2.dtype == torch.float16
     assert torch.equal(holder.codebook(2), before)
+
+
+def test_fallback_keeps_own_codebooks_where_the_shared_ones_fail_and_charges_the_share():
+    gen = torch.Generator().manual_seed(3)
+    typical = torch.randn(64, 80, generator=gen)
+    odd = torch.randn(64, 80, generator=gen).sign() * (
+        1 + 0.01 * torch.randn(64, 80, generator=gen)
+    )
+    H = (X := torch.randn(160, 80, generator=gen)).T @ X
+    options = dict(bits=2, kmeans_iters=3, vector_length=4, codebook_scope="block",
+                   compensation="hessian", uniform_bits=True)  # fmt: skip
+    config = plain_config(**options)
+    shared = fit_shared_codebooks([(typical, None, config, H)] * 3, "block.books", config)
+    plain, _ = quantize_layer(odd, None, config, None, H, shared)
+    fallback = plain_config(**options, codebook_fallback=1.25)
+    kept, _ = quantize_layer(odd, None, fallback, None, H, shared)
+    assert plain.spec.codebook_source == "block.books" and kept.spec.codebook_source == ""
+    assert kept.shared_bits == plain.shared_bits > 0
+    own_bits = sum(t.numel() * t.element_size() * 8 for k, t in kept.tensors().items()
+                   if k.startswith("codebook"))  # fmt: skip
+    assert kept.stored_bits() > plain.stored_bits() and own_bits > 0
+    usual, _ = quantize_layer(typical, None, fallback, None, H, shared)
+    assert usual.spec.codebook_source == "block.books"  # the shared codebooks serve it

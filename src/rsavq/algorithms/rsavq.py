@@ -13,7 +13,7 @@ would weight it), and every layer assigns its codes against those.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,6 +37,7 @@ from rsavq.config import (
     LayerSpec,
     Metric,
     RSAVQConfig,
+    default_vector_length,
 )
 from rsavq.errors import UsageError
 from rsavq.nn.codebooks import codebook_bits, encode_codebook, round_codebook
@@ -449,8 +450,44 @@ def quantize_layer(
     """Quantize `W` `[m, n]`; returns the layer and the EDSG step's relative norm.
 
     `hessian` (`X^T X`, `[n, n]`) is needed for compensation 'hessian', refit and the Hessian
-    channel order. With `shared` the codes are assigned against those codebooks.
+    channel order. With `shared` the codes are assigned against those codebooks; with a
+    `codebook_fallback` too, the layer keeps codebooks of its own where those give a far lower
+    output error (`_fallback`).
     """
+    layer, step = _quantize_layer(W, stats, config, bias, hessian, shared)
+    if shared is not None and config.codebook_fallback:
+        layer = _fallback(layer, W, stats, config, bias, hessian)
+    return layer, step
+
+
+def _fallback(layer: QuantizedLayer, W, stats, config: RSAVQConfig, bias, hessian):
+    """The layer quantized with codebooks of its own (at the width's default vector length, as
+    the default would) if its output error `tr((W - Q) H (W - Q)^T)` beats the shared one's
+    `codebook_fallback` times over. It is still charged its share of the block's codebooks
+    (they were fitted on it too), so the model's bits stay exact."""
+    own_config = replace(
+        config, codebook_scope=CodebookScope.LAYER, codebook_fallback=0.0,
+        vector_length=default_vector_length(config.bits),
+    )  # fmt: skip
+    own, _ = _quantize_layer(W, stats, own_config, bias, hessian, None)
+    W = W.detach().float().cpu()
+    if output_error(W, own.dequantize(), hessian) * config.codebook_fallback >= output_error(
+        W, layer.dequantize(), hessian
+    ):
+        return layer
+    own.shared_bits = layer.shared_bits
+    return own
+
+
+def output_error(W: torch.Tensor, Q: torch.Tensor, hessian: torch.Tensor | None) -> float:
+    """`tr((W - Q) H (W - Q)^T)` (the squared Frobenius error without `H`)."""
+    E = (W - Q).double()
+    if hessian is None:
+        return E.square().sum().item()
+    return torch.einsum("ij,jk,ik->", E, hessian.double(), E).item()
+
+
+def _quantize_layer(W, stats, config: RSAVQConfig, bias, hessian, shared):
     source = shared.source if shared is not None else ""
     prep = prepare_layer(W, stats, config, bias is not None, hessian, source)
     spec, perm, scales = prep.spec, prep.perm, prep.scales

@@ -130,6 +130,13 @@ def add_parser(sub) -> None:
         default=None,
         help="int8: codebooks stored as int8 with an fp16 scale per sub-vector position",
     )
+    g.add_argument(
+        "--codebook-fallback",
+        type=float,
+        default=None,
+        help="with --codebook-scope block: a layer whose output error with the block's codebooks "
+        "exceeds this many times its error with codebooks of its own keeps its own (0: never)",
+    )
     _flag(g, "row-scales", "an fp16 scale per output row")
     _flag(g, "refit", "refit codebooks and scales to the Hessian objective after assignment")
     g.add_argument(
@@ -234,7 +241,8 @@ def _flag(group, name: str, text: str) -> None:
 
 OVERRIDES = (
     "lam", "lambda_mode", "edsg_sign", "groups", "uniform_bits", "vector_length", "sub_vectors",
-    "block_size", "codebook_overhead", "codebook_scope", "codebook_dtype", "row_scales", "refit",
+    "block_size", "codebook_overhead", "codebook_scope", "codebook_dtype", "codebook_fallback",
+    "row_scales", "refit",
     "compensation", "order", "metric", "allocation", "channel_axis", "kmeans_iters", "kmeans_tol",
     "damping", "sequential", "true_sequential", "group_size", "act_order",
 )  # fmt: skip
