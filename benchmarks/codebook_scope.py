@@ -1,10 +1,11 @@
 """Why block-shared codebooks lose: each layer's output error under four codebook scopes.
 
-    python benchmarks/codebook_scope.py --blocks 3,15,27  # benchmarks/results/codebook-scope.json
+    python benchmarks/codebook_scope.py --stats DIR  # -> benchmarks/results/codebook-scope.json
 
 For the linears of a few decoder blocks of SmolLM2-135M (FP-model input Hessians `X^T X` from C4
-calibration windows; no EDSG and no channel sort, so only the codebooks differ), 2-bit OBS
-assignment with row scales, no refit, and codebooks:
+calibration windows; with `--stats`, a Fisher statistics directory of the model, the default's
+EDSG and Fisher channel order, else neither), 2-bit OBS assignment with row scales, no refit,
+and codebooks:
 - `own`: the default's, fitted per block of columns when the OBS pass reaches it (on columns
   that already absorbed the earlier errors);
 - `own, fitted first`: one per layer, fitted before the OBS pass on the layer's weights (as the
@@ -23,24 +24,23 @@ import statistics
 
 import torch
 
-from rsavq.algorithms.rsavq import fit_shared_codebooks, quantize_layer
+from rsavq.algorithms.rsavq import fit_shared_codebooks, output_error, quantize_layer
 from rsavq.config import preset
 from rsavq.data import calibration_windows, load_corpus
 from rsavq.io import atomic_write_json
 from rsavq.models import load_model
 from rsavq.modules import find_linears, weight_matrix
+from rsavq.stats import load_stats
 from rsavq.stats.hessian import input_hessians
 
 
-def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    E = (W - Q).double()
-    return (
-        torch.trace(E @ H.double() @ E.T) / torch.trace(W.double() @ H.double() @ W.T.double())
-    ).item()
+def relative_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """`tr((W - Q) H (W - Q)^T) / tr(W H W^T)`."""
+    return output_error(W, Q, H) / output_error(W, torch.zeros_like(W), H)
 
 
-def variants(bits: int) -> dict:
-    base = {"lam": 0.0, "refit": False}
+def variants(bits: int, fisher: bool) -> dict:
+    base = {"refit": False} if fisher else {"lam": 0.0, "refit": False}
     block = {**base, "codebook_scope": "block"}
     return {
         "own": (preset("default", bits, **base), False),
@@ -53,20 +53,22 @@ def variants(bits: int) -> dict:
     }
 
 
-def block_rows(layers: dict, hessians: dict, bits: int) -> list[dict]:
+def block_rows(layers: dict, hessians: dict, bits: int, stats) -> list[dict]:
     weights = {n: weight_matrix(m).detach().float() for n, m in layers.items()}
+    fisher = {n: stats.layer(n) if stats is not None else None for n in layers}
     rows = {n: {"layer": n} for n in layers}
-    for label, (config, shared) in variants(bits).items():
+    for label, (config, shared) in variants(bits, stats is not None).items():
         books = None
         if shared:
-            items = [(weights[n], None, config, hessians[n]) for n in layers]
+            items = [(weights[n], fisher[n], config, hessians[n]) for n in layers]
             books = fit_shared_codebooks(items, "block", config)
         for n in layers:
             own = books
             if label == "own, fitted first":
-                own = fit_shared_codebooks([(weights[n], None, config, hessians[n])], "one", config)
-            layer, _ = quantize_layer(weights[n], None, config, None, hessians[n], own)
-            rows[n][label] = output_error(weights[n], layer.dequantize(), hessians[n])
+                item = (weights[n], fisher[n], config, hessians[n])
+                own = fit_shared_codebooks([item], "one", config)
+            layer, _ = quantize_layer(weights[n], fisher[n], config, None, hessians[n], own)
+            rows[n][label] = relative_output_error(weights[n], layer.dequantize(), hessians[n])
             rows[n][f"{label} bits"] = layer.stored_bits() / weights[n].numel()
     return list(rows.values())
 
@@ -75,13 +77,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--bits", type=int, default=2)
-    p.add_argument("--blocks", default="3,15,27")
-    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--blocks", default="0,1,20")
+    p.add_argument("--stats", default=None, help="Fisher statistics directory of the model")
+    p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", default="benchmarks/results/codebook-scope.json")
     args = p.parse_args(argv)
     model, tokenizer = load_model(args.model)
+    stats = load_stats(args.stats) if args.stats else None
     corpus = load_corpus("c4", args.data_dir)
     windows = calibration_windows(tokenizer, corpus, args.nsamples, args.seqlen, 0)
     blocks = {
@@ -93,10 +97,10 @@ def main(argv=None) -> None:
     )
     rows = []
     for layers in blocks.values():
-        rows += block_rows(layers, hessians, args.bits)
+        rows += block_rows(layers, hessians, args.bits, stats)
         for row in rows[-len(layers) :]:
             print(json.dumps(row))
-    labels = list(variants(args.bits))
+    labels = list(variants(args.bits, stats is not None))
     summary = {
         label: {
             "mean_output_error": statistics.mean(r[label] for r in rows),
@@ -107,7 +111,7 @@ def main(argv=None) -> None:
     print(json.dumps(summary, indent=1))
     calibration = f"c4 {args.nsamples}x{args.seqlen} seed 0"
     result = {"model": args.model, "bits": args.bits, "calibration": calibration, "rows": rows,
-              "summary": summary}  # fmt: skip
+              "summary": summary, "fisher": args.stats is not None}  # fmt: skip
     atomic_write_json(args.json, result)
 
 

@@ -170,7 +170,7 @@ def vector_rows(bits: int) -> list[Row]:
 
 
 def codebook_rows(bits: int) -> list[Row]:
-    """Codebook scope and storage (issue "Quality I", item 4): int8 codebooks (twice the blocks
+    """Codebook scope and storage (issue "Quality I", item 4): int8 codebooks (more blocks
     at the same overhead), codebooks shared by the linears of each decoder block (one per
     width: no refit), then what sharing affords: 4,096-entry codebooks (`12 // bits`-weight
     vectors) in int8, and the paper's 4 WCSG groups; and with a fallback to codebooks of the
@@ -178,7 +178,7 @@ def codebook_rows(bits: int) -> list[Row]:
     long = 12 // bits
     block = {"codebook_scope": "block"}
     settings = [
-        ("int8 codebooks (twice the blocks)", {"codebook_dtype": "int8"}),
+        ("int8 codebooks (more blocks at the same overhead)", {"codebook_dtype": "int8"}),
         ("default without refit", {"refit": False}),
         ("codebooks shared per decoder block", block),
         ("shared per block, int8", {**block, "codebook_dtype": "int8"}),

@@ -9,7 +9,7 @@
 Layers (random codes: speed does not depend on their values): shapes in x out 576x1536,
 1536x576, 4096x4096, 11008x4096 at 2/3/4 bits in the default configuration's format (vector
 length by width, blocks of columns with their own codebooks, row scales; one WCSG group unless
-`--groups`; `--codebooks int8`: int8 codebooks, twice the blocks; `--codebooks shared-long`:
+`--groups`; `--codebooks int8`: int8 codebooks, more blocks; `--codebooks shared-long`:
 one int8 codebook of 4,096 entries read from a `SharedCodebooks` module, vectors of `12 // bits`
 weights, as `--codebook-scope block` makes them); decode
 (1 token) and prefill (512 tokens), each timed interleaved with the fp32 dense `F.linear` of the
@@ -50,7 +50,7 @@ CODEBOOKS = {  # --codebooks: the options of `rsavq quantize` each layer format 
 }
 FORMATS = {
     "default": "format 2: the default's vectors, blocks and row scales",
-    "int8": "format 3: the default's, int8 codebooks (twice the blocks)",
+    "int8": "format 3: the default's, int8 codebooks (more blocks at the same overhead)",
     "shared-long": "format 3: one shared int8 codebook of 4096 entries, vectors of 12 // bits",
 }
 
