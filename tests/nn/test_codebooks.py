@@ -135,3 +135,13 @@ def test_fallback_keeps_own_codebooks_where_the_shared_ones_fail_and_charges_the
     assert kept.stored_bits() > plain.stored_bits() and own_bits > 0
     usual, _ = quantize_layer(typical, None, fallback, None, H, shared)
     assert usual.spec.codebook_source == "block.books"  # the shared codebooks serve it
+
+
+def test_int8_codebooks_are_decoded_once_until_they_change():
+    W = torch.randn(24, 40, generator=torch.Generator().manual_seed(2))
+    layer, _ = quantize_layer(W, None, plain_config(bits=2, kmeans_iters=3, codebook_dtype="int8"))
+    module = VQLinear.from_quantized(layer)
+    first = module.codebooks[0]
+    assert module.codebooks[0] is first  # cached
+    module.set_codebook(0, torch.zeros_like(first, dtype=torch.float32))
+    assert not module.codebooks[0].any()  # the in-place change is seen

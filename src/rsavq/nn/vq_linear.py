@@ -49,6 +49,7 @@ class VQLinear(nn.Module):
                 scale = torch.empty(spec.sub_vectors, dtype=torch.float16, device=device)
                 self.register_buffer(f"codebook_scales_{g}", scale)
         self._source: list[SharedCodebooks] = []  # (a list: not a submodule of this layer)
+        self._decoded: dict[int, tuple] = {}  # int8 codebooks decoded once (`codebooks`)
         scales = torch.empty(spec.out_features, dtype=torch.float16, device=device)
         self.register_buffer("scales", scales if spec.row_scales else None)  # multiplies y
         self.bias = (
@@ -113,10 +114,25 @@ class VQLinear(nn.Module):
 
     @property
     def codebooks(self) -> list[torch.Tensor]:
-        """Every group's codebook as the kernels read it: `[P, K, d]` fp16."""
-        return [
-            decode_codebook(*self._stored_codebook(g)) for g in range(len(self.spec.group_bits))
-        ]
+        """Every group's codebook as the kernels read it: `[P, K, d]` fp16 (int8 ones decoded
+        once and kept until their stored tensors change)."""
+        return [self._codebook(g) for g in range(len(self.spec.group_bits))]
+
+    def _codebook(self, g: int) -> torch.Tensor:
+        stored, scale = self._stored_codebook(g)
+        if scale is None:
+            return stored
+        versions = (stored._version, scale._version)
+        cached = self._decoded.get(g)
+        if (
+            cached is None
+            or cached[0] is not stored
+            or cached[1] is not scale
+            or (cached[2] != versions)
+        ):
+            cached = (stored, scale, versions, decode_codebook(stored, scale))
+            self._decoded[g] = cached
+        return cached[3]
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         W = reference.dequantize(self.codes, self.codebooks, self.perm, self.spec, dtype)
