@@ -40,7 +40,10 @@ from rsavq.nn import SharedCodebooks, VQLinear
 from rsavq.packing import pack
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (11008, 4096)]
-TABLES = "benchmarks/results/speed-1thread.json"  # speed.json: 2 threads, format 1 (history)
+TABLES = (  # speed.json: 2 threads, format 1 (history)
+    "benchmarks/results/speed-1thread.json,benchmarks/results/speed-1thread-int8.json,"
+    "benchmarks/results/speed-1thread-shared-long.json"
+)
 
 
 CODEBOOKS = {  # --codebooks: the options of `rsavq quantize` each layer format comes from
