@@ -313,7 +313,7 @@ def assign_codes(T_block, w_block, codebooks: torch.Tensor, spec: LayerSpec) -> 
 
 
 def quantize_compensated(
-    T, weights, H, spec: LayerSpec, perm, config: RSAVQConfig, generator, given=None
+    T, weights, U, spec: LayerSpec, perm, config: RSAVQConfig, generator, given=None
 ):
     """Groups (blocks) in permuted order, sub-vector by sub-vector, with OBS error feedback
     (`algorithms.obs`), as GPTVQ does.
@@ -322,12 +322,12 @@ def quantize_compensated(
     on its columns with every earlier error already absorbed, by k-means with `weights` (the
     metric times each column's OBS importance, `obs_weights`); then each sub-vector `J` takes
     the codeword that minimizes the OBS error `||(w_J - c) U_JJ^-1||^2`, and the later columns
-    absorb it. Returns per group `(codebooks [P, K, d] fp16, codes [rows, n_vec, P] int64)`.
+    absorb it (`U`: the upper Cholesky factor of the damped `H^-1`, in permuted order). Returns
+    per group `(codebooks [P, K, d] fp16, codes [rows, n_vec, P] int64)`.
     """
     order = perm.long()
     edges = [0, *torch.tensor(spec.group_sizes).cumsum(0).tolist()]
     segments = [_segments(c0, c1, spec) for c0, c1 in zip(edges[:-1], edges[1:], strict=True)]
-    U = inverse_cholesky(H[order][:, order], config.damping)
     weights = weights[:, order]
     books: list[torch.Tensor] = []
     codes = [
@@ -379,6 +379,7 @@ class Prepared:
     scales: torch.Tensor | None
     weights: torch.Tensor  # [m, n]: metric x OBS importance of the column
     step: float  # ||lambda * ng|| / ||W||
+    U: torch.Tensor | None  # OBS: upper Cholesky factor of the damped H^-1, permuted order
 
 
 def prepare_layer(
@@ -403,14 +404,14 @@ def prepare_layer(
     else:
         metric = torch.ones_like(W)
     order = perm.long()
-    weights = metric
+    weights, U = metric, None
     if config.compensation != Compensation.NONE:
         H = _compensation_hessian(config, stats, hessian)
         U = inverse_cholesky(H[order][:, order], config.damping)
         importance = torch.empty(len(order))
         importance[order] = (1.0 / torch.diag(U).square()).float()  # of the OBS pass's order
         weights = metric * importance
-    return Prepared(spec, order, T, T_unit, scales, weights, step)
+    return Prepared(spec, order, T, T_unit, scales, weights, step, U)
 
 
 def fit_shared_codebooks(layers: list[tuple], source: str, config: RSAVQConfig) -> SharedBooks:
@@ -500,9 +501,8 @@ def _quantize_layer(W, stats, config: RSAVQConfig, bias, hessian, shared):
             for g, (t, w) in enumerate(zip(blocks, weights, strict=True))
         ]
     else:
-        H = _compensation_hessian(config, stats, hessian)
         groups = quantize_compensated(
-            prep.T_unit, prep.weights, H, spec, perm, config, generator, given
+            prep.T_unit, prep.weights, prep.U, spec, perm, config, generator, given
         )
     books, codes = [b for b, _ in groups], [c for _, c in groups]
     if config.refit:

@@ -51,6 +51,16 @@ def round_codebook(book: torch.Tensor, dtype: str) -> torch.Tensor:
     return decode_codebook(*encode_codebook(book, dtype))
 
 
+def store_codebook(
+    book: torch.Tensor, dtype: str, target: torch.Tensor, target_scale: torch.Tensor | None
+) -> None:
+    """Encode `book` (float) in `dtype` into the stored tensors `target` (and its scales)."""
+    stored, scale = encode_codebook(book, dtype)
+    target.copy_(stored)
+    if target_scale is not None:
+        target_scale.copy_(scale)
+
+
 def stored_dtype(dtype: str) -> torch.dtype:
     return torch.int8 if CodebookDtype(dtype) == CodebookDtype.INT8 else torch.float16
 
@@ -94,11 +104,7 @@ class SharedCodebooks(nn.Module):
 
     def set(self, bits: int, book: torch.Tensor) -> None:
         """Store `book` (float) as the codebook of `bits`, in this module's dtype."""
-        stored, scale = encode_codebook(book, self.dtype)
-        target, target_scale = self.stored(bits)
-        target.copy_(stored)
-        if target_scale is not None:
-            target_scale.copy_(scale)
+        store_codebook(book, self.dtype, *self.stored(bits))
 
     def widths(self) -> list[int]:
         return sorted(int(n.removeprefix("codebooks_b")) for n, _ in self.named_buffers()

@@ -8,12 +8,7 @@ from torch import nn
 from rsavq.config import LayerSpec
 from rsavq.kernels import Backend, reference
 from rsavq.kernels import vq_linear as vq_linear_kernel
-from rsavq.nn.codebooks import (
-    SharedCodebooks,
-    decode_codebook,
-    encode_codebook,
-    stored_dtype,
-)
+from rsavq.nn.codebooks import SharedCodebooks, decode_codebook, store_codebook, stored_dtype
 from rsavq.packing import packed_words
 
 
@@ -75,8 +70,7 @@ class VQLinear(nn.Module):
 
     def tie(self, source: SharedCodebooks) -> None:
         """Read the codebooks from `source` (the module the spec's `codebook_source` names)."""
-        missing = {self.spec.group_bits[g] for g in range(len(self.spec.group_bits))}
-        missing -= set(source.widths())
+        missing = set(self.spec.group_bits) - set(source.widths())
         if missing:
             raise ValueError(f"shared codebooks lack widths {sorted(missing)}")
         self._source[:] = [source]
@@ -99,14 +93,7 @@ class VQLinear(nn.Module):
 
     def set_codebook(self, g: int, book: torch.Tensor) -> None:
         """Store `book` (float `[P, K, d]`) as group g's codebook, in the spec's dtype."""
-        if self.spec.codebook_source:
-            self._source[0].set(self.spec.group_bits[g], book)
-            return
-        target, target_scale = self._stored_codebook(g)
-        stored, scale = encode_codebook(book, self.spec.codebook_dtype)
-        target.copy_(stored)
-        if target_scale is not None:
-            target_scale.copy_(scale)
+        store_codebook(book, self.spec.codebook_dtype, *self._stored_codebook(g))
 
     @property
     def codes(self) -> list[torch.Tensor]:
