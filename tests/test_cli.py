@@ -58,6 +58,19 @@ def test_bad_number_is_argparse_usage_error():
 
 
 @pytest.mark.parametrize(
+    "extra",
+    [["--threads", "0"], ["--nsamples", "-1"], ["--distill-tokens", "-5"], ["--seqlen", "0"]],
+)
+def test_quantize_bad_numbers_refused_before_any_work(tiny_model_dir, tmp_path, capsys, extra):
+    args = ["quantize", "--model", str(tiny_model_dir), "--bits", "3", "--out", str(tmp_path / "q")]
+    with pytest.raises(SystemExit) as info:
+        main([*args, *extra])
+    assert info.value.code == 2 and not (tmp_path / "q").exists()
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert "must be at least" in line
+
+
+@pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--bits", "7"], "unsupported bits 7"),
@@ -68,6 +81,11 @@ def test_bad_number_is_argparse_usage_error():
         ),
         (["--bits", "2", "--channel-axis", "output"], "use --channel-axis input"),
         (["--bits", "2", "--codebook-scope", "block", "--refit"], "add --no-refit"),
+        pytest.param(
+            ["--bits", "3", "--device", "cuda"],
+            "CUDA is not available; use --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
+        ),
     ],
 )
 def test_quantize_bad_settings_exit_2(tiny_model_dir, tmp_path, capsys, extra, message):
@@ -115,6 +133,9 @@ def test_quantize_end_to_end_and_reuses_stats(tiny_model_dir, text_file, tmp_pat
     )
     out = capsys.readouterr().out
     assert "collecting Fisher statistics" in out and "FP " in out and "-> rsavq" in out
+    assert "stage clock" in out and "  fisher " in out and "  eval " in out and "  total " in out
+    clock = json.loads((tmp_path / "a" / "report.json").read_text())["clock"]
+    assert clock["stages"]["eval"]["calls"] == 2  # before and after quantizing
     assert main([*base, "--out", str(tmp_path / "b")]) == 0
     assert "reusing Fisher statistics" in capsys.readouterr().out
     assert main([*base, "--out", str(tmp_path / "b")]) == 2  # never overwrites a checkpoint
@@ -209,6 +230,12 @@ def test_quantize_with_both_finetuning_stages(tiny_model_dir, text_file, tmp_pat
     assert "end-to-end distillation from the FP model: 64 tokens" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert len(report["finetune"]) == 2 and report["distill"]["steps"] == 2
+    stages = report["clock"]["stages"]  # every stage of the run, timed
+    for stage in ("load", "teacher", "hessians", "quantize", "refit", "finetune"):
+        assert stages[stage]["seconds"] > 0 and stages[stage]["peak_rss_gib"] > 0, stage
+    assert {"distill", "save"} <= set(stages)
+    assert sorted(stages["finetune"]["per_item"]) == ["0", "1"]  # each block's tuning
+    assert sum(s["seconds"] for s in stages.values()) <= report["clock"]["total_seconds"]
     finetune = json.loads((out / "config.json").read_text())["quantization_config"]["finetune"]
     assert finetune["block"]["bf16"] and finetune["e2e"]["bf16"] and finetune["e2e"]["tokens"] == 64
     assert finetune["block"]["targets"] == "model"

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rsavq.clock import StageClock, current, timed, using
 from rsavq.config import RSAVQConfig, ScalarConfig, preset
 from rsavq.data import Corpus, calibration_windows, heldout_windows, load_corpus
 from rsavq.distill import DEFAULT_WINDOWS, Distillation
@@ -90,6 +91,16 @@ def quantize(
     Returns the per-layer records of the report."""
     config = config or preset("default", 3)
     calibration = calibration or Calibration()
+    with using(current() or StageClock()):  # the report's stage clock (the caller's, if any)
+        return _quantize(
+            model, config, tokenizer, calibration, out, stats, model_id, progress, save_dtype,
+            finetune,
+        )  # fmt: skip
+
+
+def _quantize(
+    model, config, tokenizer, calibration, out, stats, model_id, progress, save_dtype, finetune
+) -> list[LayerRecord]:
     needs = method_for(config).needs(config)
     tuning, distillation = finetune_stages(finetune, config)  # checked before any work
     if out is None and distributed.world()[1] > 1:
@@ -101,7 +112,9 @@ def quantize(
     corpus = calibration.corpus() if needs_text else None
     fisher = None
     if FISHER in needs:
-        fisher = _fisher(model, tokenizer, corpus, calibration, stats, model_id, config, progress)
+        with timed("fisher"):
+            fisher = _fisher(model, tokenizer, corpus, calibration, stats, model_id, config,
+                             progress)  # fmt: skip
     c, windows = calibration, None
     if needs_windows:
         windows = calibration_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed)

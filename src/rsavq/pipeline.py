@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from rsavq.algorithms.metrics import layer_metrics
 from rsavq.algorithms.rsavq import SharedBooks, fit_shared_codebooks
+from rsavq.clock import current, timed
 from rsavq.config import CodebookScope, RSAVQConfig, ScalarConfig
 from rsavq.distill import Distillation, distill, teacher_targets
 from rsavq.errors import UsageError
@@ -118,7 +119,8 @@ def quantize_model(
                             calibration if calibration is not None else "none"})  # fmt: skip
     store = _open_store(out, run)
     if distillation is not None and rank == 0:  # from the FP model, before quantizing
-        teacher = _teacher(store, model, distill_windows, heldout, distillation)
+        with timed("teacher"):
+            teacher = _teacher(store, model, distill_windows, heldout, distillation)
     records, specs, tuned = [], {}, []
     bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress or rank)
     tune = _tuner(store, tuning, tuned, bar) if tuning is not None else None
@@ -139,14 +141,16 @@ def quantize_model(
         return records  # rank 0 distills and writes the checkpoint
     distilled = None
     if distillation is not None:
-        distilled = _distill(model, store, distill_windows, heldout, teacher, distillation,
-                             progress)  # fmt: skip
+        with timed("distill"):
+            distilled = _distill(model, store, distill_windows, heldout, teacher, distillation,
+                                 progress)  # fmt: skip
     qconfig = quantization_config(config.to_dict(), specs) if specs else None
     if qconfig is not None:
         finetune = {"block": tuning, "e2e": distillation}
         finetune = {k: v.to_dict() for k, v in finetune.items() if v is not None}
         qconfig |= {"finetune": finetune} if finetune else {}
-    _save(model, out, qconfig, tokenizer, save_dtype)
+    with timed("save"):
+        _save(model, out, qconfig, tokenizer, save_dtype)
     write_report(out, records, tuned, distilled)
     store.remove()
     return records
@@ -322,7 +326,8 @@ def _tuner(store: Store, tuning: BlockTuning, tuned: list, bar):
         if train:
             bar.set_postfix_str(f"fine-tuning block {index}")
             (inputs, targets), *held = data
-            losses = tune_block(block, inputs, targets, tuning, index, *held)
+            with timed("finetune", index):
+                losses = tune_block(block, inputs, targets, tuning, index, *held)
             store.put(key, tuned_state(block), {k: repr(v) for k, v in losses.items()})
             bar.set_postfix_str(f"block {index} rel. MSE {_losses_text(losses)}")
         if size > 1:
@@ -381,19 +386,20 @@ def _layer(name: str, hessian, work: Work, shared: SharedBooks | None = None):
     start = time.perf_counter()
     fisher = work.stats.layer(name) if work.stats is not None else None
     extra = {"shared": shared} if shared is not None else {}
-    result, step = method.quantize(
-        config.for_layer(name), materialize(layer), fisher, hessian, **extra
-    )
-    W = weight_matrix(layer).detach().float().cpu()
-    record = LayerRecord(
-        name,
-        tuple(W.shape),
-        tuple(result.group_bits),
-        result.stored_bits() / W.numel(),
-        step,
-        layer_metrics(W, result.dequantize(), fisher),
-        time.perf_counter() - start,
-    )
+    with timed("quantize"):
+        result, step = method.quantize(
+            config.for_layer(name), materialize(layer), fisher, hessian, **extra
+        )
+        W = weight_matrix(layer).detach().float().cpu()
+        record = LayerRecord(
+            name,
+            tuple(W.shape),
+            tuple(result.group_bits),
+            result.stored_bits() / W.numel(),
+            step,
+            layer_metrics(W, result.dequantize(), fisher),
+            time.perf_counter() - start,
+        )
     tensors, meta = result.state()
     store.put(name, tensors, {**meta, "record": json.dumps(record.__dict__)})
     return result, record
@@ -418,6 +424,8 @@ def write_report(
     distillation's losses), a readable `report.md` table, and `bits.png` (when matplotlib is
     there)."""
     report = {"summary": summarize(records), "layers": [r.__dict__ for r in records]}
+    if current() is not None:
+        report["clock"] = current().to_dict()
     if tuned:
         report["finetune"] = list(tuned)
     if distilled:
@@ -428,6 +436,13 @@ def write_report(
         plot_bits(out / "bits.png", records)
     except ImportError:
         logger.info("matplotlib not installed: no bits.png (pip install 'rsavq[plot]')")
+
+
+def update_report(out: str | Path, **entries) -> None:
+    """Add (or replace) top-level `entries` of `out/report.json`, e.g. the stage clock once the
+    evaluation after quantizing has run too."""
+    path = Path(out) / "report.json"
+    atomic_write_json(path, {**json.loads(path.read_text()), **entries})
 
 
 def report_table(records: list[LayerRecord]) -> str:

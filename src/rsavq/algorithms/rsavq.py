@@ -27,6 +27,7 @@ from rsavq.algorithms.natural_gradient import (
 from rsavq.algorithms.obs import inverse_cholesky, obs_quantize
 from rsavq.algorithms.refit import damped, refit
 from rsavq.allocation import plan_groups, split_sizes
+from rsavq.clock import timed
 from rsavq.config import (
     ChannelAxis,
     ChannelOrder,
@@ -506,9 +507,10 @@ def _quantize_layer(W, stats, config: RSAVQConfig, bias, hessian, shared):
         )
     books, codes = [b for b, _ in groups], [c for _, c in groups]
     if config.refit:
-        H = damped(hessian[perm][:, perm], config.damping)
-        books, scales = refit(prep.T[:, perm], H, codes, books, scales, spec)
-        books = [round_codebook(b, spec.codebook_dtype) for b in books]
+        with timed("refit"):
+            H = damped(hessian[perm][:, perm], config.damping)
+            books, scales = refit(prep.T[:, perm], H, codes, books, scales, spec)
+            books = [round_codebook(b, spec.codebook_dtype) for b in books]
     layer = QuantizedLayer(
         spec,
         perm.to(spec.perm_dtype),

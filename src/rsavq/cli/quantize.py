@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from rsavq.cli.common import add_model_args, add_stream_arg, non_negative_int, positive_int
+from rsavq.clock import StageClock, format_clock, timed, using
 from rsavq.errors import UsageError
 from rsavq.runtime import resolve_device, resolve_dtype
 
@@ -39,6 +40,13 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_stream_arg(p)
     p.add_argument("--bits", type=float, required=True, help="average bits per weight (2, 3, 4)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads (default: $OMP_NUM_THREADS if set, else one per core); fewer when "
+        "other busy processes share the cores: oversubscribed threads run many times slower",
+    )
     p.add_argument("--method", choices=METHODS, default="rsavq")
     p.add_argument(
         "--preset", choices=PRESETS, default="default", help="rsavq configuration to start from"
@@ -308,9 +316,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from rsavq.api import Calibration, quantize
-    from rsavq.data import load_corpus
-    from rsavq.models import load_model, resolve_model
-    from rsavq.pipeline import check_output_dir, summarize
+    from rsavq.models import resolve_model
+    from rsavq.pipeline import check_output_dir, summarize, update_report
     from rsavq.stats import distributed
 
     config = _config_from_args(args)
@@ -318,53 +325,71 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     check_output_dir(Path(args.out))
     resolve_model(args.model)
     device = distributed.local_device(resolve_device(args.device))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     distributed.init_from_env(device)
     lead = distributed.world()[0] == 0  # prints, evaluates; the other ranks only quantize
     dtype = resolve_dtype(args.dtype, device)
+    clock = StageClock()
+    with using(clock):
+        calib, evaluation, model, tokenizer = _load(args, dtype, device)
+        before = _quick_ppl(model, tokenizer, evaluation, args) if evaluation and lead else None
+        if lead:
+            _say_what_runs(model, config, calib, args, tuning)
+        start = time.perf_counter()
+        records = quantize(
+            model,
+            config,
+            tokenizer=tokenizer,
+            calibration=Calibration(calib, args.nsamples, args.seqlen, args.seed),
+            out=args.out,
+            stats=args.stats,
+            model_id=args.model,
+            save_dtype=getattr(torch, args.save_dtype) if args.save_dtype else None,
+            finetune=tuning,
+        )
+        if not lead:
+            return 0
+        summary = summarize(records)
+        size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+        print(
+            f"quantized {summary['layers']} layers to {summary['bits_per_weight']:.4f} "
+            "bits/weight (stored, codebooks and permutations included) in "
+            f"{time.perf_counter() - start:.0f} s; checkpoint {args.out}: {size / 2**20:.1f} MiB"
+        )
+        if evaluation is not None:
+            after = _quick_ppl(model, tokenizer, evaluation, args)
+            print(
+                f"{evaluation.name} PPL over {after.windows} windows x {after.seqlen}: "
+                f"FP {before.ppl:.3f} -> {args.method} {after.ppl:.3f}"
+            )
+    update_report(args.out, clock=clock.to_dict())
+    print(f"stage clock ({torch.get_num_threads()} threads; also in {args.out}/report.json):")
+    print(format_clock(clock.to_dict()))
+    return 0
+
+
+@timed("load")
+def _load(args: argparse.Namespace, dtype, device):
+    """The calibration and evaluation text, the model and its tokenizer."""
+    from rsavq.data import load_corpus
+    from rsavq.models import load_model
+
     calib = load_corpus(args.calib, args.data_dir, args.text_field)
     evaluation = load_corpus(args.eval, args.data_dir, args.text_field) if args.eval else None
     model, tokenizer = load_model(
         args.model, dtype=dtype, device=device, stream=args.stream_weights
     )
-    before = _quick_ppl(model, tokenizer, evaluation, args) if evaluation and lead else None
-    if lead:
-        _say_what_runs(model, config, calib, args, tuning)
-    start = time.perf_counter()
-    records = quantize(
-        model,
-        config,
-        tokenizer=tokenizer,
-        calibration=Calibration(calib, args.nsamples, args.seqlen, args.seed),
-        out=args.out,
-        stats=args.stats,
-        model_id=args.model,
-        save_dtype=getattr(torch, args.save_dtype) if args.save_dtype else None,
-        finetune=tuning,
-    )
-    if not lead:
-        return 0
-    summary = summarize(records)
-    size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
-    print(
-        f"quantized {summary['layers']} layers to {summary['bits_per_weight']:.4f} bits/weight "
-        f"(stored, codebooks and permutations included) in {time.perf_counter() - start:.0f} s;"
-        f" checkpoint {args.out}: {size / 2**20:.1f} MiB"
-    )
-    if evaluation is not None:
-        after = _quick_ppl(model, tokenizer, evaluation, args)
-        print(
-            f"{evaluation.name} PPL over {after.windows} windows x {after.seqlen}: "
-            f"FP {before.ppl:.3f} -> {args.method} {after.ppl:.3f}"
-        )
-    return 0
+    return calib, evaluation, model, tokenizer
 
 
 def _quick_ppl(model, tokenizer, corpus, args):
     from rsavq.data import evaluation_windows
     from rsavq.eval import perplexity
 
-    windows = evaluation_windows(tokenizer, corpus, args.eval_seqlen, args.eval_limit)
-    return perplexity(model, windows, corpus.name)
+    with timed("eval"):
+        windows = evaluation_windows(tokenizer, corpus, args.eval_seqlen, args.eval_limit)
+        return perplexity(model, windows, corpus.name)
 
 
 def _say_what_runs(model, config, calib, args, tuning) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from rsavq.clock import timed
 from rsavq.modules import decoder_blocks
 from rsavq.stats.hessian import hessian_hooks, input_hessians
 from rsavq.streaming import materialize
@@ -145,7 +146,12 @@ def block_stages(block: nn.Module, layers: dict[str, nn.Module], inputs: Inputs)
 
 
 def _stage_hessians(
-    block: nn.Module, mine: dict, done: Callable[[str], bool], inputs: Inputs, staged: bool
+    block: nn.Module,
+    mine: dict,
+    done: Callable[[str], bool],
+    inputs: Inputs,
+    staged: bool,
+    index: int,
 ) -> Iterator[dict[str, torch.Tensor | None]]:
     """A block's `{name: H}`: all at once, or (`staged`) stage by stage, each stage's Hessians
     taken after the caller has quantized the stages before it."""
@@ -154,7 +160,8 @@ def _stage_hessians(
     for stage in stages:
         layers = {n: todo[n] for n in stage if n in todo}
         last = mine[stage[-1]] if staged else None
-        hessians = block_hessians(block, layers, inputs, until=last) if layers else {}
+        with timed("hessians", index):
+            hessians = block_hessians(block, layers, inputs, until=last) if layers else {}
         yield {n: hessians.get(n) for n in stage}
 
 
@@ -185,23 +192,28 @@ def sequential_hessians(
     inside = {name for name in layers if blocks_name and name.startswith(blocks_name + ".")}
     if blocks:
         sets = [windows] + ([heldout] if tune is not None and heldout is not None else [])
-        streams = [capture_inputs(model, blocks[0], w) for w in sets]
+        with timed("hessians", 0):
+            streams = [capture_inputs(model, blocks[0], w) for w in sets]
         fp_streams = streams
         for i, block in enumerate(blocks):
             materialize(block)  # a streamed block is read into memory now (rsavq.streaming)
             prefix = f"{blocks_name}.{i}."
             mine = {n: m for n, m in layers.items() if n.startswith(prefix)}
             if tune is not None:
-                fp_next = [run_block(block, x) for x in (fp_streams if model_targets else streams)]
+                fp_in = fp_streams if model_targets else streams
+                with timed("hessians", i):  # the FP block's outputs: the tuning's targets
+                    fp_next = [run_block(block, x) for x in fp_in]
                 targets = [[hidden_of(*b) for b in x] for x in fp_next]
-            yield from _stage_hessians(block, mine, done, streams[0], true_sequential)
+            yield from _stage_hessians(block, mine, done, streams[0], true_sequential, i)
             if tune is not None:
                 tune(i, block, list(zip(streams, targets, strict=True)))
                 fp_streams = fp_next
             if i + 1 < len(blocks):
-                streams = [run_block(block, x) for x in streams]
+                with timed("hessians", i):  # the next block's inputs
+                    streams = [run_block(block, x) for x in streams]
     rest = {n: m for n, m in layers.items() if n not in inside}
     if rest:
         todo = {n: m for n, m in rest.items() if not done(n)}
-        hessians = input_hessians(model, todo, windows, progress=False) if todo else {}
+        with timed("hessians", len(blocks)):
+            hessians = input_hessians(model, todo, windows, progress=False) if todo else {}
         yield {n: hessians.get(n) for n in rest}

@@ -1,0 +1,58 @@
+import time
+
+import pytest
+
+from rsavq.clock import StageClock, current, format_clock, timed, using
+
+
+def test_timed_is_a_no_op_without_a_clock():
+    assert current() is None
+    with timed("anything"):
+        pass
+
+
+def test_nested_stages_are_exclusive_and_add_up():
+    clock = StageClock()
+    with using(clock):
+        with timed("outer"):
+            time.sleep(0.05)
+            for block in range(2):
+                with timed("inner", block):
+                    time.sleep(0.03)
+        with timed("outer"):
+            pass
+    data = clock.to_dict()
+    outer, inner = data["stages"]["outer"], data["stages"]["inner"]
+    assert outer["calls"] == 2 and inner["calls"] == 2
+    assert 0.045 <= outer["seconds"] < 0.09  # the inner stage's time is not counted twice
+    assert 0.055 <= inner["seconds"] < 0.12
+    assert set(inner["per_item"]) == {"0", "1"} and "per_item" not in outer
+    assert outer["seconds"] + inner["seconds"] <= data["total_seconds"]
+    assert data["untimed_seconds"] >= 0
+    assert outer["peak_rss_gib"] > 0 and data["peak_rss_gib"] >= inner["peak_rss_gib"]
+
+
+def test_peak_rss_of_a_stage_sees_its_allocation():
+    torch = pytest.importorskip("torch")
+    clock = StageClock()
+    with using(clock):
+        with timed("small"):
+            pass
+        with timed("big"):
+            big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+            del big
+    stages = clock.to_dict()["stages"]
+    assert stages["big"]["peak_rss_gib"] - stages["small"]["peak_rss_gib"] > 0.04
+
+
+def test_using_restores_the_outer_clock_and_format():
+    outer, inner = StageClock(), StageClock()
+    with using(outer):
+        with using(inner), timed("a"):
+            pass
+        assert current() is outer
+        with timed("b"):
+            pass
+    assert list(inner.to_dict()["stages"]) == ["a"] and list(outer.to_dict()["stages"]) == ["b"]
+    text = format_clock(outer.to_dict())
+    assert text.splitlines()[0].lstrip().startswith("b ") and "total" in text.splitlines()[-1]
