@@ -24,20 +24,17 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q
 
-# The main job on the built-in default: quantize the bundled SmolLM2-135M to 3 bits with the
-# default preset on a budget that fits 30 minutes on a 2-core CPU: Fisher statistics and input
-# Hessians (block by block) from 32 x 512 C4 tokens (Fisher cached for reuse), no fine-tuning
-# (the full default, block fine-tuning and distillation, took 71 minutes on the same machine
-# when it distilled on 64 windows, longer now that it distills on 256: README); then FP vs
-# quantized WikiText-2 perplexity on the first 8 windows of 2048 tokens; embeddings and norms
-# stored in bfloat16. Rewrites runs/demo-smollm2-3bit.
-# DEMO_ARGS=... replaces the budget, e.g. DEMO_ARGS='--nsamples 64' for the full default.
+# The main job on the built-in default: quantize the bundled SmolLM2-135M to 3 bits with exactly
+# what `rsavq quantize --bits 3` does by default (Fisher statistics and block-by-block input
+# Hessians from 128 x 512 C4 tokens, block fine-tuning, distillation on 256 windows; embeddings
+# and norms stored in bfloat16), then FP vs quantized WikiText-2 perplexity on the first 8 windows
+# of 2048 tokens, and the stage clock. Rewrites runs/demo-smollm2-3bit.
 DEMO_OUT ?= runs/demo-smollm2-3bit
-DEMO_ARGS ?= --nsamples 32 --finetune none
+DEMO_ARGS ?=
 demo: setup
 	rm -rf $(DEMO_OUT)
-	$(VENV)/bin/rsavq quantize --model smollm2-135m --bits 3 --calib c4 --seqlen 512 \
-		$(DEMO_ARGS) --save-dtype bfloat16 --out $(DEMO_OUT) --eval wikitext2 --eval-limit 8
+	$(VENV)/bin/rsavq quantize --model smollm2-135m --bits 3 $(DEMO_ARGS) --save-dtype bfloat16 \
+		--out $(DEMO_OUT) --eval wikitext2 --eval-limit 8
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

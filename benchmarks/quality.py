@@ -355,8 +355,12 @@ class Runner:
         options, (windows, held) = row.distillation, self.finetune_windows(row)
         windows = self.calibration() if windows is None else windows
         start = time.perf_counter()
-        targets = teacher_targets(teacher, windows, options.top_k)
-        heldout = None if held is None else (held, teacher_targets(teacher, held, options.top_k))
+        targets = teacher_targets(teacher, windows, options.top_k, bf16=options.bf16)
+        heldout = (
+            None
+            if held is None
+            else (held, teacher_targets(teacher, held, options.top_k, bf16=options.bf16))
+        )
         del teacher
         report = distill(model, windows, targets, options, heldout=heldout, progress=False)
         report["teacher_seconds"] = time.perf_counter() - start - report["seconds"]

@@ -145,7 +145,8 @@ def test_distilling_a_saved_checkpoint_equals_the_pipeline(tmp_path):
     fp = build_tiny_llama(64)  # the FP model again (the layers were replaced in place)
     fp.load_state_dict(start)
     model = load_quantized(tmp_path / "tuned")
-    distill(model, windows(), teacher_targets(fp, windows(), options.top_k), options,
+    teacher = teacher_targets(fp, windows(), options.top_k, bf16=options.bf16)
+    distill(model, windows(), teacher, options,
             progress=False)  # fmt: skip
     torch.manual_seed(0)
     direct = build_tiny_llama(64)

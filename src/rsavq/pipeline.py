@@ -291,9 +291,9 @@ def _teacher(store: Store, model, calibration, heldout, options: Distillation) -
     windows: computed once, kept as a store item."""
     if not store.has("teacher"):
         logger.info("teacher distributions for distillation (top %d tokens)", options.top_k)
-        tensors = teacher_targets(model, calibration, options.top_k)
+        tensors = teacher_targets(model, calibration, options.top_k, bf16=options.bf16)
         if heldout is not None:
-            held = teacher_targets(model, heldout, options.top_k)
+            held = teacher_targets(model, heldout, options.top_k, bf16=options.bf16)
             tensors |= {f"heldout.{k}": v for k, v in held.items()}
         store.put("teacher", tensors, {})
     return store.get("teacher")[0]

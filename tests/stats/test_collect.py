@@ -6,9 +6,22 @@ from rsavq.stats.collect import CollectOptions, collect_fisher, make_accumulator
 
 
 def collected(model, layers, windows, **options):
-    accs = make_accumulators(layers, options.pop("diag_output", False), "cpu")
-    collect_fisher(model, windows, layers, accs, CollectOptions(progress=False, **options))
+    """The statistics in float32 (exact against the brute force) unless `bf16=True`."""
+    options = CollectOptions(**{"progress": False, "bf16": False, **options})
+    accs = make_accumulators(layers, options.diag_output, "cpu")
+    collect_fisher(model, windows, layers, accs, options)
     return {name: acc.stats for name, acc in accs.items()}
+
+
+def test_bf16_collection_stays_close_to_float32(tiny):
+    assert CollectOptions().bf16  # the default: bfloat16 forward and backward passes
+    model, layers, windows = tiny
+    exact, fast = collected(model, layers, windows), collected(model, layers, windows, bf16=True)
+    for name in layers:
+        for key in ("F_O", "F_I", "g"):
+            ref, got = getattr(exact[name], key).double(), getattr(fast[name], key).double()
+            assert (got - ref).norm() / ref.norm() < 0.05, (name, key)
+            assert not torch.equal(got, ref)  # bfloat16 really ran
 
 
 @pytest.mark.parametrize("options", [{}, {"batch_size": 2}, {"gradient_checkpointing": True}])

@@ -50,9 +50,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
-        "--fast-gram",
+        "--fp32",
         action="store_true",
-        help="bf16 Gram products with fp32 accumulation (faster; ~0.3%% per-sample rounding)",
+        help="float32 forward and backward passes (default: bfloat16 autocast, 1.4x faster on "
+        "CPUs with AMX and on GPUs; gradients and their products stay float32)",
     )
     p.add_argument("--include-lm-head", action="store_true")
     p.add_argument("--text-field", default="text")
@@ -60,7 +61,6 @@ def add_parser(sub) -> None:
 
 
 def _cmd_fisher(args: argparse.Namespace) -> int:
-    import torch
 
     from rsavq.data import load_corpus
     from rsavq.models import load_model, resolve_model
@@ -87,7 +87,7 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
         args.diag_output,
         args.gradient_checkpointing,
         args.checkpoint_every,
-        gram_dtype=torch.bfloat16 if args.fast_gram else torch.float32,
+        bf16=not args.fp32,
         memory_budget=budget,
     )
     shapes = {n: weight_shape(m) for n, m in require_linears(model, skip).items()}

@@ -35,7 +35,10 @@ class CollectOptions:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # samples between on-disk checkpoints (0: never)
     progress: bool = True
-    gram_dtype: torch.dtype = torch.float32  # bfloat16: faster Gram products, fp32 accumulation
+    # bfloat16 autocast for the forward and backward passes: 1.4x faster on CPUs with AMX and on
+    # GPUs (BENCHMARKS.md, Cost). The per-sequence gradients and their Gram products stay float32
+    # (bfloat16 products lose the factors' positive definiteness on few samples)
+    bf16: bool = True
     memory_budget: int | None = None  # bytes of accumulators per rank: more passes if needed
 
 
@@ -75,7 +78,9 @@ def collect_fisher(
         for first in range(done, len(windows), options.batch_size):
             batch = windows[first : first + options.batch_size].to(device)
             batch_size[0] = len(batch)
-            sequence_loss(model, batch).backward()
+            with torch.autocast(device.type, torch.bfloat16, enabled=options.bf16):
+                loss = sequence_loss(model, batch)
+            loss.backward()
             bar.update(len(batch))
             seen = first + len(batch)
             every = options.checkpoint_every
@@ -167,12 +172,16 @@ def _per_sequence(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t if t.dim() == 3 else t.reshape(batch, -1, t.shape[-1])
 
 
-def time_forward_backward(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
-    """Seconds for plain forward+backward passes (weight gradients on) over `windows`: the
-    baseline that collection overhead is measured against."""
+def time_forward_backward(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 1, bf16: bool = False
+) -> float:
+    """Seconds for plain forward+backward passes (weight gradients on; bfloat16 autocast with
+    `bf16`) over `windows`: the baseline that collection overhead is measured against."""
     device = next(model.parameters()).device
     start = time.perf_counter()
     for first in range(0, len(windows), batch_size):
-        sequence_loss(model, windows[first : first + batch_size].to(device)).backward()
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            loss = sequence_loss(model, windows[first : first + batch_size].to(device))
+        loss.backward()
         model.zero_grad(set_to_none=True)
     return time.perf_counter() - start

@@ -66,6 +66,8 @@ def fisher_stats(
         "dtype": str(next(model.parameters()).dtype),
         "diag_output": options.diag_output,
     }
+    if options.bf16:  # (float32 runs keep the identity they had before the option)
+        run["compute"] = "bfloat16"
     shapes = {name: weight_shape(layer) for name, layer in layers.items()}
     entries = {name: _entry(shape, len(windows), options.diag_output) for name, shape in
                shapes.items()}  # fmt: skip
@@ -110,7 +112,7 @@ def _collect_pass(model, windows, layers, out: Path, manifest, options, checkpoi
     """Collect `layers` over this rank's `windows`, resumably, and write them (each layer by
     its owner rank when distributed)."""
     device = next(model.parameters()).device
-    accumulators = make_accumulators(layers, options.diag_output, device, options.gram_dtype)
+    accumulators = make_accumulators(layers, options.diag_output, device)
     done = load_checkpoint(out, manifest, accumulators, checkpoint)
     if done:
         logger.info("resuming from checkpoint in %s: %d of %d sequences done", out, done,
@@ -154,7 +156,8 @@ def default_stats_dir(model: nn.Module, calibration: CalibrationSpec) -> Path:
 
     from rsavq.models import cache_dir
 
-    key = json.dumps(asdict(calibration), sort_keys=True).encode()
+    key = asdict(calibration) | ({"compute": "bfloat16"} if CollectOptions.bf16 else {})
+    key = json.dumps(key, sort_keys=True).encode()
     return (
         cache_dir()
         / "fisher"

@@ -1,0 +1,123 @@
+"""Cost of the full default: `rsavq quantize` from a cold cache, stage by stage, per width.
+
+    python benchmarks/cost.py --bits 3,2,4 --json benchmarks/results/cost.json
+    python benchmarks/cost.py --table benchmarks/results/cost.json   # the BENCHMARKS.md table
+
+Each width runs `rsavq quantize --model smollm2-135m --bits B` with nothing but its defaults
+(Fisher statistics into a fresh directory, so they are collected, not reused; embeddings and
+norms saved in bfloat16 as `make demo` does), in a process of its own with the threads given
+(default: all cores; time on a quiet machine). The stage clock comes from the checkpoint's
+report.json. Then `rsavq eval` gives the fast-protocol quality (WikiText-2, first 16 windows of
+2048 tokens, bfloat16). Resumable: a width already in the JSON is skipped; `--extra` passes
+more options to `rsavq quantize` (e.g. a baseline to compare against) and joins the row's key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STAGES = (
+    "load", "fisher", "teacher", "hessians", "quantize", "refit", "finetune", "distill", "save",
+)  # fmt: skip
+
+
+def run_width(bits: int, threads: int, extra: list[str], windows: int, keep: Path | None) -> dict:
+    """One cold-cache run of the full default at `bits`: its stage clock and quality."""
+    with tempfile.TemporaryDirectory(prefix="rsavq-cost-") as tmp:
+        out = (keep or Path(tmp)) / f"q{bits}"
+        command = [
+            sys.executable, "-m", "rsavq.cli", "quantize", "--model", "smollm2-135m",
+            "--bits", str(bits), "--stats", str(Path(tmp) / "stats"), "--out", str(out),
+            "--save-dtype", "bfloat16", "--threads", str(threads), *extra,
+        ]  # fmt: skip
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        wall = time.perf_counter() - start
+        report = json.loads((out / "report.json").read_text())
+        result = Path(tmp) / "eval.json"
+        subprocess.run(
+            [
+                sys.executable, "-m", "rsavq.cli", "eval", "--model", str(out), "--ppl",
+                "wikitext2", "--limit", str(windows), "--dtype", "bfloat16", "--json",
+                str(result),
+            ],
+            check=True,
+            env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
+        )  # fmt: skip
+        [ppl] = json.loads(result.read_text())["perplexity"]
+        size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return {
+        "bits": bits,
+        "command": shlex.join(["rsavq", *command[3:]]),
+        "wall_seconds": wall,
+        "clock": report["clock"],
+        "bits_per_weight": report["summary"]["bits_per_weight"],
+        "checkpoint_mib": size / 2**20,
+        "ppl": {
+            "source": "wikitext2",
+            "windows": ppl["windows"],
+            "dtype": "bfloat16",
+            "value": ppl["ppl"],
+        },  # fmt: skip
+    }
+
+
+def table(results: dict) -> str:
+    """One row per run: minutes per stage, the total, peak RSS, and the fast-protocol PPL."""
+    head = ["bits", "options", *STAGES, "total min", "peak RSS GiB", "PPL (16 win. bf16)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in results["runs"].values():
+        stages = row["clock"]["stages"]
+        cells = [str(row["bits"]), row.get("extra") or "(default)"]
+        cells += [f"{stages[s]['seconds'] / 60:.1f}" if s in stages else "-" for s in STAGES]
+        cells += [
+            f"**{row['clock']['total_seconds'] / 60:.1f}**",
+            f"{row['clock']['peak_rss_gib']:.2f}",
+            f"{row['ppl']['value']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bits", default="3,2,4")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--extra", default="", help="more rsavq quantize options")
+    parser.add_argument("--windows", type=int, default=16, help="WikiText-2 windows evaluated")
+    parser.add_argument("--keep", default=None, help="keep the checkpoints under this directory")
+    parser.add_argument("--json", default="benchmarks/results/cost.json")
+    parser.add_argument("--table", default=None, help="print the table of this JSON and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
+    path = Path(args.json)
+    results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    results["machine"] = {"cpus": os.cpu_count(), "processor": platform.processor() or
+                          platform.machine(), "threads": args.threads}  # fmt: skip
+    for bits in (int(b) for b in args.bits.split(",")):
+        key = f"{bits} {args.extra}".strip()
+        if key in results["runs"]:
+            continue
+        keep = Path(args.keep) if args.keep else None
+        row = run_width(bits, args.threads, shlex.split(args.extra), args.windows, keep)
+        results["runs"][key] = {**row, "extra": args.extra}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        tmp.replace(path)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
