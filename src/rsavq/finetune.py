@@ -23,7 +23,7 @@ from torch import nn
 
 from rsavq.errors import UsageError
 from rsavq.kernels.reference import decode_vectors, unpack_block, unpermute, vectors_block
-from rsavq.nn import VQLinear
+from rsavq.nn import VQLinear, dequantized
 from rsavq.packing import pack
 from rsavq.stats.sequential import Inputs, Pairs, block_output, hidden_of
 
@@ -210,8 +210,9 @@ def _code_group(idx: torch.Tensor, books: nn.Parameter) -> CodeGroup:
 
 
 def block_loss(block: nn.Module, batches) -> float:
-    """Mean relative squared error of `block` on `(args, kwargs, target)` batches."""
-    with torch.no_grad():
+    """Mean relative squared error of `block` on `(args, kwargs, target)` batches (its
+    quantized layers dequantized once for the pass)."""
+    with torch.no_grad(), dequantized(block):
         losses = [_relative_mse(block_output(block(*a, **k)), t).item() for a, k, t in batches]
     return sum(losses) / len(losses)
 

@@ -3,6 +3,7 @@ import torch
 
 from rsavq.config import ChannelAxis, LayerSpec
 from rsavq.kernels import dequantize, vq_linear
+from rsavq.kernels.reference import decode_vectors
 from rsavq.packing import pack
 
 
@@ -54,3 +55,18 @@ def test_dequantize_matches_definition(axis, m, n, sizes, bits):
     torch.testing.assert_close(W, naive_dequantize(idx, books, perm, spec))
     x = torch.randn(3, n, generator=gen)
     torch.testing.assert_close(vq_linear(x, packed, books, perm, spec), x @ W.T)
+
+
+@pytest.mark.parametrize(("P", "d"), [(1, 2), (1, 4), (2, 3)])
+def test_decoded_vectors_gradient_equals_indexing(P, d):
+    gen = torch.Generator().manual_seed(P * 10 + d)
+    K = 16
+    idx = torch.randint(0, K, (7, 5, P), generator=gen)
+    books = torch.randn(P, K, d, generator=gen, requires_grad=True)
+    upstream = torch.randn(7, 5, P, d, generator=gen)
+    (decode_vectors(idx, books) * upstream).sum().backward()
+    plain = books.detach().clone().requires_grad_(True)
+    expected = torch.stack([plain[p][idx[..., p]] for p in range(P)], dim=2)
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(decode_vectors(idx, books), expected)
+    torch.testing.assert_close(books.grad, plain.grad, rtol=1e-5, atol=1e-5)

@@ -3,7 +3,7 @@ import torch
 
 from helpers import plain_config
 from rsavq.algorithms.rsavq import quantize_layer
-from rsavq.nn import VQLinear
+from rsavq.nn import VQLinear, dequantized
 
 SCALES = pytest.mark.parametrize("scales", [False, True], ids=["no-scales", "row-scales"])
 
@@ -50,3 +50,26 @@ def test_built_from_spec_alone_then_loaded(scales):
     empty.load_state_dict(source.state_dict(), assign=True)
     x = torch.randn(2, 40)
     torch.testing.assert_close(empty(x), source(x))
+
+
+@pytest.mark.parametrize("scales", [False, True])
+def test_dequantized_runs_dense_with_the_same_function(scales):
+    layer = make_module(bias=True, scales=scales)
+    model = torch.nn.Sequential(layer, torch.nn.ReLU())
+    x = torch.randn(3, 5, layer.in_features)
+    expected = model(x)
+    with dequantized(model):
+        assert "forward" in vars(layer)  # dense, decoded once
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        assert model(x.bfloat16()).dtype == torch.bfloat16  # a model cast to bfloat16 runs too
+    assert "forward" not in vars(layer)  # the kernel again
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_dequantized_leaves_a_replaced_forward_alone():
+    layer = make_module()
+    trained = lambda x: x  # noqa: E731  (as `finetune.trainable` replaces it)
+    layer.forward = trained
+    with dequantized(layer):
+        assert layer.forward is trained
+    assert layer.forward is trained

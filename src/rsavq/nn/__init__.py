@@ -1,6 +1,6 @@
 """Quantized modules."""
 
 from rsavq.nn.codebooks import SharedCodebooks
-from rsavq.nn.vq_linear import VQLinear, set_backend
+from rsavq.nn.vq_linear import VQLinear, dequantized, set_backend
 
-__all__ = ["SharedCodebooks", "VQLinear", "set_backend"]
+__all__ = ["SharedCodebooks", "VQLinear", "dequantized", "set_backend"]

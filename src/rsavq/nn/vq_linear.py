@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rsavq.config import LayerSpec
@@ -156,6 +160,30 @@ class VQLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"group_bits={list(self.spec.group_bits)}, axis={self.spec.axis}"
         )
+
+
+@contextlib.contextmanager
+def dequantized(module: nn.Module) -> Iterator[None]:
+    """Run every `VQLinear` of `module` as a dense linear whose weight is dequantized once on
+    entry: the same function as its kernel (up to summation order), and as fast as a dense
+    layer on many tokens at a time (calibration and loss passes), at the memory of the dense
+    weights. A layer whose forward is already replaced (being trained) is left as it is."""
+    layers = [m for m in module.modules() if isinstance(m, VQLinear) and "forward" not in vars(m)]
+    for layer in layers:
+        layer.forward = _dense(layer.dequantize(), layer.bias)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _dense(weight: torch.Tensor, bias: torch.Tensor | None):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        b = None if bias is None else bias.to(x.dtype)
+        return F.linear(x, weight.to(x.dtype), b)
+
+    return forward
 
 
 def set_backend(model: nn.Module, backend: Backend | str) -> int:

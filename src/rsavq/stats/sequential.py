@@ -19,6 +19,7 @@ from torch import nn
 
 from rsavq.clock import timed
 from rsavq.modules import decoder_blocks
+from rsavq.nn import dequantized
 from rsavq.stats.hessian import hessian_hooks, input_hessians
 from rsavq.streaming import materialize
 
@@ -64,15 +65,17 @@ def block_output(out) -> torch.Tensor:
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
-    """The next block's inputs: each batch's hidden states replaced by this block's output."""
-    outputs = []
-    for args, kwargs in inputs:
-        hidden = block_output(block(*args, **kwargs))
-        if args:
-            outputs.append(((hidden, *args[1:]), kwargs))
-        else:
-            outputs.append((args, {**kwargs, "hidden_states": hidden}))
-    return outputs
+    """The next block's inputs: each batch's hidden states replaced by this block's output
+    (quantized layers dequantized once for the pass: `rsavq.nn.dequantized`)."""
+    with dequantized(block):
+        return [_with_hidden(args, kwargs, block_output(block(*args, **kwargs)))
+                for args, kwargs in inputs]  # fmt: skip
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
 @contextlib.contextmanager
