@@ -9,7 +9,9 @@ norms saved in bfloat16 as `make demo` does), in a process of its own with the t
 (default: all cores; time on a quiet machine). The stage clock comes from the checkpoint's
 report.json. Then `rsavq eval` gives the fast-protocol quality (WikiText-2, first 16 windows of
 2048 tokens, bfloat16). Resumable: a width already in the JSON is skipped; `--extra` passes
-more options to `rsavq quantize` (e.g. a baseline to compare against) and joins the row's key.
+more options to `rsavq quantize` and `--label` names the row (both join its key). The code
+measured is the one `python -m rsavq.cli` imports: `PYTHONPATH=<an older checkout>/src` times
+that commit's code.
 """
 
 from __future__ import annotations
@@ -73,11 +75,11 @@ def run_width(bits: int, threads: int, extra: list[str], windows: int, keep: Pat
 
 def table(results: dict) -> str:
     """One row per run: minutes per stage, the total, peak RSS, and the fast-protocol PPL."""
-    head = ["bits", "options", *STAGES, "total min", "peak RSS GiB", "PPL (16 win. bf16)"]
+    head = ["bits", "run", *STAGES, "total min", "peak RSS GiB", "PPL (16 win. bf16)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in results["runs"].values():
         stages = row["clock"]["stages"]
-        cells = [str(row["bits"]), row.get("extra") or "(default)"]
+        cells = [str(row["bits"]), row.get("label") or row.get("extra") or "(default)"]
         cells += [f"{stages[s]['seconds'] / 60:.1f}" if s in stages else "-" for s in STAGES]
         cells += [
             f"**{row['clock']['total_seconds'] / 60:.1f}**",
@@ -93,6 +95,9 @@ def main() -> None:
     parser.add_argument("--bits", default="3,2,4")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--extra", default="", help="more rsavq quantize options")
+    parser.add_argument(
+        "--label", default="", help="the row's name (default: the options), e.g. the code's commit"
+    )
     parser.add_argument("--windows", type=int, default=16, help="WikiText-2 windows evaluated")
     parser.add_argument("--keep", default=None, help="keep the checkpoints under this directory")
     parser.add_argument("--json", default="benchmarks/results/cost.json")
@@ -106,12 +111,12 @@ def main() -> None:
     results["machine"] = {"cpus": os.cpu_count(), "processor": platform.processor() or
                           platform.machine(), "threads": args.threads}  # fmt: skip
     for bits in (int(b) for b in args.bits.split(",")):
-        key = f"{bits} {args.extra}".strip()
+        key = f"{bits} {args.label or args.extra}".strip()
         if key in results["runs"]:
             continue
         keep = Path(args.keep) if args.keep else None
         row = run_width(bits, args.threads, shlex.split(args.extra), args.windows, keep)
-        results["runs"][key] = {**row, "extra": args.extra}
+        results["runs"][key] = {**row, "extra": args.extra, "label": args.label}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1) + "\n")

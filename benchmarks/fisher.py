@@ -4,7 +4,8 @@
 
 Runs, in one process on the same calibration windows, interleaved window by window so that any
 background load falls on both equally: (1) `rsavq` Fisher collection (hooks, accumulators),
-(2) bare forward+backward passes with ordinary weight gradients. The ratio (1)/(2) is the
+(2) bare forward+backward passes with ordinary weight gradients, both with bfloat16 autocast as
+`rsavq quantize` collects (or both in float32 with `--fp32`). The ratio (1)/(2) is the
 collection overhead (target <= 1.25). The statistics are then written to a temporary directory
 to measure their size on disk.
 """
@@ -42,7 +43,9 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
-    parser.add_argument("--gram-dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--fp32", action="store_true", help="float32 passes (default: bfloat16 autocast, both)"
+    )
     parser.add_argument("--json", default="benchmarks/results/fisher.json")
     args = parser.parse_args()
 
@@ -50,15 +53,14 @@ def main() -> None:
     corpus = load_corpus("c4", args.data_dir)
     windows = calibration_windows(tokenizer, corpus, args.nsamples, args.seqlen, seed=0)
     layers = find_linears(model)
-    gram_dtype = getattr(torch, args.gram_dtype)
-    accumulators = make_accumulators(layers, False, "cpu", gram_dtype)
-    options = CollectOptions(progress=False)
+    accumulators = make_accumulators(layers, False, "cpu")
+    options = CollectOptions(progress=False, bf16=not args.fp32)
     collect_s = bare_s = 0.0
     for i in tqdm(range(args.nsamples), desc="collect vs bare", unit="seq"):
         start = time.perf_counter()
         collect_fisher(model, windows[: i + 1], layers, accumulators, options)  # window i only
         collect_s += time.perf_counter() - start
-        bare_s += time_forward_backward(model, windows[i : i + 1])
+        bare_s += time_forward_backward(model, windows[i : i + 1], bf16=options.bf16)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = Path(tempfile.mkdtemp(prefix="rsavq-fisher-bench-"))
     try:
@@ -74,6 +76,7 @@ def main() -> None:
         "seqlen": args.seqlen,
         "layers": len(layers),
         "threads": torch.get_num_threads(),
+        "passes": "float32" if args.fp32 else "bfloat16 autocast",
         "collect_s": collect_s,
         "bare_fwd_bwd_s": bare_s,
         "ratio": collect_s / bare_s,

@@ -23,6 +23,20 @@ def test_block_by_block_equals_one_pass_when_nothing_changes():
         torch.testing.assert_close(seen[name], one_pass[name], rtol=1e-4, atol=1e-5)
 
 
+def test_hessians_with_tuning_equal_those_without():
+    """With block fine-tuning the targets' FP pass gives the Hessians too (one pass, not two):
+    the same Hessians, and never from the held-out windows."""
+    model = build_tiny_llama(vocab_size=64, layers=2)
+    layers = find_linears(model)
+    plain = {n: h for b in sequential_hessians(model, layers, _windows()) for n, h in b.items()}
+    held = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(9))
+    tuned = sequential_hessians(model, layers, _windows(), tune=lambda *a: None, heldout=held)
+    fused = {n: h for b in tuned for n, h in b.items()}
+    assert list(fused) == list(plain)
+    for name in layers:
+        assert torch.equal(fused[name], plain[name]), name
+
+
 def test_later_blocks_see_the_changed_prefix():
     model = build_tiny_llama(vocab_size=64, layers=3)
     layers = find_linears(model)

@@ -52,8 +52,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--fp32",
         action="store_true",
-        help="float32 forward and backward passes (default: bfloat16 autocast, 1.4x faster on "
-        "CPUs with AMX and on GPUs; gradients and their products stay float32)",
+        help="float32 passes and per-sequence gradients (default: bfloat16, 1.3x faster on "
+        "CPUs with AMX and on GPUs; their Gram products and sums are float32 either way)",
     )
     p.add_argument("--include-lm-head", action="store_true")
     p.add_argument("--text-field", default="text")

@@ -168,6 +168,18 @@ def _stage_hessians(
         yield {n: hessians.get(n) for n in stage}
 
 
+def _fp_outputs(
+    block: nn.Module, streams: list[Inputs], layers: dict[str, nn.Module], index: int
+) -> tuple[list[Inputs], dict[str, torch.Tensor]]:
+    """The (FP) block's outputs on each of `streams`, and the input Hessians of `layers` from
+    the first stream only (the calibration's: the held-out windows never enter a Hessian)."""
+    with timed("hessians", index):
+        with hessian_hooks(layers) as finish:
+            first = run_block(block, streams[0])
+            hessians = finish()
+        return [first, *(run_block(block, x) for x in streams[1:])], hessians
+
+
 def sequential_hessians(
     model: nn.Module,
     layers: dict[str, nn.Module],
@@ -202,12 +214,17 @@ def sequential_hessians(
             materialize(block)  # a streamed block is read into memory now (rsavq.streaming)
             prefix = f"{blocks_name}.{i}."
             mine = {n: m for n, m in layers.items() if n.startswith(prefix)}
+            # one FP pass gives the tuning's targets and, on the same inputs, the Hessians
+            fused = tune is not None and not model_targets and not true_sequential
             if tune is not None:
                 fp_in = fp_streams if model_targets else streams
-                with timed("hessians", i):  # the FP block's outputs: the tuning's targets
-                    fp_next = [run_block(block, x) for x in fp_in]
+                todo = {n: m for n, m in mine.items() if not done(n)} if fused else {}
+                fp_next, hessians = _fp_outputs(block, fp_in, todo, i)
                 targets = [[hidden_of(*b) for b in x] for x in fp_next]
-            yield from _stage_hessians(block, mine, done, streams[0], true_sequential, i)
+            if fused:
+                yield {n: hessians.get(n) for n in mine}
+            else:
+                yield from _stage_hessians(block, mine, done, streams[0], true_sequential, i)
             if tune is not None:
                 tune(i, block, list(zip(streams, targets, strict=True)))
                 fp_streams = fp_next

@@ -1,0 +1,36 @@
+"""The cost benchmark's table, on a synthetic result (no quantization runs)."""
+
+import importlib.util
+from pathlib import Path
+
+PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "cost.py"
+
+
+def load_cost():
+    spec = importlib.util.spec_from_file_location("cost", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(bits, stages, label=""):
+    clock = {
+        "stages": {name: {"seconds": s, "peak_rss_gib": 1.0, "calls": 1} for name, s in stages},
+        "total_seconds": sum(s for _, s in stages) + 6,
+        "peak_rss_gib": 4.25,
+    }
+    return {"bits": bits, "clock": clock, "ppl": {"value": 29.5}, "extra": "", "label": label}
+
+
+def test_table_has_a_column_per_stage_and_the_total():
+    cost = load_cost()
+    results = {"runs": {"3": run(3, [("fisher", 300), ("finetune", 600)]),
+                        "2 old": run(2, [("distill", 120)], label="old")}}  # fmt: skip
+    lines = cost.table(results).splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[:3] == ["bits", "run", "load"] and head[-3] == "total min"
+    first = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert first[1] == "(default)" and first[head.index("fisher")] == "5.0"
+    assert first[head.index("finetune")] == "10.0" and first[head.index("teacher")] == "-"
+    assert first[head.index("total min")] == "**15.1**" and first[-1] == "29.50"
+    assert lines[3].split("|")[2].strip() == "old"
