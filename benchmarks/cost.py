@@ -63,6 +63,7 @@ def run_width(bits: int, threads: int, extra: list[str], windows: int, keep: Pat
         "wall_seconds": wall,
         "clock": report["clock"],
         "bits_per_weight": report["summary"]["bits_per_weight"],
+        "layers": len(report["layers"]),
         "checkpoint_mib": size / 2**20,
         "ppl": {
             "source": "wikitext2",
@@ -84,9 +85,44 @@ def table(results: dict) -> str:
         cells += [
             f"**{row['clock']['total_seconds'] / 60:.1f}**",
             f"{row['clock']['peak_rss_gib']:.2f}",
-            f"{row['ppl']['value']:.2f}",
+            f"{row['ppl']['value']:.2f}" if row.get("ppl") else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def work(row: dict) -> dict[str, float]:
+    """The units each stage's time grows with, from the run's options: calibration windows
+    (Fisher, calibration passes, block fine-tuning), teacher windows (the distillation's and 4
+    held-out), distillation windows, and layers (quantize, refit)."""
+    options = row.get("extra", "").split()
+
+    def option(name: str, default: int) -> int:
+        return int(options[options.index(name) + 1]) if name in options else default
+
+    calib, distill = option("--nsamples", 128), option("--distill-windows", 256)
+    layers = row.get("layers", 210)
+    return {"fisher": calib, "teacher": distill + 4, "hessians": calib, "quantize": layers,
+            "refit": layers, "finetune": calib, "distill": distill}  # fmt: skip
+
+
+UNITS = {"fisher": "s / window", "teacher": "s / window", "hessians": "s / window",
+         "quantize": "s / layer", "refit": "s / layer", "finetune": "s / window (2 epochs)",
+         "distill": "s / window (1 step)"}  # fmt: skip
+
+
+def rates(results: dict) -> str:
+    """Each stage's seconds per unit of work (`work`), one column per run: runs of different
+    sizes compare stage by stage."""
+    runs = list(results["runs"].values())
+    head = ["stage", "unit", *(r.get("label") or f"{r['bits']} bits, this code" for r in runs)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for stage, unit in UNITS.items():
+        cells = []
+        for r in runs:
+            seconds = r["clock"]["stages"].get(stage, {}).get("seconds")
+            cells.append("-" if seconds is None else f"{seconds / work(r)[stage]:.2f}")
+        lines.append(f"| {stage} | {unit} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -102,7 +138,18 @@ def main() -> None:
     parser.add_argument("--keep", default=None, help="keep the checkpoints under this directory")
     parser.add_argument("--json", default="benchmarks/results/cost.json")
     parser.add_argument("--table", default=None, help="print the table of this JSON and exit")
+    parser.add_argument(
+        "--rates", nargs="+", default=None, help="print the stage rates of these JSONs and exit"
+    )
     args = parser.parse_args()
+    if args.rates:
+        runs = {}
+        for path in args.rates:
+            runs |= {
+                f"{path}:{k}": v for k, v in json.loads(Path(path).read_text())["runs"].items()
+            }
+        print(rates({"runs": runs}))
+        return
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
         return
