@@ -18,7 +18,6 @@ block) apart.
 from __future__ import annotations
 
 import contextlib
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -37,6 +36,10 @@ def _peak_rss() -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    try:
+        import resource
+    except ImportError:  # (Windows: no peak to read)
+        return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

@@ -44,8 +44,8 @@ class BlockTuning:
     micro_batch: int = 2  # sequences per optimizer step
     seed: int = 0
     heldout: int = 4  # calibration-length windows from unseen documents, to watch over-fitting
-    # bfloat16 autocast for the training steps (losses measured as the model): ~2x faster steps
-    # on CPUs with AMX or AVX-512 BF16 and on GPUs (BENCHMARKS.md, Cost)
+    # bfloat16 autocast for the training steps (losses measured as the model): faster steps on
+    # CPUs with AMX or AVX-512 BF16 and on GPUs (BENCHMARKS.md, Cost)
     bf16: bool = True
     # "block": the FP block's outputs on the quantized prefix's outputs (AQLM); "model": the FP
     # model's own hidden states, so each block also learns to undo the error of those before it

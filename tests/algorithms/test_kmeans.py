@@ -1,13 +1,18 @@
+import pytest
 import torch
 
-from rsavq.algorithms.kmeans import assign, kmeans, update, weighted_distances
+from rsavq.algorithms.kmeans import CHUNK_ELEMENTS, assign, kmeans, update
 
 
-def test_weighted_distances_match_definition():
+def test_assignment_is_the_nearest_codeword_by_definition():
     gen = torch.Generator().manual_seed(0)
-    X, w, C = torch.randn(7, 3, generator=gen), torch.rand(7, 3, generator=gen), torch.randn(4, 3)
-    expected = ((X[:, None] - C[None]) ** 2 * w[:, None]).sum(-1)
-    torch.testing.assert_close(weighted_distances(X, w, C), expected, rtol=1e-5, atol=1e-5)
+    n = CHUNK_ELEMENTS // 4 + 37  # several chunks of points
+    X, w, C = torch.randn(n, 3, generator=gen), torch.rand(n, 3, generator=gen), torch.randn(4, 3)
+    distances = ((X[:, None] - C[None]) ** 2 * w[:, None]).sum(-1)
+    codes, loss = assign(X, w, C)
+    best = distances.min(dim=1)
+    assert torch.equal(codes, best.indices)
+    assert loss == pytest.approx(best.values.double().sum().item(), rel=1e-5)
 
 
 def test_update_is_weighted_mean_and_ignores_zero_weights():

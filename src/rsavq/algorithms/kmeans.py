@@ -24,19 +24,13 @@ class KMeansResult:
     iterations: int
 
 
-def weighted_distances(X: torch.Tensor, w: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """`D[i, k] = sum_j w[i,j] (X[i,j] - C[k,j])^2` for a chunk of points, `[n, K]`."""
-    const = (w * X * X).sum(dim=1, keepdim=True)  # [n, 1]
-    return (const + _lhs(X, w) @ _rhs(C)).clamp_min_(0)
-
-
 def _lhs(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.cat([w * X, w], dim=1)  # [n, 2d]
 
 
 def _rhs(C: torch.Tensor) -> torch.Tensor:
-    """`[2d, K]`: with `_lhs`, one matmul gives the distances less each point's constant
-    `sum_j w_j x_j^2` (which does not change the nearest codeword)."""
+    """`[2d, K]`: with `_lhs`, one matmul gives the weighted distances `sum_j w_j (x_j - c_j)^2`
+    less each point's constant `sum_j w_j x_j^2` (which does not change the nearest codeword)."""
     return torch.cat([-2 * C, C * C], dim=1).T.contiguous()
 
 

@@ -198,8 +198,8 @@ def add_parser(sub) -> None:
     _flag(
         t,
         "finetune-bf16",
-        "bfloat16 autocast in both stages and the teacher's pass (default; ~2x faster on CPUs "
-        "with AMX or AVX-512 BF16 and on GPUs); --no-finetune-bf16 trains in float32",
+        "bfloat16 autocast in both stages and the teacher's pass (default; faster on CPUs with "
+        "AMX or AVX-512 BF16 and on GPUs); --no-finetune-bf16 trains in float32",
     )
     t.add_argument(
         "--distill-tokens",
@@ -319,7 +319,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     from rsavq.api import Calibration, quantize
     from rsavq.models import resolve_model
-    from rsavq.pipeline import check_output_dir, summarize, update_report
+    from rsavq.pipeline import check_output_dir, update_report
     from rsavq.stats import distributed
 
     config = _config_from_args(args)
@@ -352,13 +352,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         )
         if not lead:
             return 0
-        summary = summarize(records)
-        size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
-        print(
-            f"quantized {summary['layers']} layers to {summary['bits_per_weight']:.4f} "
-            "bits/weight (stored, codebooks and permutations included) in "
-            f"{time.perf_counter() - start:.0f} s; checkpoint {args.out}: {size / 2**20:.1f} MiB"
-        )
+        _print_result(args, records, time.perf_counter() - start)
         if evaluation is not None:
             after = _quick_ppl(model, tokenizer, evaluation, args)
             print(
@@ -369,6 +363,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     print(f"stage clock ({torch.get_num_threads()} threads; also in {args.out}/report.json):")
     print(format_clock(clock.to_dict()))
     return 0
+
+
+def _print_result(args: argparse.Namespace, records, seconds: float) -> None:
+    from rsavq.pipeline import summarize
+
+    summary = summarize(records)
+    size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+    print(
+        f"quantized {summary['layers']} layers to {summary['bits_per_weight']:.4f} bits/weight "
+        f"(stored, codebooks and permutations included) in {seconds:.0f} s; checkpoint "
+        f"{args.out}: {size / 2**20:.1f} MiB"
+    )
 
 
 @timed("load")

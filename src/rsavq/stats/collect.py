@@ -43,11 +43,9 @@ class CollectOptions:
     memory_budget: int | None = None  # bytes of accumulators per rank: more passes if needed
 
 
-def make_accumulators(
-    layers: dict[str, nn.Linear], diag_output: bool, device, gram_dtype=torch.float32
-):
+def make_accumulators(layers: dict[str, nn.Linear], diag_output: bool, device):
     return {
-        name: FisherAccumulator(*weight_shape(layer), diag_output, device, gram_dtype)
+        name: FisherAccumulator(*weight_shape(layer), diag_output, device)
         for name, layer in layers.items()
     }
 
