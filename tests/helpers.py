@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 
 from rsavq.config import LayerSpec
@@ -125,3 +129,14 @@ def plain_config(**overrides):
     from rsavq.config import RSAVQConfig
 
     return RSAVQConfig.from_dict({**PLAIN, **overrides})
+
+
+def load_benchmark(name: str):
+    """The module of `benchmarks/<name>.py` (registered in `sys.modules`: dataclasses look their
+    module up)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,16 +1,10 @@
 """The cost benchmark's table, on a synthetic result (no quantization runs)."""
 
-import importlib.util
-from pathlib import Path
-
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "cost.py"
+from helpers import load_benchmark
 
 
 def load_cost():
-    spec = importlib.util.spec_from_file_location("cost", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cost")
 
 
 def run(bits, stages, label=""):

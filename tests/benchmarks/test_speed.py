@@ -1,20 +1,15 @@
 """The speed benchmark's table writer, on a cached result (no timing runs)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
+from helpers import load_benchmark
 
 
 def load_speed():
-    spec = importlib.util.spec_from_file_location("speed", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speed")
 
 
 def _layer(shape, bits, tokens, dense, vq, ref):
