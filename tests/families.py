@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ("llama", "gpt2", "qwen2_moe", "opt", "phi3")
+FAMILIES = ("llama", "gpt2", "qwen2_moe", "opt", "phi3", "bloom")
 
 
 def build_family(name: str, vocab: int = 64, seed: int = 0):
@@ -38,6 +38,10 @@ def build_family(name: str, vocab: int = 64, seed: int = 0):
                 hidden_size=32, intermediate_size=48, num_key_value_heads=2, pad_token_id=0,
                 bos_token_id=0, eos_token_id=0, **small,
             )
+        ),
+        # ALiBi: the blocks take an attention bias flattened with the heads, [batch * heads, 1, T]
+        "bloom": lambda: T.BloomForCausalLM(
+            T.BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=2, n_head=2)
         ),
     }  # fmt: skip
     torch.manual_seed(seed)

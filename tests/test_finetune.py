@@ -4,7 +4,7 @@ import torch
 from helpers import build_tiny_llama
 from rsavq.config import preset
 from rsavq.errors import UsageError
-from rsavq.finetune import BlockTuning, micro_batches, trainable, tune_block
+from rsavq.finetune import BlockTuning, trainable, tune_block
 from rsavq.pipeline import quantize_model
 from rsavq.stats.sequential import capture_inputs, hidden_of, run_block
 
@@ -33,16 +33,6 @@ def quantized_block(tmp_path, config=CONFIG):
     inputs = capture_inputs(fp, fp.model.layers[0], windows())
     targets = [hidden_of(*b) for b in run_block(fp.model.layers[0], inputs)]
     return model.model.layers[0], inputs, targets
-
-
-def test_micro_batches_cut_batched_arguments_only():
-    hidden = torch.randn(4, 3, 2)
-    shared = torch.randn(1, 3, 2)
-    batches = micro_batches([((hidden,), {"pos": (shared, shared)})], [hidden + 1], 2)
-    assert len(batches) == 2
-    (args, kwargs, target) = batches[1]
-    assert torch.equal(args[0], hidden[2:]) and torch.equal(target, hidden[2:] + 1)
-    assert kwargs["pos"][0] is shared
 
 
 def test_trainable_forward_equals_the_kernel_and_restores_it(tmp_path):

@@ -25,7 +25,7 @@ from rsavq.errors import UsageError
 from rsavq.kernels.reference import decode_vectors, unpack_block, unpermute, vectors_block
 from rsavq.nn import VQLinear, dequantized
 from rsavq.packing import pack
-from rsavq.stats.sequential import Inputs, Pairs, block_output, hidden_of
+from rsavq.stats.sequential import Inputs, Pairs, block_output
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,9 @@ class BlockTuning:
     # (1e-3), 0.0081 (3e-3 and 1e-2): `benchmarks/finetune_lr.py`
     epochs: int = 2
     lr: float = 3e-3
-    micro_batch: int = 2  # sequences per optimizer step
+    # sequences per optimizer step: the block-sequential pass captures each block's inputs
+    # in batches of this size, and each captured batch is one step
+    micro_batch: int = 2
     seed: int = 0
     heldout: int = 4  # calibration-length windows from unseen documents, to watch over-fitting
     # bfloat16 autocast for the training steps (losses measured as the model): faster steps on
@@ -73,26 +75,6 @@ class BlockTuning:
         if self.targets == "block":
             del data["targets"]
         return data
-
-
-def micro_batches(inputs: Inputs, targets: list[torch.Tensor], size: int):
-    """Each captured batch cut into micro-batches of `size` sequences, as `(args, kwargs,
-    target)`: every tensor argument whose first dimension is the batch is cut alike (inside
-    tuples too); the others (a shared rotary table, cache positions) are passed as they are."""
-    out = []
-    for (args, kwargs), target in zip(inputs, targets, strict=True):
-        n = hidden_of(args, kwargs).shape[0]
-        for s in range(0, n, size):
-
-            def cut(value, s=s, n=n):
-                if isinstance(value, tuple | list):
-                    return type(value)(cut(v) for v in value)
-                if torch.is_tensor(value) and value.dim() and value.shape[0] == n and n > 1:
-                    return value[s : s + size]
-                return value
-
-            out.append((cut(args), {k: cut(v) for k, v in kwargs.items()}, target[s : s + size]))
-    return out
 
 
 @dataclass
@@ -222,6 +204,10 @@ def _relative_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, target) / target.square().mean().clamp_min(1e-30)
 
 
+def _batches(inputs: Inputs, targets: list[torch.Tensor]) -> list[tuple[tuple, dict, torch.Tensor]]:
+    return [(args, kwargs, t) for (args, kwargs), t in zip(inputs, targets, strict=True)]
+
+
 def tune_block(
     block: nn.Module,
     inputs: Inputs,
@@ -230,13 +216,14 @@ def tune_block(
     index: int,
     heldout: Pairs | None = None,
 ) -> dict[str, float]:
-    """Train `block` (quantized) towards `targets` (the FP block's outputs on `inputs`); returns
+    """Train `block` (quantized) towards `targets` (the FP block's outputs on `inputs`), one
+    optimizer step per batch of `inputs` (captured in batches of `options.micro_batch`); returns
     the relative MSE before and after (and on the `heldout` inputs and targets, never trained
     on, when given) and the seconds it took. Deterministic for `options.seed` and `index`. The
     block keeps the trained state only when it lowered the training loss."""
     start = time.perf_counter()
-    batches = micro_batches(inputs, targets, options.micro_batch)
-    held = micro_batches(*heldout, options.micro_batch) if heldout is not None else None
+    batches = _batches(inputs, targets)
+    held = _batches(*heldout) if heldout is not None else None
     before = block_loss(block, batches)
     losses = {"heldout_before": block_loss(block, held)} if held else {}
     saved = {k: v.clone() for k, v in block.state_dict().items()}

@@ -33,7 +33,7 @@ from rsavq.serialization import quantization_config, round_unquantized, save_qua
 from rsavq.stats import distributed
 from rsavq.stats.artifact import FisherStats, config_hash
 from rsavq.stats.hessian import input_hessians
-from rsavq.stats.sequential import sequential_hessians
+from rsavq.stats.sequential import BATCH, sequential_hessians
 from rsavq.store import Store
 from rsavq.streaming import materialize, release
 
@@ -125,7 +125,8 @@ def quantize_model(
     bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress or rank)
     tune = _tuner(store, tuning, tuned, bar) if tuning is not None else None
     model_targets = tuning is not None and tuning.targets == "model"
-    hessians = HESSIAN in needs, calibration, tune, heldout, model_targets
+    batch = tuning.micro_batch if tuning is not None else BATCH
+    hessians = HESSIAN in needs, calibration, tune, heldout, model_targets, batch
     work = Work(model, layers, method, config, stats, store)
     for batch in _hessian_schedule(model, layers, config, store, *hessians):
         for result, record in _quantize_batch(batch, work):
@@ -244,17 +245,18 @@ def _save(model, out: Path, qconfig, tokenizer, save_dtype) -> None:
 
 
 def _hessian_schedule(
-    model, layers, config, store: Store, needed, calibration, tune, heldout, model_targets
+    model, layers, config, store: Store, needed, calibration, tune, heldout, model_targets, batch
 ):
     """Batches `{name: H or None}` in model order (see `stats.sequential`); `tune` (block
-    fine-tuning) joins the block-sequential pass."""
+    fine-tuning) joins the block-sequential pass, whose blocks run on `batch` sequences at a
+    time."""
     if not needed:
         yield dict.fromkeys(layers)
         return
     if config.sequential:
         yield from sequential_hessians(
             model, layers, calibration, store.has, tune, heldout, model_targets,
-            config.true_sequential,
+            config.true_sequential, batch,
         )  # fmt: skip
         return
     todo = {n: m for n, m in layers.items() if not store.has(n)}

@@ -23,7 +23,7 @@ from rsavq.nn import dequantized
 from rsavq.stats.hessian import hessian_hooks, input_hessians
 from rsavq.streaming import materialize
 
-BATCH = 8  # calibration sequences per block call
+BATCH = 8  # calibration sequences per block call (block fine-tuning: its micro-batch)
 
 Inputs = list[tuple[tuple, dict]]  # per batch: the block's positional and keyword arguments
 Pairs = tuple[Inputs, list[torch.Tensor]]  # a block's inputs and the FP block's outputs on them
@@ -34,8 +34,10 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor) -> Inputs:
-    """What `block` is called with on `windows` `[N, T]`, batch by batch."""
+def capture_inputs(
+    model: nn.Module, block: nn.Module, windows: torch.Tensor, batch: int = BATCH
+) -> Inputs:
+    """What `block` is called with on `windows` `[N, T]`, `batch` sequences at a time."""
     captured: Inputs = []
 
     def hook(_module, args, kwargs):
@@ -45,9 +47,9 @@ def capture_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor) ->
     device = next(model.parameters()).device
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in windows.split(BATCH):
+        for ids in windows.split(batch):
             with contextlib.suppress(_Captured):
-                model(batch.to(device), use_cache=False)
+                model(ids.to(device), use_cache=False)
     finally:
         handle.remove()
     return captured
@@ -189,6 +191,7 @@ def sequential_hessians(
     heldout: torch.Tensor | None = None,
     model_targets: bool = False,
     true_sequential: bool = False,
+    batch: int = BATCH,
 ) -> Iterator[dict[str, torch.Tensor | None]]:
     """Yield `{name: H}` block by block, in model order; the caller quantizes (and swaps in) those
     layers before asking for the next block. With `true_sequential` a block comes in stages
@@ -201,6 +204,9 @@ def sequential_hessians(
     enter a Hessian) when given. With `model_targets` the targets are the FP model's own hidden
     states instead (a second stream through the FP blocks, run before each is quantized), so a
     tuned block also learns to undo the error of the blocks before it.
+    The block is called on `batch` sequences at a time, each batch with the arguments captured
+    for it (an attention bias flattened with the heads, as ALiBi's, included), so fine-tuning
+    takes each captured batch as one optimizer step.
     Layers outside the decoder blocks come last, from a pass over the whole (by then quantized)
     model."""
     blocks_name, blocks = decoder_blocks(model, layers)
@@ -208,7 +214,7 @@ def sequential_hessians(
     if blocks:
         sets = [windows] + ([heldout] if tune is not None and heldout is not None else [])
         with timed("hessians", 0):
-            streams = [capture_inputs(model, blocks[0], w) for w in sets]
+            streams = [capture_inputs(model, blocks[0], w, batch) for w in sets]
         fp_streams = streams
         for i, block in enumerate(blocks):
             materialize(block)  # a streamed block is read into memory now (rsavq.streaming)
