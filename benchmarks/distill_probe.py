@@ -5,9 +5,8 @@ were chosen): learning rate, epochs, bf16 autocast.
 
 Arguments: the checkpoint (the 3-bit `+ block fine-tuning` row of benchmarks/quality.py, kept
 under runs/quality/), lr, epochs, a tag, then optionally `bf16` for autocast, `windows=N` to
-distill on N calibration windows instead of the 64 the checkpoint was calibrated on, and
-`code_every=N`, `code_lr=X`, `code_fraction=X` to train the codes too (`Distillation`'s
-options). The teacher is SmolLM2-135M on the C4 calibration windows (N x 512, seed 0; cached in
+distill on N calibration windows instead of the 64 the checkpoint was calibrated on. The
+teacher is SmolLM2-135M on the C4 calibration windows (N x 512, seed 0; cached in
 /tmp/e2e/teacher[-N].pt), held-out: 4 C4 windows from documents the N windows do not read
 (other windows for each N: compare the before -> after change); evaluation: WikiText-2,
 first 16 windows of 2048, bf16. Prints and writes benchmarks/results/distill-probe/<tag>.json.
@@ -29,7 +28,6 @@ ckpt, lr, epochs, tag = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.a
 bf16 = "bf16" in sys.argv[5:]
 named = dict(a.split("=") for a in sys.argv[5:] if "=" in a)
 count = int(named.pop("windows", 64))
-codes = {k: (int if k == "code_every" else float)(v) for k, v in named.items()}
 data = Path(__file__).resolve().parents[2] / "shared" / "data"
 fp, tok = load_model("smollm2-135m")
 c4 = load_corpus("c4", data)
@@ -47,7 +45,7 @@ else:
 print("top-k mass", t["rest"].exp().mean().item(), flush=True)  # (the lumped tail's mean mass)
 del fp
 q, _ = load_model(ckpt)
-options = Distillation(epochs=epochs, lr=lr, bf16=bf16, **codes)
+options = Distillation(epochs=epochs, lr=lr, bf16=bf16)
 rep = distill(q, win, t, options, heldout=(held, th), progress=False)
 print(rep, flush=True)
 ev = evaluation_windows(tok, load_corpus("wikitext2", data), 2048, 16)
@@ -56,6 +54,6 @@ ppl = perplexity(q, ev, "wikitext2", progress=False)
 print(tag, "ppl", ppl.to_dict(), flush=True)
 out = Path("benchmarks/results/distill-probe") / f"{tag}.json"
 out.parent.mkdir(parents=True, exist_ok=True)
-record = {"tag": tag, "lr": lr, "epochs": epochs, "bf16": bf16, "windows": count, **codes, **rep,
+record = {"tag": tag, "lr": lr, "epochs": epochs, "bf16": bf16, "windows": count, **rep,
           "ppl": ppl.to_dict()}  # fmt: skip
 out.write_text(json.dumps(record, indent=1))

@@ -89,14 +89,11 @@ def test_a_distillation_that_raises_the_heldout_kl_is_undone(tmp_path):
     assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize(
-    ("code_every", "config"), [(0, CONFIG), (2, CONFIG), (2, SHARED)], ids=["0", "2", "2-shared"]
-)
-def test_pipeline_distills_resumes_and_reports(tmp_path, monkeypatch, code_every, config):
+@pytest.mark.parametrize("config", [CONFIG, SHARED], ids=["own", "shared"])
+def test_pipeline_distills_resumes_and_reports(tmp_path, monkeypatch, config):
     import rsavq.distill as module
 
-    options = Distillation(epochs=2, lr=3e-3, micro_batch=2, save_every=1, code_every=code_every,
-                           code_fraction=0.05)  # fmt: skip
+    options = Distillation(epochs=2, lr=3e-3, micro_batch=2, save_every=1)
 
     def run(out):
         torch.manual_seed(0)
@@ -126,7 +123,6 @@ def test_pipeline_distills_resumes_and_reports(tmp_path, monkeypatch, code_every
     assert all(torch.equal(a[k], b[k]) for k in a)
     report = json.loads((tmp_path / "full" / "report.json").read_text())
     assert report["distill"]["steps"] == 4 and "heldout_after" in report["distill"]
-    assert ("codes_changed" in report["distill"]) == bool(code_every)
     config = json.loads((tmp_path / "full" / "config.json").read_text())
     assert set(config["quantization_config"]["finetune"]) == {"block", "e2e"}
 
@@ -201,52 +197,3 @@ def test_distillation_on_more_windows_than_the_calibration(tiny_model_dir, text_
     assert config["quantization_config"]["finetune"]["e2e"]["windows"] == 12
     with pytest.raises(UsageError, match="window count"):
         Distillation(windows=0)
-
-
-def test_code_training_changes_codes_lowers_the_kl_and_resumes(tmp_path):
-    fp, model = quantized(tmp_path)
-    options = Distillation(epochs=4, lr=3e-3, micro_batch=2, save_every=2, code_every=4,
-                           code_fraction=0.05)  # fmt: skip
-    teacher = teacher_targets(fp, windows(), options.top_k)
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    before = mean_kl(model, windows(), teacher)
-    snapshots = []
-    report = distill(model, windows(), teacher, options, save=snapshots.append, progress=False)
-    codes = [k for k in start if ".codes_" in k]
-    moved = [k for k in codes if not torch.equal(start[k], model.state_dict()[k])]
-    assert moved and 0 < report["codes_changed"] <= 2 * 0.05  # two code steps, <= 5% each
-    assert mean_kl(model, windows(), teacher) < before
-    assert report["loss_last"] < report["loss_first"]
-    trained = {k: v.clone() for k, v in model.state_dict().items()}
-
-    model.load_state_dict(start)  # resumed between the two code steps: the same end
-    again = distill(model, windows(), teacher, options, resume=snapshots[2], progress=False)
-    assert again["codes_changed"] == report["codes_changed"]
-    assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
-    assert set(options.to_dict()) - set(Distillation().to_dict()) == {
-        "code_every",
-        "code_lr",
-        "code_fraction",
-    }  # fmt: skip (codes frozen: the identity of older results)
-
-
-def test_an_undone_code_training_puts_the_codes_back(tmp_path):
-    fp, model = quantized(tmp_path)
-    options = Distillation(epochs=2, lr=0.5, micro_batch=2, code_every=1, code_lr=2.0,
-                           code_fraction=0.5)  # fmt: skip
-    teacher = teacher_targets(fp, windows(), options.top_k)
-    held = windows(2, seed=5)
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        logits = model(held).logits
-    report = distill(model, windows(), teacher, options, progress=False,
-                     heldout=(held, teacher_targets(fp, held, options.top_k)))  # fmt: skip
-    assert report["codes_changed"] > 0 and not report["kept"]
-    assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
-    with torch.no_grad():  # nothing cached from the undone codes either
-        assert torch.equal(model(held).logits, logits)
-
-
-def test_code_training_options_are_checked():
-    with pytest.raises(UsageError, match="code_fraction"):
-        Distillation(code_every=4, code_fraction=0)

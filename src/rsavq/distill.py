@@ -22,13 +22,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from rsavq.algorithms.codes import code_step
 from rsavq.errors import UsageError
-from rsavq.finetune import CodeGroup, trainable, trained_state
+from rsavq.finetune import trainable, trained_state
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +55,6 @@ class Distillation:
     # beat 64 at 3 bits, BENCHMARKS.md Quality II), or None for those the quantizer
     # calibrates on; the default falls back to those when the corpus is too small for it
     windows: int | None = DEFAULT_WINDOWS
-    # codes train too when > 0: a discrete step (`rsavq.algorithms.codes.code_step`) every
-    # this many optimizer steps, each moving at most `code_fraction` of the codes; `code_lr`
-    # scales its Newton step (the curvature is the Fisher divided by it; 1.0 over-steps on the
-    # tiny test model, 0.1 does not)
-    code_every: int = 0
-    code_lr: float = 0.1
-    code_fraction: float = 0.01
 
     def __post_init__(self) -> None:
         ok = self.epochs >= 1 and self.lr > 0 and self.micro_batch >= 1 and self.top_k >= 1
@@ -76,12 +67,6 @@ class Distillation:
                 f"{self.epochs}, {self.lr}, {self.micro_batch}, {self.top_k}, {self.heldout}, "
                 f"{self.save_every}, {self.tokens}, {self.windows}"
             )
-        if self.code_every < 0 or self.code_lr <= 0 or not 0 < self.code_fraction <= 1:
-            raise UsageError(
-                "code training needs code_every >= 0 (0: codes frozen), code_lr > 0 and "
-                f"0 < code_fraction <= 1; got {self.code_every}, {self.code_lr}, "
-                f"{self.code_fraction}"
-            )
 
     def to_dict(self) -> dict:
         """What the result depends on (not the held-out windows nor how often it snapshots;
@@ -93,9 +78,6 @@ class Distillation:
             del data["tokens"]
         if self.windows is None:
             del data["windows"]
-        if not self.code_every:
-            for key in ("code_every", "code_lr", "code_fraction"):
-                del data[key]
         return data
 
     def schedule(self, windows: int, seqlen: int) -> list[list[int]]:
@@ -195,16 +177,13 @@ def distill(
     steps, windows trained on, tokens, seconds and whether the result was kept."""
     schedule = options.schedule(len(windows), windows.shape[1])
     report: dict = {}
-    start = trained_state(model) | (_codes(model) if options.code_every else {})
+    start = trained_state(model)
     if heldout is not None:
         report["heldout_before"] = mean_kl(model, *heldout)
     start_time = time.perf_counter()
-    groups: list[CodeGroup] | None = [] if options.code_every else None
-    with trainable(model, groups) as params, torch.enable_grad():
+    with trainable(model) as params, torch.enable_grad():
         optimizer = torch.optim.Adam(params, lr=options.lr, betas=(0.9, 0.95))
-        losses, changed = [], 0
-        if resume is not None:
-            losses, changed = _restore(resume, params, optimizer, groups or [])
+        losses = _restore(resume, params, optimizer) if resume is not None else []
         bar = tqdm(total=len(schedule), initial=len(losses), desc="distill", unit="step",
                    disable=not progress)  # fmt: skip
         device_type = next(model.parameters()).device.type
@@ -213,19 +192,15 @@ def distill(
             with torch.autocast(device_type, torch.bfloat16, enabled=options.bf16):
                 logits = _logits(model, windows[rows])
                 loss = sparse_kl(logits, _slice(teacher, rows))
-            if groups:
-                _fisher_pass(groups, logits, options.seed * 1_000_003 + step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            if groups and len(losses) % options.code_every == 0:
-                changed += _code_steps(groups, options, len(rows) * windows.shape[1])
             bar.update()
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
             due = len(losses) % options.save_every == 0 or len(losses) == len(schedule)
             if save is not None and due:
-                save(_snapshot(params, optimizer, losses, groups or [], changed))
+                save(_snapshot(params, optimizer, losses))
         bar.close()
     tenth = max(1, len(schedule) // 10)
     report.update(
@@ -236,8 +211,6 @@ def distill(
         tokens=sum(len(r) for r in schedule) * windows.shape[1],
         seconds=time.perf_counter() - start_time,
     )
-    if groups:
-        report["codes_changed"] = changed / sum(g.idx.numel() for g in groups)
     report["kept"] = True
     if heldout is not None:
         report["heldout_after"] = mean_kl(model, *heldout)
@@ -249,81 +222,22 @@ def distill(
     return report
 
 
-def _codes(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every `VQLinear`'s packed codes (what code training changes)."""
-    state = model.state_dict().items()
-    return {k: t.clone() for k, t in state if k.rsplit(".", 1)[-1].startswith("codes_")}
-
-
-def _fisher_pass(groups: list[CodeGroup], logits: torch.Tensor, seed: int) -> None:
-    """A backward pass of the student's own loss on labels sampled from it: its squared
-    gradients estimate the Fisher (the KL's curvature), which the squared gradients of the KL
-    itself do not (they vanish as the student nears the teacher, the curvature does not)."""
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.multinomial(flat.detach().softmax(-1).cpu(), 1, generator=generator)
-    for group in groups:
-        group.fisher = True
-    try:
-        F.cross_entropy(flat, labels.view(-1).to(flat.device)).backward(retain_graph=True)
-    finally:
-        for group in groups:
-            group.fisher = False
-
-
-def _factored(fisher: torch.Tensor) -> torch.Tensor:
-    """The rank-one (row mean x column mean / mean) smoothing of a Fisher estimate `[rows, ...]`:
-    per-weight estimates from a few thousand tokens are noisy, and a step that picks the codes
-    with the largest predicted gains would pick the weights whose curvature came out lowest by
-    chance."""
-    flat = fisher.reshape(fisher.shape[0], -1)
-    rows, cols = flat.mean(1, keepdim=True), flat.mean(0, keepdim=True)
-    return (rows * cols / flat.mean().clamp_min(1e-30)).view_as(fisher)
-
-
-def _code_steps(groups: list[CodeGroup], options: Distillation, tokens: int) -> int:
-    """One discrete step on every group's codes from its gradients since the last, each the
-    gradient of a mean over `tokens` tokens (so the Fisher of that mean is `tokens` times the
-    mean squared gradient of the sampled labels' loss); returns how many codes changed."""
-    changed = 0
-    for group in groups:
-        if group.count and group.fisher_count:
-            mean = group.grad_sum / group.count
-            fisher = _factored(group.fisher_sum) / group.fisher_count * tokens / options.code_lr
-            books = group.books.detach()
-            changed += code_step(group.idx, books, mean, fisher, options.code_fraction)
-        group.reset()
-    return changed
-
-
-def _snapshot(params, optimizer: torch.optim.Optimizer, losses, groups, changed: int) -> Snapshot:
+def _snapshot(params, optimizer: torch.optim.Optimizer, losses) -> Snapshot:
     tensors = {f"param.{i}": p.detach().clone() for i, p in enumerate(params)}
     for i, state in optimizer.state_dict()["state"].items():
         tensors |= {f"adam.{i}.{k}": torch.as_tensor(v).clone() for k, v in state.items()}
     tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
-    for i, group in enumerate(groups):  # codes, and their gradients since the last code step
-        tensors[f"codes.{i}.idx"] = group.idx.clone()
-        tensors[f"codes.{i}.sum"] = group.grad_sum.clone()
-        tensors[f"codes.{i}.fisher"] = group.fisher_sum.clone()
-        tensors[f"codes.{i}.count"] = torch.tensor([group.count, group.fisher_count])
-    tensors["codes_changed"] = torch.tensor(changed)
-    return tensors, {"params": str(len(params)), "code_groups": str(len(groups))}
+    return tensors, {"params": str(len(params))}
 
 
-def _restore(snapshot: Snapshot, params, optimizer, groups: list[CodeGroup]) -> tuple[list, int]:
-    """Parameters, optimizer state and (when codes train) codes from a snapshot; returns the
-    losses so far and how many codes changed so far."""
+def _restore(snapshot: Snapshot, params, optimizer) -> list[float]:
+    """Parameters and optimizer state from a snapshot; returns the losses so far."""
     tensors, meta = snapshot
-    if int(meta["params"]) != len(params) or int(meta.get("code_groups", 0)) != len(groups):
+    if int(meta["params"]) != len(params):
         raise UsageError("the distillation snapshot does not match this model; start over")
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
-        for i, group in enumerate(groups):
-            group.idx.copy_(tensors[f"codes.{i}.idx"])
-            group.grad_sum.copy_(tensors[f"codes.{i}.sum"])
-            group.fisher_sum.copy_(tensors[f"codes.{i}.fisher"])
-            group.count, group.fisher_count = tensors[f"codes.{i}.count"].tolist()
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("adam."):
@@ -331,5 +245,4 @@ def _restore(snapshot: Snapshot, params, optimizer, groups: list[CodeGroup]) -> 
             state.setdefault(int(i), {})[name] = value
     saved = optimizer.state_dict()
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-    changed = int(tensors["codes_changed"]) if "codes_changed" in tensors else 0
-    return tensors["losses"].tolist(), changed
+    return tensors["losses"].tolist()

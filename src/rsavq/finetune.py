@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsavq.errors import UsageError
-from rsavq.kernels.reference import decode_vectors, unpack_block, unpermute, vectors_block
+from rsavq.kernels.reference import take, unpack_block, weight_index
 from rsavq.nn import VQLinear, dequantized
-from rsavq.packing import pack
 from rsavq.stats.sequential import Inputs, Pairs, block_output
 
 logger = logging.getLogger(__name__)
@@ -77,52 +76,18 @@ class BlockTuning:
         return data
 
 
-@dataclass
-class CodeGroup:
-    """One group of one `VQLinear` whose codes train (`trainable(..., codes=...)`): its code
-    indices `[rows, n_vec, P]` (changed in place) and codebooks; over the backward passes since
-    the last `reset`, the sum of the loss gradients on its decoded vectors
-    `[rows, n_vec, P, d]` and, from the passes made with `fisher` set, the sum of the squared
-    gradients (the empirical Fisher of labels sampled from the model itself)."""
-
-    idx: torch.Tensor
-    books: nn.Parameter
-    grad_sum: torch.Tensor
-    fisher_sum: torch.Tensor
-    count: int = 0
-    fisher_count: int = 0
-    fisher: bool = False  # the next backward passes are Fisher passes
-
-    def accumulate(self, grad: torch.Tensor) -> None:
-        grad = grad.detach().float().view_as(self.grad_sum)
-        if self.fisher:
-            self.fisher_sum += grad.square()
-            self.fisher_count += 1
-        else:
-            self.grad_sum += grad
-            self.count += 1
-
-    def reset(self) -> None:
-        self.grad_sum.zero_()
-        self.fisher_sum.zero_()
-        self.count = self.fisher_count = 0
-
-
 @contextlib.contextmanager
-def trainable(
-    block: nn.Module, codes: list[CodeGroup] | None = None
-) -> Iterator[list[nn.Parameter]]:
+def trainable(block: nn.Module) -> Iterator[list[nn.Parameter]]:
     """Make `block` differentiable in its continuous parameters for the duration: each
     `VQLinear` computes `x (s * r * decode(codes, C))^T + b` with fp32 codebooks `C` and scale
-    correction `r` as parameters; the block's norms and biases (1-D parameters; a layer left
-    unquantized keeps its weight) train as they are. With a list `codes`, it is filled with a
-    `CodeGroup` per group of every `VQLinear`, whose gradients each backward pass accumulates
-    and whose indices the caller may change. On exit the codebooks and scales are written back
-    in fp16, the codes packed back (with `codes`), and the block is restored."""
+    correction `r` as parameters (the codes frozen: each weight's position in `C` is computed
+    once, `weight_index`); the block's norms and biases (1-D parameters; a layer left
+    unquantized keeps its weight) train as they are. On exit the codebooks and scales are
+    written back in fp16, and the block is restored."""
     params: list[nn.Parameter] = []
     layers = [m for m in block.modules() if isinstance(m, VQLinear)]
     books: dict = {}  # one parameter per stored codebook (layers may share one)
-    finishers = [_make_trainable(layer, params, codes, books) for layer in layers]
+    finishers = [_make_trainable(layer, params, books) for layer in layers]
     own = [p for p in block.parameters() if p.is_floating_point() and p.dim() == 1]  # norms, biases
     flags = [p.requires_grad for p in own]
     for p in own:
@@ -137,9 +102,10 @@ def trainable(
             p.requires_grad_(flag)
 
 
-def _make_trainable(layer: VQLinear, params: list[nn.Parameter], codes: list | None, shared: dict):
+def _make_trainable(layer: VQLinear, params: list[nn.Parameter], shared: dict):
     spec = layer.spec
     idx = [unpack_block(c, spec, g) for g, c in enumerate(layer.codes)]
+    index = weight_index(idx, layer.perm, spec)
     books = []
     for g, cb in enumerate(layer.codebooks):
         key = layer.codebook_key(g)
@@ -150,19 +116,9 @@ def _make_trainable(layer: VQLinear, params: list[nn.Parameter], codes: list | N
     base = layer.scales.detach().float() if layer.scales is not None else None
     correction = nn.Parameter(torch.ones_like(base)) if base is not None else None
     params += [correction] if correction is not None else []
-    groups: list[CodeGroup] = []
-    if codes is not None:
-        groups = [_code_group(i, b) for i, b in zip(idx, books, strict=True)]
-        codes += groups
-
-    def decode(g: int) -> torch.Tensor:
-        vectors = decode_vectors(idx[g], books[g])
-        if groups and vectors.requires_grad:
-            vectors.register_hook(groups[g].accumulate)
-        return vectors_block(vectors, spec, g)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        W = unpermute([decode(g) for g in range(len(idx))], layer.perm, spec)
+        W = take(torch.cat([b.reshape(-1) for b in books]), index)
         if base is not None:
             W = W * (base * correction)[:, None]
         return F.linear(x, W.to(x.dtype), layer.bias)
@@ -174,21 +130,10 @@ def _make_trainable(layer: VQLinear, params: list[nn.Parameter], codes: list | N
         with torch.no_grad():
             for g, book in enumerate(books):
                 layer.set_codebook(g, book)
-                if groups:
-                    rows = spec.block_shape(g)[0]
-                    packed = pack(idx[g].reshape(rows, -1), spec.code_bits(g))
-                    getattr(layer, f"codes_{g}").copy_(packed)
             if base is not None:
                 layer.scales.copy_((base * correction).half())
 
     return finish
-
-
-def _code_group(idx: torch.Tensor, books: nn.Parameter) -> CodeGroup:
-    shape = (*idx.shape, books.shape[-1])  # [rows, n_vec, P, sub_dim]
-    return CodeGroup(
-        idx, books, torch.zeros(shape, device=idx.device), torch.zeros(shape, device=idx.device)
-    )
 
 
 def block_loss(block: nn.Module, batches) -> float:

@@ -216,20 +216,6 @@ def add_parser(sub) -> None:
         "text too short; 0: the calibration's windows; more text generalizes better: 256 beat 64 "
         "on SmolLM2, BENCHMARKS.md)",
     )
-    t.add_argument(
-        "--distill-code-every",
-        type=int,
-        default=0,
-        metavar="STEPS",
-        help="e2e stage: train the codes too, a discrete step every STEPS optimizer steps "
-        "(default 0: codes frozen; docs/method.md section 9)",
-    )
-    t.add_argument(
-        "--distill-code-fraction",
-        type=float,
-        default=0.01,
-        help="e2e stage: the most codes one code step may change, as a fraction",
-    )
     p.add_argument(
         "--eval",
         default=None,
@@ -302,7 +288,6 @@ def _tuning(args: argparse.Namespace, config):
         e2e = Distillation(
             epochs=args.distill_epochs, lr=args.distill_lr, tokens=args.distill_tokens,
             seed=args.seed, bf16=bf16, windows=_windows(args.distill_windows),
-            code_every=args.distill_code_every, code_fraction=args.distill_code_fraction,
         )  # fmt: skip
     return block, e2e
 

@@ -18,10 +18,9 @@ def unpack_block(codes: torch.Tensor, spec: LayerSpec, g: int) -> torch.Tensor:
 
 def decode_vectors(idx: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """Decoded sub-vectors `[rows, n_vec, P, sub_dim]` from indices `[rows, n_vec, P]` and
-    codebooks `[P, K, sub_dim]` (differentiable in the codebooks)."""
-    if codebooks.requires_grad and torch.is_grad_enabled():
-        return _Decode.apply(idx, codebooks)
-    return _entries(idx, codebooks)
+    codebooks `[P, K, sub_dim]`."""
+    P, K, d = codebooks.shape
+    return codebooks.reshape(P * K, d)[_rows(idx, P, K)]
 
 
 def _rows(idx: torch.Tensor, P: int, K: int) -> torch.Tensor:
@@ -29,31 +28,43 @@ def _rows(idx: torch.Tensor, P: int, K: int) -> torch.Tensor:
     return idx if P == 1 else idx + torch.arange(P, device=idx.device) * K
 
 
-def _entries(idx: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    P, K, d = codebooks.shape
-    return codebooks.reshape(P * K, d)[_rows(idx, P, K)]
+def weight_index(idx: list[torch.Tensor], perm: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """Each weight's position (int32 `[out, in]`, original channel order) in the layer's
+    codebooks flattened and concatenated group after group, from each group's indices
+    `[rows, n_vec, P]`: the weight is `take(flat codebooks, index)`, one look-up."""
+    blocks, offset = [], 0
+    for g, i in enumerate(idx):
+        P, K, d = spec.codebook_shape(g)
+        pos = offset + _rows(i, P, K)[..., None] * d + torch.arange(d, device=i.device)
+        blocks.append(vectors_block(pos, spec, g))
+        offset += P * K * d
+    return unpermute(blocks, perm, spec).int()
 
 
-class _Decode(torch.autograd.Function):
-    """The look-up, with the codebooks' gradient summed by `bincount` per coordinate: the same
-    sums as indexing's own backward, several times faster on the CPU, where that accumulates
-    one element at a time (block fine-tuning and distillation decode every layer at every
-    step)."""
+def take(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`flat[index]`, differentiable in `flat` (block fine-tuning and distillation decode every
+    layer at every step this way)."""
+    if flat.requires_grad and torch.is_grad_enabled():
+        return _Take.apply(flat, index)
+    return flat.index_select(0, index.view(-1)).view(index.shape)
+
+
+class _Take(torch.autograd.Function):
+    """The look-up, with `flat`'s gradient summed by one `bincount`: the same sums as
+    indexing's own backward, which on the CPU accumulates one element at a time and took most
+    of a training step."""
 
     @staticmethod
-    def forward(ctx, idx: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(idx)
-        ctx.shape, ctx.dtype = codebooks.shape, codebooks.dtype
-        return _entries(idx, codebooks)
+    def forward(ctx, flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.size, ctx.dtype = flat.numel(), flat.dtype
+        return flat.index_select(0, index.view(-1)).view(index.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (idx,) = ctx.saved_tensors
-        P, K, d = ctx.shape
-        rows = _rows(idx, P, K).flatten()
-        grad = grad.reshape(-1, d).float()
-        sums = [torch.bincount(rows, weights=grad[:, j], minlength=P * K) for j in range(d)]
-        return None, torch.stack(sums, dim=1).view(P, K, d).to(ctx.dtype)
+        (index,) = ctx.saved_tensors
+        sums = torch.bincount(index.view(-1), weights=grad.reshape(-1).float(), minlength=ctx.size)
+        return sums.to(ctx.dtype), None
 
 
 def vectors_block(vectors: torch.Tensor, spec: LayerSpec, g: int) -> torch.Tensor:
@@ -64,7 +75,7 @@ def vectors_block(vectors: torch.Tensor, spec: LayerSpec, g: int) -> torch.Tenso
 
 def decode_block(idx: torch.Tensor, codebooks: torch.Tensor, spec: LayerSpec, g: int):
     """Group g's block `[rows, cols]` from indices `[rows, n_vec, P]` and codebooks
-    `[P, K, sub_dim]` (differentiable in the codebooks)."""
+    `[P, K, sub_dim]`."""
     return vectors_block(decode_vectors(idx, codebooks), spec, g)
 
 
