@@ -44,7 +44,7 @@ def readme_library_example() -> str:
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Library") :]
+    section = text[text.index("## Python API") :]
     start = section.index("```python\n") + len("```python\n")
     return section[start : section.index("```", start)]
 

@@ -15,6 +15,7 @@ METHODS = ("rsavq", "kmeans", "gptq", "rtn")  # rsavq.methods.METHODS, without i
 
 
 def add_parser(sub) -> None:
+    from rsavq.api import Calibration
     from rsavq.config import (
         PRESETS,
         Allocation,
@@ -27,6 +28,8 @@ def add_parser(sub) -> None:
         LambdaMode,
         Metric,
     )
+    from rsavq.distill import Distillation
+    from rsavq.finetune import TARGETS, BlockTuning
 
     p = sub.add_parser(
         "quantize",
@@ -37,55 +40,67 @@ def add_parser(sub) -> None:
         "named configuration (options given on top override it); --method picks a baseline: "
         "kmeans (plain product VQ), gptq or rtn (scalar, asymmetric, groups of --group-size).",
     )
-    add_model_args(p)
-    add_stream_arg(p)
-    p.add_argument("--bits", type=float, required=True, help="average bits per weight (2, 3, 4)")
-    p.add_argument(
+    b = p.add_argument_group("basic")
+    add_model_args(b)
+    b.add_argument("--bits", type=float, required=True, help="average bits per weight (2, 3, 4)")
+    b.add_argument("--out", required=True, help="checkpoint directory (new, or to resume)")
+    b.add_argument("--method", choices=METHODS, default="rsavq")
+    b.add_argument(
+        "--preset", choices=PRESETS, default="default", help="rsavq configuration to start from"
+    )
+    b.add_argument(
         "--threads",
         type=positive_int,
         default=None,
         help="CPU threads (default: $OMP_NUM_THREADS if set, else one per core); fewer when "
         "other busy processes share the cores: oversubscribed threads run many times slower",
     )
-    p.add_argument("--method", choices=METHODS, default="rsavq")
-    p.add_argument(
-        "--preset", choices=PRESETS, default="default", help="rsavq configuration to start from"
-    )
-    p.add_argument(
-        "--group-size", type=positive_int, default=None, help="gptq/rtn group size (128)"
-    )
-    p.add_argument(
-        "--no-act-order",
-        dest="act_order",
-        action="store_false",
-        default=None,
-        help="gptq: natural column order",
-    )
-    p.add_argument("--out", required=True, help="checkpoint directory (new, or to resume)")
-    p.add_argument(
+    b.add_argument(
         "--save-dtype",
         choices=["bfloat16", "float16", "float32"],
         default=None,
         help="dtype of the unquantized tensors in the checkpoint (embeddings, norms, biases); "
         "default: the model's",
     )
-    p.add_argument(
+    b.add_argument(
+        "--eval",
+        default=None,
+        help="after quantizing, compare FP and quantized "
+        "perplexity on this source (e.g. wikitext2)",
+    )
+    b.add_argument("--eval-limit", type=positive_int, default=8)
+    b.add_argument("--eval-seqlen", type=positive_int, default=2048)
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib", default=Calibration.source, help="c4 (default), wikitext2, a file")
+    c.add_argument("--nsamples", type=positive_int, default=Calibration.nsamples)
+    c.add_argument("--seqlen", type=positive_int, default=Calibration.seqlen)
+    c.add_argument("--seed", type=int, default=Calibration.seed)
+    c.add_argument("--text-field", default="text", help="the text field of .jsonl/.parquet files")
+    c.add_argument(
         "--stats",
         default=None,
         help="Fisher stats directory to reuse or fill (default: a cache entry "
         "keyed by model and calibration settings)",
     )
-    p.add_argument("--calib", default="c4")
-    p.add_argument("--nsamples", type=positive_int, default=128)
-    p.add_argument("--seqlen", type=positive_int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--damping", type=float, default=None)
-    p.add_argument(
+    a = p.add_argument_group("advanced")
+    add_stream_arg(a)
+    a.add_argument(
+        "--group-size", type=positive_int, default=None, help="gptq/rtn group size (128)"
+    )
+    a.add_argument(
+        "--no-act-order",
+        dest="act_order",
+        action="store_false",
+        default=None,
+        help="gptq: natural column order",
+    )
+    a.add_argument("--damping", type=float, default=None)
+    a.add_argument(
         "--skip",
         default=None,
         help="comma-separated fnmatch patterns of layers left unquantized (lm_head,*embed*)",
     )
-    p.add_argument(
+    a.add_argument(
         "--one-pass",
         dest="sequential",
         action="store_false",
@@ -93,13 +108,13 @@ def add_parser(sub) -> None:
         help="input Hessians from one pass over the FP model instead of block by block",
     )
     _flag(
-        p,
+        a,
         "true-sequential",
         "within each decoder block too: quantize its linears stage by stage (q/k/v, o, gate/up, "
         "down), each stage calibrated on what the block's quantized earlier stages produce "
         "(GPTQ's true-sequential)",
     )
-    g = p.add_argument_group("rsavq options (override the preset)")
+    g = p.add_argument_group("method (rsavq; each overrides the preset)")
     g.add_argument("--lambda", dest="lam", type=float, default=None, help="EDSG step")
     g.add_argument("--lambda-mode", choices=[e.value for e in LambdaMode], default=None)
     g.add_argument(
@@ -183,18 +198,22 @@ def add_parser(sub) -> None:
         "distributions (KL); both; auto (default): both wherever the method runs the "
         "block-sequential VQ pass, else none",
     )
-    t.add_argument("--finetune-epochs", type=positive_int, default=2, help="block stage")
-    t.add_argument("--finetune-lr", type=float, default=3e-3, help="block stage")
+    t.add_argument(
+        "--finetune-epochs", type=positive_int, default=BlockTuning.epochs, help="block stage"
+    )
+    t.add_argument("--finetune-lr", type=float, default=BlockTuning.lr, help="block stage")
     t.add_argument(
         "--finetune-targets",
-        choices=["block", "model"],
-        default="block",
+        choices=TARGETS,
+        default=BlockTuning.targets,
         help="block stage: what a tuned block's outputs should match: block (default): the FP "
         "block's outputs on the same inputs (AQLM); model: the FP model's own hidden states, "
         "so each block also undoes the error of the blocks before it",
     )
-    t.add_argument("--distill-epochs", type=positive_int, default=1, help="e2e stage")
-    t.add_argument("--distill-lr", type=float, default=1e-3, help="e2e stage")
+    t.add_argument(
+        "--distill-epochs", type=positive_int, default=Distillation.epochs, help="e2e stage"
+    )
+    t.add_argument("--distill-lr", type=float, default=Distillation.lr, help="e2e stage")
     _flag(
         t,
         "finetune-bf16",
@@ -216,15 +235,6 @@ def add_parser(sub) -> None:
         "text too short; 0: the calibration's windows; more text generalizes better: 256 beat 64 "
         "on SmolLM2, BENCHMARKS.md)",
     )
-    p.add_argument(
-        "--eval",
-        default=None,
-        help="after quantizing, compare FP and quantized "
-        "perplexity on this source (e.g. wikitext2)",
-    )
-    p.add_argument("--eval-limit", type=positive_int, default=8)
-    p.add_argument("--eval-seqlen", type=positive_int, default=2048)
-    p.add_argument("--text-field", default="text")
     p.set_defaults(func=_cmd_quantize)
 
 
