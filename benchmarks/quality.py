@@ -208,8 +208,6 @@ def finetune_rows(bits: int) -> list[Row]:
         more = Distillation(windows=windows, bf16=True)
         more_label = f"+ distillation on {windows} windows (bf16 autocast)"
         rows.append(Row("finetune", more_label, bits, preset("default", bits), tuning, more))
-    label = "+ block fine-tuning to the FP model's hidden states"
-    rows.append(Row("finetune", label, bits, preset("default", bits), BlockTuning(targets="model")))
     staged = preset("default", bits, true_sequential=True)
     label = "+ block fine-tuning, stage by stage within each block (true-sequential)"
     rows.append(Row("finetune", label, bits, staged, tuning))

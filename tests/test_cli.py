@@ -225,7 +225,7 @@ def test_quantize_with_both_finetuning_stages(tiny_model_dir, text_file, tmp_pat
     assert main([*args, "--one-pass", "--out", str(out)]) == 2
     assert "block-sequential pass" in capsys.readouterr().err and not out.exists()
     args += ["--distill-tokens", "64", "--distill-lr", "1e-3", "--finetune-bf16"]
-    args += ["--distill-windows", "0", "--finetune-targets", "model"]  # the calibration's windows
+    args += ["--distill-windows", "0"]  # the calibration's windows
     assert main([*args, "--out", str(out)]) == 0
     assert "end-to-end distillation from the FP model: 64 tokens" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
@@ -238,7 +238,6 @@ def test_quantize_with_both_finetuning_stages(tiny_model_dir, text_file, tmp_pat
     assert sum(s["seconds"] for s in stages.values()) <= report["clock"]["total_seconds"]
     finetune = json.loads((out / "config.json").read_text())["quantization_config"]["finetune"]
     assert finetune["block"]["bf16"] and finetune["e2e"]["bf16"] and finetune["e2e"]["tokens"] == 64
-    assert finetune["block"]["targets"] == "model"
     assert "windows" not in finetune["e2e"] and report["distill"]["windows"] == 3
 
 

@@ -77,15 +77,11 @@ def test_shared_codebooks_train_as_one_parameter_and_stay_shared(tmp_path):
         assert torch.equal(layer.codebooks[0], holder.codebook(2))
 
 
-@pytest.mark.parametrize(
-    ("targets", "config"),
-    [("block", CONFIG), ("model", CONFIG), ("block", SHARED)],
-    ids=["block", "model", "block-shared-int8"],
-)
-def test_pipeline_tunes_resumes_and_reports(tmp_path, monkeypatch, targets, config):
+@pytest.mark.parametrize("config", [CONFIG, SHARED], ids=["own", "shared-int8"])
+def test_pipeline_tunes_resumes_and_reports(tmp_path, monkeypatch, config):
     import rsavq.pipeline as pipeline
 
-    tuning = BlockTuning(epochs=1, lr=1e-3, targets=targets)
+    tuning = BlockTuning(epochs=1, lr=1e-3)
 
     def run(out):
         model = build_tiny_llama(64)
@@ -122,7 +118,7 @@ def test_pipeline_tunes_resumes_and_reports(tmp_path, monkeypatch, targets, conf
     config = json.loads((tmp_path / "full" / "config.json").read_text())
     recorded = config["quantization_config"]["finetune"]["block"]
     assert recorded["epochs"] == 1
-    assert recorded.get("targets", "block") == targets  # absent for the default
+    assert "targets" not in recorded
 
 
 def test_tuning_needs_the_sequential_vq_pass(tmp_path):
@@ -134,8 +130,6 @@ def test_tuning_needs_the_sequential_vq_pass(tmp_path):
         )  # fmt: skip
     with pytest.raises(UsageError, match="epochs >= 1"):
         BlockTuning(epochs=0)
-    with pytest.raises(UsageError, match="targets must be one of block, model"):
-        BlockTuning(targets="layer")
     assert not (tmp_path / "q").exists()
 
 

@@ -23,13 +23,10 @@ from torch import nn
 
 from rsavq.errors import UsageError
 from rsavq.kernels.reference import take, unpack_block, weight_index
-from rsavq.nn import VQLinear, dequantized
-from rsavq.stats.sequential import Inputs, Pairs, block_output
+from rsavq.nn import VQLinear
+from rsavq.stats.sequential import Inputs, Pairs, block_output, hidden_of, run_block
 
 logger = logging.getLogger(__name__)
-
-
-TARGETS = ("block", "model")
 
 
 @dataclass(frozen=True)
@@ -48,16 +45,8 @@ class BlockTuning:
     # bfloat16 autocast for the training steps (losses measured as the model): faster steps on
     # CPUs with AMX or AVX-512 BF16 and on GPUs (BENCHMARKS.md, Cost)
     bf16: bool = True
-    # "block": the FP block's outputs on the quantized prefix's outputs (AQLM); "model": the FP
-    # model's own hidden states, so each block also learns to undo the error of those before it
-    targets: str = "block"
 
     def __post_init__(self) -> None:
-        if self.targets not in TARGETS:
-            raise UsageError(
-                f"block fine-tuning targets must be one of {', '.join(TARGETS)};"
-                f" got {self.targets!r}"
-            )
         if self.epochs < 1 or self.lr <= 0 or self.micro_batch < 1 or self.heldout < 0:
             raise UsageError(
                 "block fine-tuning needs epochs >= 1, lr > 0, micro_batch >= 1 and heldout >= 0;"
@@ -65,14 +54,11 @@ class BlockTuning:
             )
 
     def to_dict(self) -> dict:
-        """What the result depends on (the held-out windows only measure it; `bf16` and
-        `targets` appear only when not their defaults, so runs from before they existed keep
-        their identity)."""
+        """What the result depends on (the held-out windows only measure it; `bf16` appears
+        only when off, so runs from before it existed keep their identity)."""
         data = {k: v for k, v in asdict(self).items() if k != "heldout"}
         if not self.bf16:
             del data["bf16"]
-        if self.targets == "block":
-            del data["targets"]
         return data
 
 
@@ -118,10 +104,11 @@ def _make_trainable(layer: VQLinear, params: list[nn.Parameter], shared: dict):
     params += [correction] if correction is not None else []
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        W = take(torch.cat([b.reshape(-1) for b in books]), index)
+        dtype = _compute_dtype(x)  # the weight decoded straight into it: no cast of a copy
+        W = take(torch.cat([b.reshape(-1) for b in books]), index, dtype)
         if base is not None:
-            W = W * (base * correction)[:, None]
-        return F.linear(x, W.to(x.dtype), layer.bias)
+            W = W * (base * correction).to(dtype)[:, None]
+        return F.linear(x, W, layer.bias)
 
     layer.forward = forward
 
@@ -136,21 +123,15 @@ def _make_trainable(layer: VQLinear, params: list[nn.Parameter], shared: dict):
     return finish
 
 
-def block_loss(block: nn.Module, batches) -> float:
-    """Mean relative squared error of `block` on `(args, kwargs, target)` batches (its
-    quantized layers dequantized once for the pass)."""
-    with torch.no_grad(), dequantized(block):
-        losses = [_relative_mse(block_output(block(*a, **k)), t).item() for a, k, t in batches]
-    return sum(losses) / len(losses)
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer's product runs in: autocast's when it is on, else the input's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _relative_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     out, target = out.float(), target.float()
     return F.mse_loss(out, target) / target.square().mean().clamp_min(1e-30)
-
-
-def _batches(inputs: Inputs, targets: list[torch.Tensor]) -> list[tuple[tuple, dict, torch.Tensor]]:
-    return [(args, kwargs, t) for (args, kwargs), t in zip(inputs, targets, strict=True)]
 
 
 def tune_block(
@@ -160,37 +141,54 @@ def tune_block(
     options: BlockTuning,
     index: int,
     heldout: Pairs | None = None,
+    outputs: list[Inputs] | None = None,
 ) -> dict[str, float]:
     """Train `block` (quantized) towards `targets` (the FP block's outputs on `inputs`), one
     optimizer step per batch of `inputs` (captured in batches of `options.micro_batch`); returns
     the relative MSE before and after (and on the `heldout` inputs and targets, never trained
     on, when given) and the seconds it took. Deterministic for `options.seed` and `index`. The
-    block keeps the trained state only when it lowered the training loss."""
+    block keeps the trained state only when it lowered the training loss. A list `outputs`
+    receives the block's outputs on `inputs` (then on the held-out inputs) as the next block's
+    inputs: the pass that scores the result makes them."""
     start = time.perf_counter()
-    batches = _batches(inputs, targets)
-    held = _batches(*heldout) if heldout is not None else None
-    before = block_loss(block, batches)
-    losses = {"heldout_before": block_loss(block, held)} if held else {}
+    pairs = [(inputs, targets)] + ([heldout] if heldout is not None else [])
+    before = [_score(block, *pair)[1] for pair in pairs]
     saved = {k: v.clone() for k, v in block.state_dict().items()}
+    _train(block, inputs, targets, options, index)
+    scored = [_score(block, *pair) for pair in pairs]
+    if not scored[0][1] < before[0]:
+        block.load_state_dict(saved)
+        scored = [_score(block, *pair) for pair in pairs]
+    if outputs is not None:
+        outputs[:] = [out for out, _ in scored]
+    losses = {"before": before[0], "after": scored[0][1]}
+    if heldout is not None:
+        losses |= {"heldout_before": before[1], "heldout_after": scored[1][1]}
+    logger.info("block %d fine-tuned: relative MSE %.4g -> %.4g", index, before[0], scored[0][1])
+    return {**losses, "seconds": time.perf_counter() - start}
+
+
+def _score(block: nn.Module, inputs: Inputs, targets: list[torch.Tensor]) -> tuple[Inputs, float]:
+    """The block's outputs on `inputs` (as the next block's inputs) and their mean relative
+    squared error to `targets`."""
+    out = run_block(block, inputs)
+    losses = [_relative_mse(hidden_of(*b), t).item() for b, t in zip(out, targets, strict=True)]
+    return out, sum(losses) / len(losses)
+
+
+def _train(block, inputs: Inputs, targets: list[torch.Tensor], options: BlockTuning, index: int):
+    """`options.epochs` seeded passes of Adam over the batches, in random order."""
     generator = torch.Generator().manual_seed(options.seed * 100003 + index)
     with trainable(block) as params, torch.enable_grad():
         optimizer = torch.optim.Adam(params, lr=options.lr, betas=(0.9, 0.95))
         for _ in range(options.epochs):
-            for j in torch.randperm(len(batches), generator=generator).tolist():
-                args, kwargs, target = batches[j]
+            for j in torch.randperm(len(inputs), generator=generator).tolist():
+                (args, kwargs), target = inputs[j], targets[j]
                 with torch.autocast(target.device.type, torch.bfloat16, enabled=options.bf16):
                     loss = _relative_mse(block_output(block(*args, **kwargs)), target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-    after = block_loss(block, batches)
-    if not after < before:
-        block.load_state_dict(saved)
-        after = before
-    if held:
-        losses["heldout_after"] = block_loss(block, held)
-    logger.info("block %d fine-tuned: relative MSE %.4g -> %.4g", index, before, after)
-    return {"before": before, "after": after, **losses, "seconds": time.perf_counter() - start}
 
 
 def _is_codebook(name: str) -> bool:

@@ -124,9 +124,8 @@ def quantize_model(
     records, specs, tuned = [], {}, []
     bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not progress or rank)
     tune = _tuner(store, tuning, tuned, bar) if tuning is not None else None
-    model_targets = tuning is not None and tuning.targets == "model"
     batch = tuning.micro_batch if tuning is not None else BATCH
-    hessians = HESSIAN in needs, calibration, tune, heldout, model_targets, batch
+    hessians = HESSIAN in needs, calibration, tune, heldout, batch
     work = Work(model, layers, method, config, stats, store)
     for batch in _hessian_schedule(model, layers, config, store, *hessians):
         for result, record in _quantize_batch(batch, work):
@@ -245,7 +244,7 @@ def _save(model, out: Path, qconfig, tokenizer, save_dtype) -> None:
 
 
 def _hessian_schedule(
-    model, layers, config, store: Store, needed, calibration, tune, heldout, model_targets, batch
+    model, layers, config, store: Store, needed, calibration, tune, heldout, batch
 ):
     """Batches `{name: H or None}` in model order (see `stats.sequential`); `tune` (block
     fine-tuning) joins the block-sequential pass, whose blocks run on `batch` sequences at a
@@ -255,8 +254,7 @@ def _hessian_schedule(
         return
     if config.sequential:
         yield from sequential_hessians(
-            model, layers, calibration, store.has, tune, heldout, model_targets,
-            config.true_sequential, batch,
+            model, layers, calibration, store.has, tune, heldout, config.true_sequential, batch,
         )  # fmt: skip
         return
     todo = {n: m for n, m in layers.items() if not store.has(n)}
@@ -317,19 +315,21 @@ def _distill(model, store: Store, calibration, heldout, teacher: dict, options, 
 
 
 def _tuner(store: Store, tuning: BlockTuning, tuned: list, bar):
-    """`tune(index, block, inputs, targets)`: fine-tunes a quantized block once; its tuned
-    tensors are a store item, so a resumed run loads them instead of training again. Under
-    torch.distributed rank 0 tunes and the other ranks load its result."""
+    """`tune(index, block, data)`: fine-tunes a quantized block once and returns its outputs
+    (the next block's inputs; None when it did not train); its tuned tensors are a store item,
+    so a resumed run loads them instead of training again. Under torch.distributed rank 0 tunes
+    and the other ranks load its result."""
     rank, size = distributed.world()
 
-    def tune(index, block, data) -> None:
+    def tune(index, block, data) -> list | None:
         key = f"tuned-block-{index}"
         train = rank == 0 and not store.has(key)
+        outputs: list = []
         if train:
             bar.set_postfix_str(f"fine-tuning block {index}")
             (inputs, targets), *held = data
             with timed("finetune", index):
-                losses = tune_block(block, inputs, targets, tuning, index, *held)
+                losses = tune_block(block, inputs, targets, tuning, index, *held, outputs=outputs)
             store.put(key, tuned_state(block), {k: repr(v) for k, v in losses.items()})
             bar.set_postfix_str(f"block {index} rel. MSE {_losses_text(losses)}")
         if size > 1:
@@ -339,6 +339,7 @@ def _tuner(store: Store, tuning: BlockTuning, tuned: list, bar):
             block.load_state_dict(tensors, strict=False)
             losses = {k: float(v) for k, v in meta.items()}
         tuned.append({"block": index, **losses})
+        return outputs or None
 
     return tune
 

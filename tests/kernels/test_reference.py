@@ -60,13 +60,17 @@ def test_dequantize_matches_definition(axis, m, n, sizes, bits):
     torch.testing.assert_close(vq_linear(x, packed, books, perm, spec), x @ W.T)
 
 
-def test_take_gradient_equals_indexing():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_take_gradient_equals_indexing(dtype):
     gen = torch.Generator().manual_seed(0)
     flat = torch.randn(40, generator=gen, requires_grad=True)
     index = torch.randint(0, 30, (7, 9), generator=gen).int()  # some entries never used
-    upstream = torch.randn(7, 9, generator=gen)
-    (take(flat, index) * upstream).sum().backward()
+    upstream = torch.randn(7, 9, generator=gen).to(dtype)
+    out = take(flat, index, dtype)
+    assert out.dtype == dtype
+    (out * upstream).sum().backward()
+    assert flat.grad.dtype == torch.float32
     plain = flat.detach().clone().requires_grad_(True)
-    (plain[index.long()] * upstream).sum().backward()
-    torch.testing.assert_close(take(flat, index), plain[index.long()])
+    (plain[index.long()] * upstream.float()).sum().backward()  # the sums, in float32
+    torch.testing.assert_close(out, plain.to(dtype)[index.long()])
     torch.testing.assert_close(flat.grad, plain.grad, rtol=1e-5, atol=1e-5)

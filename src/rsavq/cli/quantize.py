@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
         Metric,
     )
     from rsavq.distill import Distillation
-    from rsavq.finetune import TARGETS, BlockTuning
+    from rsavq.finetune import BlockTuning
 
     p = sub.add_parser(
         "quantize",
@@ -203,14 +203,6 @@ def add_parser(sub) -> None:
     )
     t.add_argument("--finetune-lr", type=float, default=BlockTuning.lr, help="block stage")
     t.add_argument(
-        "--finetune-targets",
-        choices=TARGETS,
-        default=BlockTuning.targets,
-        help="block stage: what a tuned block's outputs should match: block (default): the FP "
-        "block's outputs on the same inputs (AQLM); model: the FP model's own hidden states, "
-        "so each block also undoes the error of the blocks before it",
-    )
-    t.add_argument(
         "--distill-epochs", type=positive_int, default=Distillation.epochs, help="e2e stage"
     )
     t.add_argument("--distill-lr", type=float, default=Distillation.lr, help="e2e stage")
@@ -292,7 +284,7 @@ def _tuning(args: argparse.Namespace, config):
     if block is not None:
         block = BlockTuning(
             epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed,
-            bf16=bf16, targets=args.finetune_targets,
+            bf16=bf16,
         )  # fmt: skip
     if e2e is not None:
         e2e = Distillation(

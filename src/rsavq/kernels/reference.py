@@ -41,30 +41,31 @@ def weight_index(idx: list[torch.Tensor], perm: torch.Tensor, spec: LayerSpec) -
     return unpermute(blocks, perm, spec).int()
 
 
-def take(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`flat[index]`, differentiable in `flat` (block fine-tuning and distillation decode every
-    layer at every step this way)."""
+def take(flat: torch.Tensor, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`flat[index]` in `dtype` (default: `flat`'s), differentiable in `flat` (block fine-tuning
+    and distillation decode every layer at every step this way)."""
+    dtype = dtype or flat.dtype
     if flat.requires_grad and torch.is_grad_enabled():
-        return _Take.apply(flat, index)
-    return flat.index_select(0, index.view(-1)).view(index.shape)
+        return _Take.apply(flat, index, dtype)
+    return flat.to(dtype).index_select(0, index.view(-1)).view(index.shape)
 
 
 class _Take(torch.autograd.Function):
-    """The look-up, with `flat`'s gradient summed by one `bincount`: the same sums as
-    indexing's own backward, which on the CPU accumulates one element at a time and took most
-    of a training step."""
+    """The look-up, with `flat`'s gradient summed by one `bincount` in float32: the same sums
+    as indexing's own backward, which on the CPU accumulates one element at a time and took
+    most of a training step."""
 
     @staticmethod
-    def forward(ctx, flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, flat: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         ctx.save_for_backward(index)
         ctx.size, ctx.dtype = flat.numel(), flat.dtype
-        return flat.index_select(0, index.view(-1)).view(index.shape)
+        return flat.to(dtype).index_select(0, index.view(-1)).view(index.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
         sums = torch.bincount(index.view(-1), weights=grad.reshape(-1).float(), minlength=ctx.size)
-        return sums.to(ctx.dtype), None
+        return sums.to(ctx.dtype), None, None
 
 
 def vectors_block(vectors: torch.Tensor, spec: LayerSpec, g: int) -> torch.Tensor:

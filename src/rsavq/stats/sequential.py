@@ -187,9 +187,8 @@ def sequential_hessians(
     layers: dict[str, nn.Module],
     windows: torch.Tensor,
     done: Callable[[str], bool] = lambda name: False,
-    tune: Callable[[int, nn.Module, list[Pairs]], None] | None = None,
+    tune: Callable[[int, nn.Module, list[Pairs]], list[Inputs] | None] | None = None,
     heldout: torch.Tensor | None = None,
-    model_targets: bool = False,
     true_sequential: bool = False,
     batch: int = BATCH,
 ) -> Iterator[dict[str, torch.Tensor | None]]:
@@ -200,10 +199,8 @@ def sequential_hessians(
     caller has them already); a block whose layers are all done is not calibrated. With `tune`,
     the FP block's outputs on its inputs are kept before the yield, and `tune(index, block,
     [(inputs, fp_outputs), ...])` runs on the quantized block before it makes the next block's
-    inputs; the list holds the calibration windows, then the `heldout` windows (which never
-    enter a Hessian) when given. With `model_targets` the targets are the FP model's own hidden
-    states instead (a second stream through the FP blocks, run before each is quantized), so a
-    tuned block also learns to undo the error of the blocks before it.
+    inputs (or returns them, one list per stream); the list holds the calibration windows,
+    then the `heldout` windows (which never enter a Hessian) when given.
     The block is called on `batch` sequences at a time, each batch with the arguments captured
     for it (an attention bias flattened with the heads, as ALiBi's, included), so fine-tuning
     takes each captured batch as one optimizer step.
@@ -215,26 +212,24 @@ def sequential_hessians(
         sets = [windows] + ([heldout] if tune is not None and heldout is not None else [])
         with timed("hessians", 0):
             streams = [capture_inputs(model, blocks[0], w, batch) for w in sets]
-        fp_streams = streams
         for i, block in enumerate(blocks):
             materialize(block)  # a streamed block is read into memory now (rsavq.streaming)
             prefix = f"{blocks_name}.{i}."
             mine = {n: m for n, m in layers.items() if n.startswith(prefix)}
             # one FP pass gives the tuning's targets and, on the same inputs, the Hessians
-            fused = tune is not None and not model_targets and not true_sequential
+            fused = tune is not None and not true_sequential
             if tune is not None:
-                fp_in = fp_streams if model_targets else streams
                 todo = {n: m for n, m in mine.items() if not done(n)} if fused else {}
-                fp_next, hessians = _fp_outputs(block, fp_in, todo, i)
+                fp_next, hessians = _fp_outputs(block, streams, todo, i)
                 targets = [[hidden_of(*b) for b in x] for x in fp_next]
             if fused:
                 yield {n: hessians.get(n) for n in mine}
             else:
                 yield from _stage_hessians(block, mine, done, streams[0], true_sequential, i)
-            if tune is not None:
-                tune(i, block, list(zip(streams, targets, strict=True)))
-                fp_streams = fp_next
-            if i + 1 < len(blocks):
+            outputs = tune(i, block, list(zip(streams, targets, strict=True))) if tune else None
+            if outputs is not None:
+                streams = outputs
+            elif i + 1 < len(blocks):
                 with timed("hessians", i):  # the next block's inputs
                     streams = [run_block(block, x) for x in streams]
     rest = {n: m for n, m in layers.items() if n not in inside}
