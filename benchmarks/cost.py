@@ -2,6 +2,7 @@
 
     python benchmarks/cost.py --bits 3,2,4 --json benchmarks/results/cost.json
     python benchmarks/cost.py --table benchmarks/results/cost.json   # the BENCHMARKS.md table
+    python benchmarks/cost.py --summary benchmarks/results/cost.json # README's results table
 
 Each width runs `rsavq quantize --model smollm2-135m --bits B` with nothing but its defaults
 (Fisher statistics into a fresh directory, so they are collected, not reused; embeddings and
@@ -91,6 +92,21 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(results: dict) -> str:
+    """README's results table: one row per run, what a user gets and what it costs."""
+    head = ["bits", "run", "bits/weight", "PPL, 16 windows bf16", "quantize wall time",
+            "peak RSS", "checkpoint"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in sorted(results["runs"].values(), key=lambda r: r["bits"]):
+        cells = [
+            str(row["bits"]), row.get("label") or "-", f"{row['bits_per_weight']:.3f}",
+            f"{row['ppl']['value']:.2f}", f"{row['clock']['total_seconds'] / 60:.1f} min",
+            f"{row['clock']['peak_rss_gib']:.1f} GiB", f"{row['checkpoint_mib']:.1f} MiB",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def work(row: dict) -> dict[str, float]:
     """The units each stage's time grows with, from the run's options: calibration windows
     (Fisher, calibration passes, block fine-tuning), teacher windows (the distillation's and 4
@@ -139,6 +155,9 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results/cost.json")
     parser.add_argument("--table", default=None, help="print the table of this JSON and exit")
     parser.add_argument(
+        "--summary", default=None, help="print README's results table of this JSON and exit"
+    )
+    parser.add_argument(
         "--rates", nargs="+", default=None, help="print the stage rates of these JSONs and exit"
     )
     args = parser.parse_args()
@@ -152,6 +171,9 @@ def main() -> None:
         return
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
+        return
+    if args.summary:
+        print(summary(json.loads(Path(args.summary).read_text())))
         return
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.exists() else {"runs": {}}

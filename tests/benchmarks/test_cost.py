@@ -13,7 +13,8 @@ def run(bits, stages, label=""):
         "total_seconds": sum(s for _, s in stages) + 6,
         "peak_rss_gib": 4.25,
     }
-    return {"bits": bits, "clock": clock, "ppl": {"value": 29.5}, "extra": "", "label": label}
+    return {"bits": bits, "clock": clock, "ppl": {"value": 29.5}, "extra": "", "label": label,
+            "bits_per_weight": bits + 0.15, "checkpoint_mib": 94.4}  # fmt: skip
 
 
 def test_table_has_a_column_per_stage_and_the_total():
@@ -28,3 +29,13 @@ def test_table_has_a_column_per_stage_and_the_total():
     assert first[head.index("finetune")] == "10.0" and first[head.index("teacher")] == "-"
     assert first[head.index("total min")] == "**15.1**" and first[-1] == "29.50"
     assert lines[3].split("|")[2].strip() == "old"
+
+
+def test_summary_sorts_by_width_and_gives_what_a_user_gets():
+    cost = load_cost()
+    results = {"runs": {"3 abc": run(3, [("fisher", 300)], label="abc"),
+                        "2 abc": run(2, [("fisher", 60)], label="abc")}}  # fmt: skip
+    lines = cost.summary(results).splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [r[0] for r in rows] == ["2", "3"]
+    assert rows[1] == ["3", "abc", "3.150", "29.50", "5.1 min", "4.2 GiB", "94.4 MiB"]
