@@ -42,7 +42,7 @@ def main() -> None:
     model, tokenizer = load_model("smollm2-135m")
     windows = calibration_windows(tokenizer, load_corpus("c4", args.data_dir), 64, 512, 0)
     blocks = model.model.layers
-    inputs = capture_inputs(model, blocks[0], windows)
+    inputs = capture_inputs(model, blocks[0], windows, BlockTuning.micro_batch)  # a step each
     for block in blocks[: args.block]:
         inputs = run_block(block, inputs)
     block = blocks[args.block]
