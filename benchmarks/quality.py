@@ -92,7 +92,8 @@ def shown_label(row: dict) -> str:
     """A row's label in the tables: rows measured as `rsavq (default)` before distillation
     joined the default (their JSON records no distillation), before the default widened the
     key and value projections (no `layer_bits`; also the fine-tuning rows, which start from the
-    default) or before it distilled on 256 windows (no `windows`) are shown for what they ran."""
+    default) or before it distilled on 256 windows (no `windows`) are shown for what they ran
+    (`superseded`)."""
     label = row["label"]
     if label == DEFAULT and row.get("tuning") and not row.get("distillation"):
         label = BLOCK_ONLY
@@ -104,7 +105,13 @@ def shown_label(row: dict) -> str:
         earlier.append(f"k/v at {bits} bits")
     if label == DEFAULT and "windows" not in (row.get("distillation") or {"windows": 0}):
         earlier.append("distilled on the calibration's windows")
-    return f"{label}, {' and '.join(earlier)} (the earlier default)" if earlier else label
+    return f"{label}, {' and '.join(earlier)}" if earlier else label
+
+
+def superseded(row: dict) -> bool:
+    """A default's row measured before the default changed (the headline table leaves it out;
+    the sections that measured it keep it, labelled by what it ran)."""
+    return row["label"] in (NO_TUNING, DEFAULT) and shown_label(row) != row["label"]
 
 
 def main_rows(bits: int) -> list[Row]:
@@ -492,7 +499,7 @@ def _settings_line(rows: list[dict]) -> str:
 
 def main_table(rows: list[dict]) -> str:
     """One table per evaluation protocol (windows, dtype, tasks), headline protocol first."""
-    main = [r for r in rows if r["section"] == "main"]
+    main = [r for r in rows if r["section"] == "main" and not superseded(r)]
     protocols: dict[str, list[dict]] = {}
     for r in main:
         protocols.setdefault(_settings_line([r]), []).append(r)

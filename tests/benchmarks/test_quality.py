@@ -113,17 +113,18 @@ def test_tables_from_cached_json(quality, tmp_path):
     assert quality.shown_label(old) == quality.BLOCK_ONLY
     assert quality.shown_label({**old, "distillation": {"windows": 256}}) == "rsavq (default)"
     earlier = quality.shown_label({**old, "distillation": {"epochs": 1}})
-    assert earlier.endswith(", distilled on the calibration's windows (the earlier default)")
+    assert earlier.endswith(", distilled on the calibration's windows")
 
 
 def test_rows_measured_before_the_default_widened_k_and_v_are_shown_for_what_they_ran(quality):
     old = {"label": quality.DEFAULT, "bits": 3, "config": quality.preset("default", 2).to_dict()}
     now = dict(old, config=quality.preset("default", 3).to_dict())
     assert quality.shown_label(now) == quality.DEFAULT
-    assert quality.shown_label(old) == f"{quality.DEFAULT}, k/v at 3 bits (the earlier default)"
+    assert quality.shown_label(old) == f"{quality.DEFAULT}, k/v at 3 bits"
+    assert quality.superseded(old) and not quality.superseded(now)
     assert quality.shown_label(dict(old, bits=2)) == quality.DEFAULT  # 2 bits: nothing widened
     tuned = dict(old, section="finetune", label="+ distillation on 256 windows (bf16 autocast)")
-    assert quality.shown_label(tuned).endswith(", k/v at 3 bits (the earlier default)")
+    assert quality.shown_label(tuned).endswith(", k/v at 3 bits")
     assert quality.shown_label(dict(tuned, config=now["config"])) == tuned["label"]
     assert quality.shown_label(dict(tuned, section="vector")) == tuned["label"]
     for bits in (3, 4):
