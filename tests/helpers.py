@@ -111,6 +111,12 @@ KERNEL_SHAPES = [  # every backend is checked against the reference on these
     (130, 50, (26, 24), (2, 1), 6, 2, "input"),
     (65, 30, (30,), (1,), 10, 2, "input"),
     (128, 100, (100,), (3,), 6, 2, "input"),  # 9-bit codes end on bit 33; chunked tables
+    # the default's layouts (byte codes, int16 tables on the CPU): 256-entry tables of 4 and 2
+    # weights, 64- and 256-entry tables in one layer, 128 entries, a wider (10-bit) group
+    (130, 200, (136, 64), (2, 2), 4, 1, "input"),  # 3 tiles, chunks of 64 codes, ragged
+    (200, 96, (64, 32), (3, 4), 2, 1, "input"),
+    (64, 14, (14,), (7,), 1, 1, "input"),
+    (70, 36, (18, 18), (3, 5), 2, 1, "input"),
 ]
 
 

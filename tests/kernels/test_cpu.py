@@ -10,15 +10,65 @@ from rsavq.kernels import Backend, choose_backend, cpu, reference
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="C++ extension cannot be built here")
 
 
+def int16_error_bound(x, books, spec, scales) -> float:
+    """The most an output of `vq_gemv16` may differ from the float sum: half a step per code,
+    the step at most max|table| / 32767, |table entry| <= sub_dim * max|x| * max|codeword|."""
+    codes = sum(spec.codes_per_row(g) for g in range(len(books)))
+    top = spec.sub_dim * x.abs().max() * max(b.float().abs().max() for b in books)
+    return float(codes * top / 65534 * scales.float().abs().max()) + 1e-5
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 5, 8, 9, 40])  # > 8: dequantize + matmul
 @pytest.mark.parametrize(("m", "n", "sizes", "bits", "v", "P", "axis"), KERNEL_SHAPES)
 def test_cpu_matches_reference(tokens, m, n, sizes, bits, v, P, axis):
     spec, perm, codes, books = random_layer(m, n, sizes, bits, v, P, m * n + tokens, axis)
     x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens))
-    bias = torch.randn(m)
-    want = reference.vq_linear(x, codes, books, perm, spec, bias)
-    got = cpu.vq_linear(x, codes, books, perm, spec, bias)
+    bias, scales = torch.randn(m), (torch.rand(m) + 0.5).half()
+    want = reference.vq_linear(x, codes, books, perm, spec, bias, scales)
+    got = cpu.vq_linear(x, codes, books, perm, spec, bias, scales)
+    atol = 1e-4
+    if tokens <= cpu.DECODE_TOKENS and cpu.byte_codes(spec):  # int16 tables
+        atol = int16_error_bound(x, books, spec, scales)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
+
+
+@pytest.mark.parametrize("rows", [16, 48])
+def test_prefill_in_blocks_of_rows_matches_reference(monkeypatch, rows):
+    monkeypatch.setattr(cpu, "PREFILL_ROWS", rows)
+    spec, perm, codes, books = random_layer(130, 200, (136, 64), (2, 2), 4, 1)
+    x, scales, bias = torch.randn(20, 200), (torch.rand(130) + 0.5).half(), torch.randn(130)
+    want = reference.vq_linear(x, codes, books, perm, spec, bias, scales)
+    got = cpu.vq_linear(x, codes, books, perm, spec, bias, scales)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_int16_tables_serve_the_default_layouts():
+    spec = random_layer(130, 200, (136, 64), (2, 2), 4, 1)[0]
+    assert cpu.byte_codes(spec)
+    assert not cpu.byte_codes(random_layer(70, 36, (18, 18), (3, 5), 2, 1)[0])  # 10-bit codes
+
+
+def test_a_kept_cache_is_reused_and_emptying_it_reads_the_layer_again():
+    spec, perm, codes, books = random_layer(64, 40, (40,), (2,), 4, 1)
+    x, cache = torch.randn(1, 40), {}
+    first = cpu.vq_linear(x, codes, books, perm, spec, cache=cache)
+    state = cache["cpu"]
+    assert cpu.vq_linear(x, codes, books, perm, spec, cache=cache) is not None
+    assert cache["cpu"] is state
+    books[0].mul_(2)  # the caller changes the layer and empties its cache
+    cache.clear()
+    again = cpu.vq_linear(x, codes, books, perm, spec, cache=cache)
+    torch.testing.assert_close(again, 2 * first, rtol=1e-3, atol=1e-3)
+
+
+def test_without_a_cache_a_changed_tensor_is_seen():
+    spec, perm, codes, books = random_layer(64, 40, (40,), (2,), 4, 1)
+    x = torch.randn(1, 40)
+    first = cpu.vq_linear(x, codes, books, perm, spec)
+    books[0].mul_(2)
+    torch.testing.assert_close(
+        cpu.vq_linear(x, codes, books, perm, spec), 2 * first, rtol=1e-3, atol=1e-3
+    )
 
 
 def test_batch_dims_and_dtype_are_kept():

@@ -79,7 +79,8 @@ def test_shared_int8_modules_match_dequantize_on_every_backend(backend, tokens):
         module.backend = backend
         torch.testing.assert_close(module.dequantize(), layer.dequantize())
         x = torch.randn(tokens, layer.spec.in_features)
-        torch.testing.assert_close(module(x), x @ layer.dequantize().T, rtol=1e-4, atol=1e-4)
+        tol = 1e-3 if backend == Backend.CPU and tokens == 1 else 1e-4  # int16 tables
+        torch.testing.assert_close(module(x), x @ layer.dequantize().T, rtol=tol, atol=tol)
 
 
 def test_own_int8_codebooks_round_trip_through_the_state_dict():

@@ -1,4 +1,5 @@
-"""Kernels behind one contract: `vq_linear(x, codes, codebooks, perm, spec, bias)`.
+"""Kernels behind one contract: `vq_linear(x, codes, codebooks, perm, spec, bias, scales)`,
+`y = (x W^T) * scales + bias` (row scales and bias optional).
 
 Backends: `reference` (dequantize, then matmul: the oracle), `cpu` (C++: lookup-table GEMV for
 decode, fast dequantize + matmul for prefill) and `triton` (fused dequantize-GEMV/GEMM on CUDA
@@ -47,10 +48,19 @@ _MODULES = {  # the dispatch table: backend -> module with `vq_linear` (imported
 
 
 def vq_linear(
-    x, codes, codebooks, perm, spec: LayerSpec, bias=None, backend: Backend = Backend.AUTO
-) -> torch.Tensor:
-    """`y = x W_hat^T + bias` by the chosen backend (all agree with `reference`)."""
+    x, codes, codebooks, perm, spec: LayerSpec, bias=None, backend: Backend = Backend.AUTO,
+    scales=None, cache: dict | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """`y = (x W_hat^T) * scales + bias` by the chosen backend (all agree with `reference`).
+
+    `cache`: a dict the caller keeps per layer and empties whenever a tensor of the layer
+    changes; a backend keeps what it derives from the layer there (the CPU backend's repacked
+    codes). Without it, the backend checks every tensor's version on each call."""
     if backend == Backend.AUTO:
         backend = choose_backend(x)
+    if backend == Backend.CPU:
+        from rsavq.kernels import cpu
+
+        return cpu.vq_linear(x, codes, codebooks, perm, spec, bias, scales, cache)
     kernel = importlib.import_module(_MODULES[Backend(backend)])
-    return kernel.vq_linear(x, codes, codebooks, perm, spec, bias)
+    return kernel.vq_linear(x, codes, codebooks, perm, spec, bias, scales)

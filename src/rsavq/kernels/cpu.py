@@ -1,14 +1,25 @@
-"""CPU backend, a small C++ extension: a lookup-table GEMV for decode (AQLM's trick) and a
-dequantizer for prefill.
+"""CPU backend, a small C++ extension: lookup-table GEMVs for decode (AQLM's trick) and a
+blockwise dequantize-and-multiply for prefill.
 
-Decode (at most `DECODE_TOKENS` tokens, input-channel groups): per group, the input's sub-vectors
-are dotted with every codeword once (a table `[T, J, K]`); each output is then a sum of `J` table
-entries picked by the packed codes, read straight from the int32 words (AVX-512: 64 rows at a
-time, tables of <= 64 entries held in registers). One call of the op `rsavq::vq_gemv` does every
-group of a layer. Prefill (more tokens, or output-channel groups): `rsavq::vq_dequantize` writes
-the float32 weight once per call into a per-thread buffer reused across calls (columns left in
-the permuted order, met by `x[:, perm]`), then one dense matmul. The extension is
-compiled on first use (g++ and ninja, `-march=native`; cached by torch under
+Decode (at most `DECODE_TOKENS` tokens, input-channel groups): the input's sub-vectors are dotted
+with every codeword once (tables `[T, J, K]`); each output is then a sum of `J` table entries
+picked by the codes.
+- Codes of at most 8 bits (every layout the default writes but the 5-bit key/value layers at 4
+  bits): `vq_gemv16`. The codes are repacked once per layer into bytes, 64 rows side by side
+  (`prepare`, kept in the caller's cache or until a tensor changes); per chunk of 64 codes the
+  tables are rounded to int16 (one step per token and chunk: each entry within half a step of
+  max|table| / 32767), held as byte planes in AVX-512 registers and summed exactly in int32. Row
+  scales and bias are applied in the same call.
+- Other codes: `vq_gemv`, float tables, codes read from the packed int32 words (tables of <= 64
+  entries in registers, larger ones looked up with gathers).
+
+Prefill (more tokens): input-channel layers in float32 use `vq_prefill`, which dequantizes the
+weight a block of rows at a time (up to 64 MiB of float32, at least 256 rows, in a per-thread
+buffer kept between calls) and multiplies `x[:, perm]` by each block. Other inputs (bf16,
+autograd, output-channel groups) use `vq_dequantize`: the whole float32 weight once per call
+into a per-thread buffer kept between calls, then one matmul.
+
+The extension is compiled on first use (g++ and ninja, `-march=native`; cached by torch under
 `~/.cache/torch_extensions`); when that fails, `available()` is False and dispatch uses the
 reference kernel.
 """
@@ -22,15 +33,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from rsavq.config import ChannelAxis, LayerSpec
 
 logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "lut_gemv.cpp"
 DECODE_TOKENS = 8  # at most this many tokens per call use the LUT GEMV
+BYTE_CODES = 8  # codes of at most this many bits decode with int16 tables (`vq_gemv16`)
+PREFILL_ROWS = 0  # rows per block of `vq_prefill` (0: its own choice; tests set a few)
 _extension = None
 _failed = False
 _local = threading.local()
+_layers = WeakIdKeyDictionary()  # a layer's first codes tensor -> (key, `prepare`'s result)
 
 
 def extension():
@@ -131,19 +146,97 @@ def _dequantize(codes, books, perm, spec: LayerSpec, inputs: bool, reuse: bool) 
     return extension().vq_dequantize(*args, workspace)
 
 
-def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None) -> torch.Tensor:
-    """The kernel contract on the CPU: LUT GEMV for decode, dequantize + matmul otherwise."""
+@functools.lru_cache(maxsize=1024)
+def byte_codes(spec: LayerSpec) -> bool:
+    """Whether `vq_gemv16` serves the layer: input-channel groups, codes of <= 8 bits."""
+    inputs = spec.axis == ChannelAxis.INPUT.value
+    return inputs and all(spec.code_bits(g) <= BYTE_CODES for g in range(len(spec.group_sizes)))
+
+
+def _key(tensors) -> tuple:
+    return tuple((id(t), t._version) for t in tensors)
+
+
+def prepare(codes, codebooks, perm, spec: LayerSpec) -> tuple:
+    """What `vq_gemv16` reads of a layer: int32 perm, the codes repacked (uint8 `[tiles, J, 64]`),
+    the codebooks as float32 `[P, d, Kp]` (transposed, zero-padded to 64/128/256 entries) one
+    after another, and per group `(columns, P, J, Kp, offset)`."""
+    widths = [spec.code_bits(g) for g in range(len(codes))]
+    J = [spec.codes_per_row(g) for g in range(len(codes))]
+    books, meta, offset = [], [], 0
+    for g, book in enumerate(codebooks):
+        P, K, d = book.shape
+        Kp = 64 if K <= 64 else (128 if K <= 128 else 256)
+        t = F.pad(book.float().transpose(1, 2), (0, Kp - K))  # [P, d, Kp]
+        books.append(t.reshape(-1))
+        meta.append((spec.group_sizes[g], P, J[g], Kp, offset))
+        offset += t.numel()
+    packed = extension().vq_repack(list(codes), widths, J)
+    return perm.int().contiguous(), packed, torch.cat(books), torch.tensor(meta)
+
+
+def _prepared(codes, codebooks, perm, spec: LayerSpec) -> tuple:
+    """`prepare`'s result, kept per layer (on its first codes tensor) until a tensor changes."""
+    key = (spec, _key(codes), _key(codebooks), id(perm), perm._version)
+    hit = _layers.get(codes[0])
+    if hit is None or hit[0] != key:
+        hit = (key, prepare(codes, codebooks, perm, spec))
+        _layers[codes[0]] = hit
+    return hit[1]
+
+
+def _state(codes, codebooks, perm, spec: LayerSpec, cache) -> tuple:
+    if cache is None:
+        return _prepared(codes, codebooks, perm, spec)
+    return cache.get("cpu") or cache.setdefault("cpu", prepare(codes, codebooks, perm, spec))
+
+
+def _perm32(perm: torch.Tensor, cache) -> torch.Tensor:
+    if cache is None:
+        return perm.int().contiguous()
+    if "perm32" not in cache:
+        cache["perm32"] = perm.int().contiguous()
+    return cache["perm32"]
+
+
+def vq_linear(
+    x, codes, codebooks, perm, spec: LayerSpec, bias=None, scales=None, cache=None
+) -> torch.Tensor:
+    """The kernel contract on the CPU: LUT GEMV for decode, blockwise dequantize + matmul for
+    prefill (`cache`: see `rsavq.kernels.vq_linear`)."""
     lead, n = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, n)
-    codes, books = list(codes), [cb.half().contiguous() for cb in codebooks]
     inputs = spec.axis == ChannelAxis.INPUT.value
-    if x2.shape[0] <= DECODE_TOKENS and inputs:
-        out = _gemv(x2.float().contiguous(), perm, codes, books, spec)
-        if bias is not None:
-            out = out + bias.float()
-        out = out.to(x.dtype)
+    decode = x2.shape[0] <= DECODE_TOKENS and inputs
+    eager = not torch.compiler.is_compiling()
+    if eager and decode and byte_codes(spec):
+        perm32, packed, books, meta = _state(codes, codebooks, perm, spec, cache)
+        args = (spec.vector_length, spec.out_features, _half(scales), _float(bias))
+        out = extension().vq_gemv16(x2.float().contiguous(), perm32, packed, books, meta, *args)
+        return out.to(x.dtype).reshape(*lead, spec.out_features)
+    books = [cb.half().contiguous() for cb in codebooks]
+    grad = torch.is_grad_enabled() and x.requires_grad
+    if eager and inputs and not decode and x.dtype == torch.float32 and not grad:
+        args = (*_spec_args(spec), spec.out_features, _half(scales), _float(bias), PREFILL_ROWS)
+        out = extension().vq_prefill(
+            x2.contiguous(), _perm32(perm, cache), list(codes), books, *args
+        )
+        return out.reshape(*lead, spec.out_features)
+    if decode:
+        out = _gemv(x2.float().contiguous(), perm, list(codes), books, spec)
     else:
-        reuse = not (torch.is_grad_enabled() and x.requires_grad)
-        W = _dequantize(codes, books, perm, spec, inputs, reuse)
-        out = F.linear(x2[:, perm.long()] if inputs else x2, W.to(x.dtype), bias)
-    return out.reshape(*lead, spec.out_features)
+        W = _dequantize(list(codes), books, perm, spec, inputs, reuse=not grad)
+        out = F.linear(x2[:, perm.long()] if inputs else x2, W.to(x.dtype))
+    if scales is not None:
+        out = out * scales.to(out.dtype)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.to(x.dtype).reshape(*lead, spec.out_features)
+
+
+def _half(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.half().contiguous()
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float().contiguous()

@@ -108,6 +108,9 @@ def dequantize(codes, codebooks, perm: torch.Tensor, spec: LayerSpec, dtype=torc
     return unpermute(blocks, perm, spec)
 
 
-def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None) -> torch.Tensor:
-    """`y = x W_hat^T + bias` with `W_hat` dequantized from the codes."""
-    return F.linear(x, dequantize(codes, codebooks, perm, spec, x.dtype), bias)
+def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None, scales=None):
+    """`y = (x W_hat^T) * scales + bias` with `W_hat` dequantized from the codes."""
+    y = F.linear(x, dequantize(codes, codebooks, perm, spec, x.dtype))
+    if scales is not None:
+        y = y * scales.to(y.dtype)
+    return y if bias is None else y + bias.to(y.dtype)

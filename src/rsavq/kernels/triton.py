@@ -193,7 +193,7 @@ def _(x, codes, codebooks, perm, spec_json):
     return x.new_empty(x.shape[0], LayerSpec.from_json(spec_json).out_features, dtype=torch.float32)
 
 
-def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None) -> torch.Tensor:
+def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None, scales=None):
     """The kernel contract by the fused Triton kernels."""
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UsageError(
@@ -204,6 +204,8 @@ def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None) -> torch.Te
     out = vq_matmul(
         x.reshape(-1, n).contiguous(), list(codes), list(codebooks), perm, spec.to_json()
     )
+    if scales is not None:
+        out = out * scales.float()
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*lead, spec.out_features)

@@ -48,7 +48,8 @@ class VQLinear(nn.Module):
                 scale = torch.empty(spec.sub_vectors, dtype=torch.float16, device=device)
                 self.register_buffer(f"codebook_scales_{g}", scale)
         self._source: list[SharedCodebooks] = []  # (a list: not a submodule of this layer)
-        self._decoded: dict[int, tuple] = {}  # int8 codebooks decoded once (`codebooks`)
+        self._inputs: tuple[list, list] | None = None  # codes and decoded codebooks, kept
+        self._kernel_state: dict = {}  # what the kernels derived from the buffers, kept
         scales = torch.empty(spec.out_features, dtype=torch.float16, device=device)
         self.register_buffer("scales", scales if spec.row_scales else None)  # multiplies y
         self.bias = (
@@ -78,6 +79,23 @@ class VQLinear(nn.Module):
         if missing:
             raise ValueError(f"shared codebooks lack widths {sorted(missing)}")
         self._source[:] = [source]
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Forget what was derived from the buffers (the decoded codebooks, the kernels' own
+        layouts). Done by `load_state_dict`, `.to()`, `set_codebook`, `tie` and assigning a
+        buffer; call it after editing a buffer in place."""
+        self._inputs = None
+        self._kernel_state.clear()
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in self.__dict__.get("_buffers", ()):
+            self.refresh()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh()
 
     def _stored_codebook(self, g: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.spec.codebook_source:
@@ -98,47 +116,37 @@ class VQLinear(nn.Module):
     def set_codebook(self, g: int, book: torch.Tensor) -> None:
         """Store `book` (float `[P, K, d]`) as group g's codebook, in the spec's dtype."""
         store_codebook(book, self.spec.codebook_dtype, *self._stored_codebook(g))
+        self.refresh()
 
     @property
     def codes(self) -> list[torch.Tensor]:
-        return [getattr(self, f"codes_{g}") for g in range(len(self.spec.group_bits))]
+        return self._kernel_inputs()[0]
 
     @property
     def codebooks(self) -> list[torch.Tensor]:
         """Every group's codebook as the kernels read it: `[P, K, d]` fp16 (int8 ones decoded
-        once and kept until their stored tensors change)."""
-        return [self._codebook(g) for g in range(len(self.spec.group_bits))]
+        once, kept until `refresh`)."""
+        return self._kernel_inputs()[1]
 
-    def _codebook(self, g: int) -> torch.Tensor:
-        stored, scale = self._stored_codebook(g)
-        if scale is None:
-            return stored
-        versions = (stored._version, scale._version)
-        cached = self._decoded.get(g)
-        if (
-            cached is None
-            or cached[0] is not stored
-            or cached[1] is not scale
-            or (cached[2] != versions)
-        ):
-            cached = (stored, scale, versions, decode_codebook(stored, scale))
-            self._decoded[g] = cached
-        return cached[3]
+    def _kernel_inputs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self._inputs is None:
+            groups = range(len(self.spec.group_bits))
+            codes = [getattr(self, f"codes_{g}") for g in groups]
+            books = [decode_codebook(*self._stored_codebook(g)) for g in groups]
+            self._inputs = (codes, books)
+        return self._inputs
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         W = reference.dequantize(self.codes, self.codebooks, self.perm, self.spec, dtype)
         return W if self.scales is None else W * self.scales.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scales is None:
-            return vq_linear_kernel(
-                x, self.codes, self.codebooks, self.perm, self.spec, self.bias, self.backend
-            )
-        y = vq_linear_kernel(
-            x, self.codes, self.codebooks, self.perm, self.spec, None, self.backend
+        codes, books = self._kernel_inputs()
+        # a layer reading shared codebooks cannot tell when another layer changes them
+        cache = None if self.spec.codebook_source else self._kernel_state
+        return vq_linear_kernel(
+            x, codes, books, self.perm, self.spec, self.bias, self.backend, self.scales, cache
         )
-        y = y * self.scales.to(y.dtype)
-        return y if self.bias is None else y + self.bias
 
     def _apply(self, fn, recurse=True):
         """Move codebooks and scales with the module but keep their stored dtypes
@@ -149,6 +157,7 @@ class VQLinear(nn.Module):
             if t is not None and (n.startswith("codebook") or n == "scales")
         ]
         kept = {n: self._buffers.pop(n) for n in names}
+        self.refresh()
         super()._apply(fn, recurse)
         device = fn(torch.empty(0, dtype=torch.float16, device=self.perm.device)).device
         for name, tensor in kept.items():

@@ -21,6 +21,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -34,34 +36,49 @@ namespace {
 constexpr int64_t kMinTable = 16;        // tables padded to a whole register of floats
 constexpr int64_t kTileRows = 64;        // rows per AVX-512 tile (4 registers of 16)
 constexpr int64_t kChunkFloats = 1 << 17;  // 512 KiB of tables per j chunk (L2-sized)
+constexpr int64_t kPrefillBytes = 1 << 26;  // float32 weight dequantized per block (prefill)
+constexpr int64_t kPrefillRows = 256;  // and at least this many rows
 
 struct Group {
   const uint32_t* codes;  // [m, W]
   int64_t W, J, K, Kp, width;
 };
 
-// lut [T, J, Kp]: dot products of every input sub-vector with every codeword (zero-padded to Kp).
+// dst[t * token_stride + (j - j0) * Kp + k] = <sub-vector j of token t, codeword k of position
+// j % P> for j in [j0, j1), from the codebooks transposed to float32 bt [P, d, Kp] (entries
+// k >= K zero); overwrites dst.
+void build_table_t(const float* x, const int32_t* perm, int64_t n, int64_t T, int64_t start,
+                   int64_t cols, int64_t v, const float* bt, int64_t P, int64_t j0, int64_t j1,
+                   int64_t Kp, float* dst, int64_t token_stride) {
+  const int64_t d = v / P;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t col = (j / P) * v + (j % P) * d;
+      float* row = dst + t * token_stride + (j - j0) * Kp;
+      if (col >= cols) std::fill(row, row + Kp, 0.f);  // a sub-vector wholly in the padding
+      for (int64_t e = 0; e < d && col + e < cols; ++e) {
+        const float s = x[t * n + perm[start + col + e]];
+        const float* b = bt + ((j % P) * d + e) * Kp;
+        if (e == 0)
+          for (int64_t k = 0; k < Kp; ++k) row[k] = s * b[k];
+        else
+          for (int64_t k = 0; k < Kp; ++k) row[k] += s * b[k];
+      }
+    }
+  }
+}
+
+// The same from fp16 codebooks [P, K, d].
 void build_table(const float* x, const int32_t* perm, int64_t n, int64_t T, int64_t start,
-                 int64_t cols, int64_t v, const at::Half* book, int64_t P, const Group& G,
-                 std::vector<float>& lut) {
-  const int64_t d = v / P, K = G.K, Kp = G.Kp;
-  std::vector<float> bt(P * d * Kp, 0.f);  // [P, d, Kp] float32, transposed for k-contiguity
+                 int64_t cols, int64_t v, const at::Half* book, int64_t P, int64_t K, int64_t J,
+                 int64_t Kp, float* dst, int64_t token_stride) {
+  const int64_t d = v / P;
+  std::vector<float> bt(P * d * Kp, 0.f);
   for (int64_t p = 0; p < P; ++p)
     for (int64_t k = 0; k < K; ++k)
       for (int64_t e = 0; e < d; ++e)
         bt[(p * d + e) * Kp + k] = static_cast<float>(book[(p * K + k) * d + e]);
-  lut.assign(T * G.J * Kp, 0.f);
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t j = 0; j < G.J; ++j) {
-      const int64_t col = (j / P) * v + (j % P) * d;
-      float* row = lut.data() + (t * G.J + j) * Kp;
-      for (int64_t e = 0; e < d && col + e < cols; ++e) {
-        const float s = x[t * n + perm[start + col + e]];
-        const float* b = bt.data() + ((j % P) * d + e) * Kp;
-        for (int64_t k = 0; k < Kp; ++k) row[k] += s * b[k];
-      }
-    }
-  }
+  build_table_t(x, perm, n, T, start, cols, v, bt.data(), P, 0, J, Kp, dst, token_stride);
 }
 
 inline int64_t code_at(const uint32_t* row, uint64_t bit, int64_t width, uint64_t mask) {
@@ -261,6 +278,173 @@ Group group_of(const torch::Tensor& codes, const torch::Tensor& book, int64_t si
   return Group{C, codes.size(1), J, K, std::max(K, kMinTable), width};
 }
 
+
+// ---- Decode of codes of at most 8 bits: bytes repacked per tile of 64 rows, int16 tables ----
+// A layer's codes repacked (vq_repack): uint8, row r of tile r / 64 at byte slot(r % 64) of each
+// j's 64 bytes (placed so that the sums below come out in row order), in chunks of 64 js. Per
+// chunk, each thread builds the chunk's tables (every token's, entries padded to Kp = 64, 128
+// or 256), rounds them to int16 with one step per token, max|table| / 32767 (each entry within
+// half a step), stored per j as two byte planes (low bytes, then high bytes, Kp each), and sums
+// each row's entries exactly in int32 before adding step * sum to the row's float total.
+// AVX-512: the 64 codes of a j are one load; each plane is looked up for all 64 rows from
+// Kp / 64 registers (vpermb / vpermi2b, a blend on code bit 7 at 256 entries), the planes are
+// interleaved back into int16 (vpunpck*bw) and summed by vpdpwssd.
+constexpr int64_t kChunkJ = 64;
+constexpr int64_t kTokenBlock = 4;  // tokens per pass over the codes
+constexpr int64_t kPrefetchJ = 256;  // codes fetched this many js (16 KiB) ahead
+constexpr int kPairTiles = 2;  // tiles sharing each table load for one token
+
+inline int64_t slot(int64_t r) {
+  constexpr int64_t quarter[4] = {0, 1, 8, 9};
+  const int64_t k = r & 15;
+  return 16 * (k >> 2) + 2 * (k & 3) + quarter[(r >> 4) & 3];
+}
+
+// total[t * 64 + r] += step[t] * (sum over j < J of table j's entry code(r, j) for token t), the
+// tables of token t at lut + t * ts (2 Kp bytes per j), the codes at codes (64 bytes per j).
+void tile16_scalar(const uint8_t* lut, int64_t ts, int64_t Kp, const uint8_t* codes, int64_t J,
+                   int64_t T, const float* step, float* total) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      int32_t sum = 0;
+      for (int64_t j = 0; j < J; ++j) {
+        const uint8_t* L = lut + t * ts + j * 2 * Kp;
+        const uint8_t c = codes[j * 64 + slot(r)];
+        sum += static_cast<int16_t>(L[c] | (L[Kp + c] << 8));
+      }
+      total[t * kTileRows + r] += step[t] * static_cast<float>(sum);
+    }
+}
+
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+// One byte plane of a table held in R registers (64 R entries), looked up by the 64 codes c.
+template <int R>
+inline __m512i plane(const __m512i* P, __m512i c, __mmask64 bit7) {
+  if constexpr (R == 1) return _mm512_permutexvar_epi8(c, P[0]);
+  const __m512i a = _mm512_permutex2var_epi8(P[0], c, P[1]);
+  if constexpr (R == 2) return a;
+  return _mm512_mask_blend_epi8(bit7, a, _mm512_permutex2var_epi8(P[2], c, P[3]));
+}
+
+// RT tiles side by side (their codes `stride` bytes apart), NT tokens: each token's table is
+// loaded into registers once per j and serves 64 RT rows.
+template <int R, int NT, int RT>
+void tile16(const uint8_t* lut, int64_t ts, const uint8_t* codes, int64_t stride, int64_t J,
+            const float* step, float* total, int64_t tstride) {
+  constexpr int64_t Kp = 64 * R;
+  const __m512i even = _mm512_set1_epi32(1), odd = _mm512_set1_epi32(1 << 16);
+  __m512i A[NT][RT][4];
+  for (int t = 0; t < NT; ++t)
+    for (int i = 0; i < RT; ++i)
+      for (int q = 0; q < 4; ++q) A[t][i][q] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < J; ++j) {
+    __m512i c[RT];
+    __mmask64 bit7[RT];
+    for (int i = 0; i < RT; ++i) {
+      const uint8_t* at = codes + i * stride + j * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(at + kPrefetchJ * 64), _MM_HINT_T0);
+      c[i] = _mm512_loadu_si512(at);
+      bit7[i] = R == 4 ? _mm512_movepi8_mask(c[i]) : 0;
+    }
+    for (int t = 0; t < NT; ++t) {
+      const uint8_t* L = lut + t * ts + j * 2 * Kp;
+      __m512i lo[R], hi[R];
+      for (int k = 0; k < R; ++k) {
+        lo[k] = _mm512_loadu_si512(L + 64 * k);
+        hi[k] = _mm512_loadu_si512(L + Kp + 64 * k);
+      }
+      for (int i = 0; i < RT; ++i) {
+        const __m512i a = plane<R>(lo, c[i], bit7[i]), b = plane<R>(hi, c[i], bit7[i]);
+        const __m512i u0 = _mm512_unpacklo_epi8(a, b), u1 = _mm512_unpackhi_epi8(a, b);
+        A[t][i][0] = _mm512_dpwssd_epi32(A[t][i][0], u0, even);  // rows 0-15
+        A[t][i][1] = _mm512_dpwssd_epi32(A[t][i][1], u0, odd);   // rows 16-31
+        A[t][i][2] = _mm512_dpwssd_epi32(A[t][i][2], u1, even);  // rows 32-47
+        A[t][i][3] = _mm512_dpwssd_epi32(A[t][i][3], u1, odd);   // rows 48-63
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    const __m512 s = _mm512_set1_ps(step[t]);
+    for (int i = 0; i < RT; ++i)
+      for (int q = 0; q < 4; ++q) {
+        float* f = total + i * tstride + t * kTileRows + 16 * q;
+        _mm512_storeu_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(A[t][i][q]), s, _mm512_loadu_ps(f)));
+      }
+  }
+}
+#endif
+
+// Tiles [0, tiles) of a run (codes `stride` bytes apart, totals `tstride` floats apart), J codes,
+// tokens [0, T) (T <= kTokenBlock).
+template <int R>
+void tiles16(const uint8_t* lut, int64_t ts, const uint8_t* codes, int64_t stride, int64_t tiles,
+             int64_t J, int64_t T, const float* step, float* total, int64_t tstride) {
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+  int64_t i = 0;
+  auto run = [&](auto nt, auto rt) {  // tiles i.. by rt, while rt of them are left
+    for (; i + rt.value <= tiles; i += rt.value)
+      tile16<R, nt.value, rt.value>(lut, ts, codes + i * stride, stride, J, step,
+                                    total + i * tstride, tstride);
+  };
+  using std::integral_constant;
+  switch (T) {
+    case 1:
+      run(integral_constant<int, 1>{}, integral_constant<int, kPairTiles>{});
+      return run(integral_constant<int, 1>{}, integral_constant<int, 1>{});
+    case 2: return run(integral_constant<int, 2>{}, integral_constant<int, 1>{});
+    case 3: return run(integral_constant<int, 3>{}, integral_constant<int, 1>{});
+    default: return run(integral_constant<int, 4>{}, integral_constant<int, 1>{});
+  }
+#else
+  for (int64_t i = 0; i < tiles; ++i)
+    tile16_scalar(lut, ts, 64 * R, codes + i * stride, J, T, step, total + i * tstride);
+#endif
+}
+
+void tiles16_any(const uint8_t* lut, int64_t ts, int64_t Kp, const uint8_t* codes,
+                 int64_t stride, int64_t tiles, int64_t J, int64_t T, const float* step,
+                 float* total, int64_t tstride) {
+  switch (Kp) {
+    case 64: return tiles16<1>(lut, ts, codes, stride, tiles, J, T, step, total, tstride);
+    case 128: return tiles16<2>(lut, ts, codes, stride, tiles, J, T, step, total, tstride);
+    default: return tiles16<4>(lut, ts, codes, stride, tiles, J, T, step, total, tstride);
+  }
+}
+
+// The largest |f| of f[0, size).
+float max_abs(const float* f, int64_t size) {
+  float top = 0.f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 m = _mm512_setzero_ps();
+  for (; i + 16 <= size; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(f + i)));
+  top = _mm512_reduce_max_ps(m);
+#endif
+  for (; i < size; ++i) top = std::max(top, std::abs(f[i]));
+  return top;
+}
+
+// A table's Kp entries f rounded to int16 round(f * inv), as byte planes: lo[k], hi[k] = lo[Kp + k].
+void round_planes(const float* f, int64_t Kp, float inv, uint8_t* lo) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  const __m512 s = _mm512_set1_ps(inv);
+  for (; k + 16 <= Kp; k += 16) {
+    const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(f + k), s));  // to even
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + k), _mm512_cvtepi32_epi8(r));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + Kp + k),
+                     _mm512_cvtepi32_epi8(_mm512_srai_epi32(r, 8)));
+  }
+#endif
+  for (; k < Kp; ++k) {
+    const auto q = static_cast<int32_t>(std::nearbyint(f[k] * inv));
+    lo[k] = static_cast<uint8_t>(q & 0xFF);
+    lo[Kp + k] = static_cast<uint8_t>((q >> 8) & 0xFF);
+  }
+}
+
+inline int64_t padded_entries(int64_t K) { return K <= 64 ? 64 : (K <= 128 ? 128 : 256); }
+
 }  // namespace
 
 torch::Tensor vq_gemv(torch::Tensor x, torch::Tensor perm, std::vector<torch::Tensor> codes,
@@ -275,8 +459,10 @@ torch::Tensor vq_gemv(torch::Tensor x, torch::Tensor perm, std::vector<torch::Te
   int64_t start = 0;
   for (size_t g = 0; g < sizes.size(); ++g) {
     const Group G = group_of(codes[g], books[g], sizes[g], widths[g], v, m);
+    lut.assign(T * G.J * G.Kp, 0.f);
     build_table(x.data_ptr<float>(), order.data_ptr<int32_t>(), n, T, start, sizes[g], v,
-                books[g].data_ptr<at::Half>(), books[g].size(0), G, lut);
+                books[g].data_ptr<at::Half>(), books[g].size(0), G.K, G.J, G.Kp, lut.data(),
+                G.J * G.Kp);
     gather_sum(lut, T, G, out.data_ptr<float>(), m);
     start += sizes[g];
   }
@@ -328,7 +514,251 @@ torch::Tensor vq_dequantize(std::vector<torch::Tensor> codes, std::vector<torch:
   return W;
 }
 
+// ---- Prefill: the weight dequantized a block of rows at a time, each block multiplied at once --
+
+// The first codes of a row (`width` <= 14 bits each, packed little-endian from `row`, `end`
+// bytes readable from there) as whole vectors of D floats at out (vector j = entry code(j) of C,
+// float32 [K, D]), four codes per 8-byte read; returns how many were written (at most J, all
+// ending within `cols`; the caller does the rest).
+template <int D>
+int64_t copy_vectors(const uint32_t* row, int64_t end, int64_t width, int64_t J, int64_t cols,
+                     const float* C, float* out) {
+  const int64_t whole = std::min(J, cols / D);
+  const auto* bytes = reinterpret_cast<const uint8_t*>(row);
+  const uint64_t mask = (uint64_t{1} << width) - 1;
+  int64_t j = 0;
+  for (; j + 4 <= whole && ((j * width) >> 3) + 8 <= end; j += 4) {
+    uint64_t bits;
+    std::memcpy(&bits, bytes + ((j * width) >> 3), 8);
+    bits >>= (j * width) & 7;
+    for (int i = 0; i < 4; ++i) {
+      const float* w = C + ((bits >> (i * width)) & mask) * D;
+      std::memcpy(out + (j + i) * D, w, D * sizeof(float));  // one 8- or 16-byte move
+    }
+  }
+  return j;
+}
+
+// A group as dequantize_rows reads it.
+struct Block {
+  Group G;
+  const float* C;  // float32 codebook [P, K, d]
+  int64_t P, d, cols, rows;
+};
+
+// Rows [r0, r1) of an input-axis layer's weight, columns in the codes' permuted order, into dst
+// [r1 - r0, n].
+void dequantize_rows(const std::vector<Block>& blocks, int64_t v, int64_t n, int64_t r0,
+                     int64_t r1, float* dst) {
+  at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      float* out = dst + (r - r0) * n;
+      for (const Block& B : blocks) {
+        const Group& G = B.G;
+        const uint32_t* row = G.codes + r * G.W;
+        const int64_t end = (B.rows - r) * G.W * 4;  // bytes to the end of the codes
+        int64_t j = 0;
+        if (B.P == 1 && B.d == 4 && G.width <= 14)
+          j = copy_vectors<4>(row, end, G.width, G.J, B.cols, B.C, out);
+        if (B.P == 1 && B.d == 2 && G.width <= 14)
+          j = copy_vectors<2>(row, end, G.width, G.J, B.cols, B.C, out);
+        const uint64_t mask = (uint64_t{1} << G.width) - 1;
+        for (; j < G.J; ++j) {  // any layout: each code read from the packed words
+          const int64_t p = j % B.P, c0 = (j / B.P) * v + p * B.d;
+          const int64_t c1 = std::min(c0 + B.d, B.cols);
+          const float* w = B.C + (p * G.K + code_at(row, j * G.width, G.width, mask)) * B.d;
+          for (int64_t c = c0; c < c1; ++c) out[c] = w[c - c0];
+        }
+        out += B.cols;
+      }
+    }
+  });
+}
+
+// The first `numel` floats of `buffer`, grown (float32, contiguous) when too small.
+torch::Tensor reusable(torch::Tensor& buffer, int64_t numel) {
+  if (!buffer.defined() || buffer.numel() < numel) buffer = torch::empty({numel}, torch::kFloat);
+  return buffer.narrow(0, 0, numel);
+}
+
+// Prefill of an input-axis layer: out [T, m] = x W^T (times the row scales, plus the bias), x
+// float32 [T, n]. The weight is dequantized a block of rows at a time (kPrefillBytes, at least
+// kPrefillRows rows) and each block multiplied by x[:, perm] at once: no whole float32 weight
+// is written or read, and each block is big enough for the matmul to run at full speed.
+// block_rows > 0 sets the block (tests).
+torch::Tensor vq_prefill(torch::Tensor x, torch::Tensor perm, std::vector<torch::Tensor> codes,
+                         std::vector<torch::Tensor> books, std::vector<int64_t> sizes,
+                         std::vector<int64_t> widths, int64_t v, int64_t m,
+                         std::optional<torch::Tensor> scales, std::optional<torch::Tensor> bias,
+                         int64_t block_rows) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x");
+  TORCH_CHECK(perm.scalar_type() == torch::kInt && perm.numel() == x.size(1), "int32 perm");
+  const int64_t T = x.size(0), n = x.size(1);
+  std::vector<Block> blocks;
+  std::vector<torch::Tensor> floats;
+  int64_t total = 0;
+  for (size_t g = 0; g < sizes.size(); ++g) {
+    floats.push_back(books[g].to(torch::kFloat).contiguous());
+    const int64_t P = books[g].size(0);
+    blocks.push_back({group_of(codes[g], books[g], sizes[g], widths[g], v, m),
+                      floats.back().data_ptr<float>(), P, v / P, sizes[g], m});
+    total += sizes[g];
+  }
+  TORCH_CHECK(total == n, "group sizes must add up to the input features");
+  // buffers kept between calls (fresh ones cost page faults each call: as much as the work)
+  static thread_local torch::Tensor xbuf, wbuf;
+  const int64_t rows = std::min(
+      m, block_rows > 0 ? block_rows : std::max<int64_t>(kPrefillRows, kPrefillBytes / (4 * n)));
+  auto xp = reusable(xbuf, T * n).view({T, n});  // x[:, perm]
+  auto block = reusable(wbuf, rows * n).view({rows, n});
+  const float* X = x.data_ptr<float>();
+  float* XP = xp.data_ptr<float>();
+  const int32_t* O = perm.data_ptr<int32_t>();
+  at::parallel_for(0, T, 16, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t)
+      for (int64_t i = 0; i < n; ++i) XP[t * n + i] = X[t * n + O[i]];
+  });
+  auto out = torch::empty({T, m}, x.options());
+  for (int64_t r0 = 0; r0 < m; r0 += rows) {
+    const int64_t r1 = std::min(m, r0 + rows);
+    dequantize_rows(blocks, v, n, r0, r1, block.data_ptr<float>());
+    auto y = out.narrow(1, r0, r1 - r0);
+    at::mm_out(y, xp, block.narrow(0, 0, r1 - r0).t());
+  }
+  if (scales) out.mul_(scales->to(torch::kFloat));
+  if (bias) out.add_(*bias);
+  return out;
+}
+
+// A layer's codes of <= 8 bits repacked for vq_gemv16, the groups' codes one after another along
+// j (codes[g]: [m, W_g] int32 of widths[g] bits, J[g] per row), in chunks of 64 js read in turn:
+// chunk c holds [tiles, jc, 64] bytes (jc = 64 but in the last), so one call reads the codes
+// front to back.
+torch::Tensor vq_repack(std::vector<torch::Tensor> codes, std::vector<int64_t> widths,
+                        std::vector<int64_t> J) {
+  const int64_t m = codes.at(0).size(0), tiles = (m + kTileRows - 1) / kTileRows;
+  int64_t total = 0;
+  for (size_t g = 0; g < codes.size(); ++g) {
+    TORCH_CHECK(codes[g].scalar_type() == torch::kInt && codes[g].is_contiguous(), "int32 codes");
+    TORCH_CHECK(widths[g] >= 1 && widths[g] <= 8 && codes[g].size(0) == m &&
+                    codes[g].size(1) * 32 >= J[g] * widths[g], "codes shape");
+    total += J[g];
+  }
+  auto out = torch::zeros({tiles * total * kTileRows}, torch::kUInt8);
+  uint8_t* o = out.data_ptr<uint8_t>();
+  at::parallel_for(0, m, kTileRows, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      const int64_t tile = r / kTileRows, s = slot(r % kTileRows);
+      for (size_t g = 0, j = 0; g < codes.size(); ++g) {
+        const auto* row = reinterpret_cast<const uint32_t*>(codes[g].data_ptr<int32_t>()) +
+                          r * codes[g].size(1);
+        const uint64_t mask = (uint64_t{1} << widths[g]) - 1;
+        for (int64_t i = 0; i < J[g]; ++i, ++j) {
+          const int64_t ja = j / kChunkJ * kChunkJ, jc = std::min(kChunkJ, total - ja);
+          o[ja * tiles * kTileRows + (tile * jc + j - ja) * kTileRows + s] =
+              static_cast<uint8_t>(code_at(row, i * widths[g], widths[g], mask));
+        }
+      }
+    }
+  });
+  return out.view({tiles, total, kTileRows});
+}
+
+// Decode with repacked codes (vq_repack) and int16 tables: out [T, m] = x W^T, times the row
+// scales (fp16) and plus the bias (float32) when given. perm int32 [n]; books: every group's
+// codebook as float32 [P, d, Kp] (transposed, entries past K zero), one after another; meta
+// int64 [G, 5]: per group its columns, P, J, Kp and offset into books.
+torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packed,
+                        torch::Tensor books, torch::Tensor meta, int64_t v, int64_t m,
+                        std::optional<torch::Tensor> scales, std::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x");
+  TORCH_CHECK(perm.scalar_type() == torch::kInt && perm.numel() == x.size(1), "int32 perm");
+  TORCH_CHECK(meta.scalar_type() == torch::kLong && meta.dim() == 2 && meta.size(1) == 5, "meta");
+  const int64_t T = x.size(0), n = x.size(1), tiles = (m + kTileRows - 1) / kTileRows;
+  const int64_t Jtot = packed.size(1);
+  TORCH_CHECK(packed.size(0) == tiles, "repacked codes");
+  struct Group { int64_t start, cols, P, j0, J, Kp, book; };
+  std::vector<Group> groups;
+  const int64_t* M = meta.data_ptr<int64_t>();
+  for (int64_t g = 0, start = 0, j0 = 0; g < meta.size(0); ++g) {
+    const int64_t* r = M + 5 * g;
+    groups.push_back({start, r[0], r[1], j0, r[2], r[3], r[4]});
+    start += r[0];
+    j0 += r[2];
+  }
+  TORCH_CHECK(groups.back().start + groups.back().cols == n && groups.back().j0 + groups.back().J == Jtot,
+              "group sizes must add up to the input features");
+  static thread_local std::vector<float> totals;  // [tiles, T, 64] (the calling thread's)
+  totals.assign(tiles * T * kTileRows, 0.f);
+  float* total = totals.data();  // (a thread_local named in the lambda would be the worker's)
+  const float* X = x.data_ptr<float>();
+  const int32_t* O = perm.data_ptr<int32_t>();
+  const float* Bk = books.data_ptr<float>();
+  const uint8_t* C = packed.data_ptr<uint8_t>();
+  const int64_t work = Jtot * kTileRows * T;  // look-ups per tile
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(work, 1));
+  at::parallel_for(0, tiles, grain, [&](int64_t a, int64_t b) {
+    struct Run { int64_t lo, hi, Kp, at; };  // js [lo, hi) of one table size, tables at `at`
+    static thread_local std::vector<float> flt, step;
+    static thread_local std::vector<uint8_t> lut;
+    std::vector<Run> runs;
+    for (int64_t ja = 0; ja < Jtot; ja += kChunkJ) {
+      const int64_t jb = std::min(Jtot, ja + kChunkJ);
+      runs.clear();
+      int64_t ts = 0;  // table entries per token in this chunk
+      for (const Group& g : groups) {
+        const int64_t lo = std::max(ja, g.j0), hi = std::min(jb, g.j0 + g.J);
+        if (lo >= hi) continue;
+        if (runs.empty() || runs.back().Kp != g.Kp) runs.push_back({lo, lo, g.Kp, ts});
+        runs.back().hi = hi;
+        ts += (hi - lo) * g.Kp;
+      }
+      flt.resize(T * ts);
+      for (int64_t at = 0; const Group& g : groups) {
+        const int64_t lo = std::max(ja, g.j0), hi = std::min(jb, g.j0 + g.J);
+        if (lo >= hi) continue;
+        build_table_t(X, O, n, T, g.start, g.cols, v, Bk + g.book, g.P, lo - g.j0, hi - g.j0, g.Kp,
+                      flt.data() + at, ts);
+        at += (hi - lo) * g.Kp;
+      }
+      step.resize(T);
+      lut.resize(T * 2 * ts);
+      for (int64_t t = 0; t < T; ++t) {
+        const float top = max_abs(flt.data() + t * ts, ts);
+        step[t] = top > 0.f ? top / 32767.f : 1.f;
+        for (const Run& run : runs)
+          for (int64_t j = run.lo; j < run.hi; ++j) {
+            const int64_t at = run.at + (j - run.lo) * run.Kp;
+            round_planes(flt.data() + t * ts + at, run.Kp, 1.f / step[t],
+                         lut.data() + t * 2 * ts + 2 * at);
+          }
+      }
+      const uint8_t* block = C + ja * tiles * kTileRows;  // the chunk: [tiles, jb - ja, 64]
+      for (const Run& run : runs)
+        for (int64_t t0 = 0; t0 < T; t0 += kTokenBlock)
+          tiles16_any(lut.data() + t0 * 2 * ts + 2 * run.at, 2 * ts, run.Kp,
+                      block + (a * (jb - ja) + run.lo - ja) * kTileRows, (jb - ja) * kTileRows,
+                      b - a, run.hi - run.lo, std::min(kTokenBlock, T - t0), step.data() + t0,
+                      total + (a * T + t0) * kTileRows, T * kTileRows);
+    }
+  });
+  auto out = torch::empty({T, m}, x.options());
+  float* Y = out.data_ptr<float>();
+  const at::Half* S = scales ? scales->data_ptr<at::Half>() : nullptr;
+  const float* B = bias ? bias->data_ptr<float>() : nullptr;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t r = 0; r < m; ++r) {
+      float y = total[((r / kTileRows) * T + t) * kTileRows + r % kTileRows];
+      if (S) y *= static_cast<float>(S[r]);
+      Y[t * m + r] = B ? y + B[r] : y;
+    }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_gemv", &vq_gemv, "RSAVQ LUT GEMV");
+  m.def("vq_repack", &vq_repack, "RSAVQ codes repacked for vq_gemv16");
+  m.def("vq_gemv16", &vq_gemv16, "RSAVQ decode with int16 tables");
+  m.def("vq_prefill", &vq_prefill, "RSAVQ prefill: dequantize blocks of rows, multiply each");
   m.def("vq_dequantize", &vq_dequantize, "RSAVQ dequantize into the original channel order");
 }
