@@ -1,23 +1,25 @@
-"""Inference speed: VQLinear vs the dense layer it replaces, and whole-model decode, side by side.
+"""Inference speed: VQLinear vs the dense layer it replaces, against the machine's bandwidth,
+and whole-model decode, side by side.
 
-    python benchmarks/speed.py --threads 2                 # -> benchmarks/results/speed.json
     python benchmarks/speed.py --threads 1 --json benchmarks/results/speed-1thread.json
     python benchmarks/speed.py --table-only                # rewrite BENCHMARKS.md's tables
-    python benchmarks/speed.py --threads 1 --codebooks shared-long \
-        --json benchmarks/results/speed-1thread-shared-long.json  # format 3 layers
+    python benchmarks/speed.py --threads 1 --bits 2 --model-bits 2 --codebooks int8 \
+        --json benchmarks/results/speed-1thread-int8.json
 
-Layers (random codes: speed does not depend on their values): shapes in x out 576x1536,
-1536x576, 4096x4096, 11008x4096 at 2/3/4 bits in the default configuration's format (vector
-length by width, blocks of columns with their own codebooks, row scales; one WCSG group unless
-`--groups`; `--codebooks int8`: int8 codebooks, more blocks; `--codebooks shared-long`:
-one int8 codebook of 4,096 entries read from a `SharedCodebooks` module, vectors of `12 // bits`
-weights, as `--codebook-scope block` makes them); decode
-(1 token) and prefill (512 tokens), each timed interleaved with the fp32 dense `F.linear` of the
-same shape and with the reference kernel, in one process; dense/VQ > 1 means VQ is faster. Whole
-model: SmolLM2-135M greedy decode tokens/s, FP vs the same model with every decoder linear
-replaced by a 2-bit (and a 3-bit) VQLinear of random codes. With a CUDA GPU, also the Triton
-kernels vs fp16 cuBLAS at 1, 8 and 512 tokens, and the bytes the VQ call moves per second as a
-fraction of a device-to-device copy's (the practical bandwidth limit).
+First the yardstick: the machine's read bandwidth (a float32 sum over 1 GiB) with 1 thread and
+with all. Layers (random codes: speed does not depend on their values): shapes in x out
+576x1536, 1536x576, 4096x4096, 11008x4096 at 2/3/4 bits in the default configuration's format
+(vector length by width, blocks of columns with their own codebooks, row scales; one WCSG group
+unless `--groups`; `--codebooks int8`: int8 codebooks, more blocks; `--codebooks shared-long`:
+one int8 codebook of 4,096 entries read from a `SharedCodebooks` module, vectors of
+`12 // bits` weights, as `--codebook-scope block` makes them). Decode (1 token) is timed
+interleaved with the dense `F.linear` of the same shape in float32 and in bfloat16 and with the
+reference kernel; its effective bandwidth is the bytes the layer stores over its time. Prefill
+(512 tokens) is timed against float32 dense. Ratios are dense / VQ: > 1 means VQ is faster.
+Whole model: SmolLM2-135M greedy decode tokens/s, the FP model in float32 and in bfloat16 vs
+the same model with every decoder linear replaced by a VQLinear of random codes. With a CUDA
+GPU, also the Triton kernels vs fp16 cuBLAS at 1, 8 and 512 tokens, and the bytes the VQ call
+moves per second as a fraction of a device-to-device copy's (the practical bandwidth limit).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -40,9 +43,9 @@ from rsavq.nn import SharedCodebooks, VQLinear
 from rsavq.packing import pack
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (11008, 4096)]
-TABLES = (  # speed.json: 2 threads, format 1 (history)
-    "benchmarks/results/speed-1thread.json,benchmarks/results/speed-1thread-int8.json,"
-    "benchmarks/results/speed-1thread-shared-long.json"
+TABLES = (
+    "benchmarks/results/speed-1thread.json,benchmarks/results/speed-2threads.json,"
+    "benchmarks/results/speed-1thread-int8.json,benchmarks/results/speed-1thread-shared-long.json"
 )
 
 
@@ -106,13 +109,30 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
+def read_bandwidth(threads: int, numel: int = 2**28) -> float:
+    """Bytes/s of a float32 sum over `numel` elements (1 GiB) with `threads` threads (best of 5):
+    what one pass over memory can read here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a = torch.ones(numel)
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - start)
+    torch.set_num_threads(before)
+    return numel * 4 / min(times[1:])
+
+
 @torch.no_grad()
-def layer_rows(bits_list, tokens_list, groups: int, codebooks: str = "default") -> list[dict]:
+def layer_rows(bits_list, tokens_list, groups: int, codebooks: str, bandwidth: float) -> list:
     rows = []
     for n, m in SHAPES:
         W = torch.randn(m, n) * 0.02
+        Wb = W.bfloat16()
         for bits in bits_list:
             module = random_vqlinear(n, m, bits, groups, codebooks=codebooks)
+            stored = layer_bytes(module)
             for tokens in tokens_list:
                 x = torch.randn(tokens, n)
                 repeats = 5 if tokens > 1 or n * m > 10**7 else 20
@@ -120,23 +140,33 @@ def layer_rows(bits_list, tokens_list, groups: int, codebooks: str = "default") 
                 fns = {
                     "dense": lambda x=x, W=W: F.linear(x, W),
                     "vq": lambda x=x, m=module: m(x),
-                    "reference": lambda x=x, a=args: reference.vq_linear(x, *a),
                 }
+                if tokens == 1:
+                    xb = x.bfloat16()
+                    fns["bf16"] = lambda x=xb, W=Wb: F.linear(x, W)
+                    fns["reference"] = lambda x=x, a=args: reference.vq_linear(x, *a)
                 t = interleaved(fns, repeats)
-                rows.append(
-                    {
-                        "shape": f"{n}x{m}",
-                        "bits": bits,
-                        "tokens": tokens,
-                        "backend": choose_backend(x).value,
-                        "dense_ms": t["dense"] * 1e3,
-                        "vq_ms": t["vq"] * 1e3,
+                row = {
+                    "shape": f"{n}x{m}",
+                    "bits": bits,
+                    "tokens": tokens,
+                    "backend": choose_backend(x).value,
+                    "dense_ms": t["dense"] * 1e3,
+                    "vq_ms": t["vq"] * 1e3,
+                    "dense_over_vq": t["dense"] / t["vq"],
+                    "vq_bytes": stored,
+                    "vq_gbs": stored / t["vq"] / 1e9,
+                    "bandwidth_share": stored / t["vq"] / bandwidth,
+                }
+                if tokens == 1:
+                    row |= {
+                        "bf16_ms": t["bf16"] * 1e3,
+                        "bf16_over_vq": t["bf16"] / t["vq"],
                         "reference_ms": t["reference"] * 1e3,
-                        "dense_over_vq": t["dense"] / t["vq"],
                         "reference_over_vq": t["reference"] / t["vq"],
                     }
-                )
-                print(json.dumps(rows[-1]))
+                rows.append(row)
+                print(json.dumps(row))
     return rows
 
 
@@ -165,6 +195,7 @@ def model_row(
 
     model, tokenizer = load_model(model_id)
     vq_model = copy.deepcopy(model)
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
     layers = find_linears(vq_model)
     params = sum(layer.weight.numel() for layer in layers.values())
     for i, (name, layer) in enumerate(layers.items()):
@@ -176,6 +207,7 @@ def model_row(
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     fns = {
         "fp": lambda: decode_seconds(model, ids, new_tokens),
+        "fp_bf16": lambda: decode_seconds(bf16_model, ids, new_tokens),
         "vq": lambda: decode_seconds(vq_model, ids, new_tokens),
     }
     t = interleaved(fns, rounds)
@@ -185,8 +217,10 @@ def model_row(
         "new_tokens": new_tokens,
         "rounds": rounds,
         "fp_tokens_per_s": new_tokens / t["fp"],
+        "fp_bf16_tokens_per_s": new_tokens / t["fp_bf16"],
         "vq_tokens_per_s": new_tokens / t["vq"],
         "vq_over_fp": t["fp"] / t["vq"],
+        "vq_over_fp_bf16": t["fp_bf16"] / t["vq"],
         "linear_weights": params,
         "vq_buffer_bytes": vq_bytes,
         "vq_bits_per_weight_in_memory": 8 * vq_bytes / params,
@@ -271,51 +305,69 @@ def gpu_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def layer_table(layers: list[dict]) -> str:
+def layer_table(layers: list[dict], bandwidth: float | None) -> str:
+    """Decode and prefill per shape and width: times, ratios (dense / VQ) and the decode's
+    effective bandwidth (bytes stored / time) as a share of the machine's read bandwidth."""
     lines = [
-        "| shape (in x out) | bits | decode: dense / VQ | dense / VQ | reference / VQ "
-        "| prefill 512: dense / VQ | dense / VQ |",
-        "|---|---|---|---|---|---|---|",
+        "| shape (in x out) | bits | decode fp32 / bf16 / VQ | decode vs fp32 | decode vs bf16 "
+        "| VQ GB/s | % of bandwidth | prefill 512 fp32 / VQ | prefill vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     cells = {(r["shape"], r["bits"], r["tokens"]): r for r in layers}
     for shape, bits in dict.fromkeys((r["shape"], r["bits"]) for r in layers):
         row = [shape, str(bits)]
-        for tokens in (1, 512):
-            r = cells.get((shape, bits, tokens))
-            if r is None:
-                row += ["-", "-"] + (["-"] if tokens == 1 else [])
-                continue
-            row += [f"{r['dense_ms']:.2f} / {r['vq_ms']:.2f} ms", f"**{r['dense_over_vq']:.2f}**"]
-            if tokens == 1:
-                row.append(f"{r['reference_over_vq']:.0f}")
+        d, p = cells.get((shape, bits, 1)), cells.get((shape, bits, 512))
+        if d is None:
+            row += ["-"] * 5
+        else:
+            share = f"{100 * d['bandwidth_share']:.0f}%" if bandwidth else "-"
+            row += [
+                f"{d['dense_ms']:.2f} / {d['bf16_ms']:.2f} / {d['vq_ms']:.3f} ms",
+                f"**{d['dense_over_vq']:.2f}**",
+                f"**{d['bf16_over_vq']:.2f}**",
+                f"{d['vq_gbs']:.1f}",
+                share,
+            ]
+        if p is None:
+            row += ["-", "-"]
+        else:
+            row += [f"{p['dense_ms']:.1f} / {p['vq_ms']:.1f} ms", f"**{p['dense_over_vq']:.2f}**"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
+def model_line(m: dict) -> str:
+    return (
+        f"Whole model, {m['model']} greedy decode of {m['new_tokens']} tokens (median of "
+        f"{m['rounds']}, alternated): FP {m['fp_tokens_per_s']:.2f} tokens/s in float32, "
+        f"{m['fp_bf16_tokens_per_s']:.2f} in bfloat16; every decoder linear as a {m['bits']}-bit "
+        f"VQLinear {m['vq_tokens_per_s']:.2f} tokens/s: **{m['vq_over_fp']:.2f}x of FP** "
+        f"(**{m['vq_over_fp_bf16']:.2f}x** of FP bf16); memory of the loaded VQ linears "
+        f"{m['vq_buffer_bytes'] / 2**20:.1f} MiB for {m['linear_weights'] / 1e6:.1f} M weights = "
+        f"{m['vq_bits_per_weight_in_memory']:.3f} bits/weight."
+    )
+
+
 def render(results: list[dict]) -> str:
-    """One table per result file (thread count) and its whole-model decode line."""
+    """One table per result file (thread count, layer format) and its whole-model lines."""
     parts = []
     for result in results:
+        bandwidth = result.get("bandwidth_gbs", {}).get(str(result["threads"]))
+        read = result.get("bandwidth_gbs", {})
         parts += [
-            f"#### {result['threads']} thread(s), {result.get('groups', 4)} WCSG group(s) per "
-            f"layer, {result.get('format', 'format 1: vectors of 6 as 2 sub-vectors of 3')}",
+            f"#### {result['threads']} thread(s), {result['format']}",
             "",
-            layer_table(result["layers"]),
+            f"Read bandwidth here: {read.get('1', 0):.1f} GB/s with 1 thread, "
+            f"{read.get(str(result.get('cores', 2)), 0):.1f} GB/s with all "
+            f"{result.get('cores', 2)} cores.",
+            "",
+            layer_table(result["layers"], bandwidth),
             "",
         ]
         if result.get("gpu"):
             parts += [f"GPU: {result['gpu_name']}", "", gpu_table(result["gpu"]), ""]
         for m in result["models"]:
-            parts += [
-                f"Whole model, {m['model']} greedy decode of {m['new_tokens']} tokens "
-                f"(median of {m.get('rounds', 1)}, alternated): FP "
-                f"{m['fp_tokens_per_s']:.2f} tokens/s, every decoder linear as a {m['bits']}-bit "
-                f"VQLinear {m['vq_tokens_per_s']:.2f} tokens/s: **{m['vq_over_fp']:.2f}x of FP**; "
-                f"memory of the loaded VQ linears {m['vq_buffer_bytes'] / 2**20:.1f} MiB for "
-                f"{m['linear_weights'] / 1e6:.1f} M weights = "
-                f"{m['vq_bits_per_weight_in_memory']:.3f} bits/weight.",
-                "",
-            ]
+            parts += [model_line(m), ""]
     return "\n".join(parts)
 
 
@@ -344,19 +396,25 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.table_only:
         return write_tables(args.tables.split(","), args.markdown)
+    cores = os.cpu_count() or 1
+    bandwidth = {str(k): read_bandwidth(k) / 1e9 for k in sorted({1, args.threads, cores})}
     torch.set_num_threads(args.threads)
     bits = [int(b) for b in args.bits.split(",")]
+    tokens = [int(t) for t in args.tokens.split(",")]
     result = {
         "threads": args.threads,
+        "cores": cores,
         "groups": args.groups,
         "format": FORMATS[args.codebooks],
         "torch": torch.__version__,
+        "bandwidth_gbs": bandwidth,
         "layers": layer_rows(
-            bits, [int(t) for t in args.tokens.split(",")], args.groups, args.codebooks
+            bits, tokens, args.groups, args.codebooks, bandwidth[str(args.threads)] * 1e9
         ),
         "models": [
             model_row(args.model, int(b), args.new_tokens, args.groups, args.codebooks)
             for b in args.model_bits.split(",")
+            if b
         ],
     }
     if torch.cuda.is_available() and not args.no_gpu:

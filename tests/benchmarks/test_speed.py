@@ -12,36 +12,46 @@ def load_speed():
     return load_benchmark("speed")
 
 
-def _layer(shape, bits, tokens, dense, vq, ref):
-    return {
+def _layer(shape, bits, tokens, dense, vq, ref, bf16=None, stored=4_000_000):
+    row = {
         "shape": shape,
         "bits": bits,
         "tokens": tokens,
         "dense_ms": dense,
         "vq_ms": vq,
-        "reference_ms": ref,
         "dense_over_vq": dense / vq,
-        "reference_over_vq": ref / vq,
+        "vq_bytes": stored,
+        "vq_gbs": stored / vq / 1e6,
+        "bandwidth_share": stored / vq / 1e6 / 10.0,
     }
+    if tokens == 1:
+        row |= {"bf16_ms": bf16, "bf16_over_vq": bf16 / vq, "reference_ms": ref}
+    return row
 
 
 def test_tables_from_cached_json(tmp_path):
     result = {
-        "threads": 2,
+        "threads": 1,
+        "cores": 2,
         "groups": 1,
+        "format": "format 2: the default's vectors, blocks and row scales",
+        "bandwidth_gbs": {"1": 10.0, "2": 18.0},
         "layers": [
-            _layer("4096x4096", 2, 1, 4.0, 2.0, 300.0),
-            _layer("4096x4096", 2, 512, 180.0, 240.0, 500.0),
-            _layer("576x1536", 3, 1, 0.3, 0.6, 6.0),
+            _layer("4096x4096", 2, 1, 4.0, 0.8, 300.0, bf16=3.0),
+            _layer("4096x4096", 2, 512, 180.0, 200.0, 500.0),
+            _layer("576x1536", 3, 1, 0.3, 0.2, 6.0, bf16=0.4, stored=400_000),
         ],
         "models": [
             {
                 "model": "smollm2-135m",
                 "bits": 2,
                 "new_tokens": 32,
+                "rounds": 3,
                 "fp_tokens_per_s": 13.0,
-                "vq_tokens_per_s": 15.6,
-                "vq_over_fp": 1.2,
+                "fp_bf16_tokens_per_s": 10.0,
+                "vq_tokens_per_s": 26.0,
+                "vq_over_fp": 2.0,
+                "vq_over_fp_bf16": 2.6,
                 "linear_weights": 106168320,
                 "vq_buffer_bytes": 27002880,
                 "vq_bits_per_weight_in_memory": 2.0347,
@@ -55,11 +65,23 @@ def test_tables_from_cached_json(tmp_path):
     load_speed().main(["--table-only", "--tables", str(path), "--markdown", str(md)])
     text = md.read_text()
     assert "old" not in text and text.endswith("<!-- speed:end -->\n\n## Next\n")
-    assert "#### 2 thread(s), 1 WCSG group(s) per layer" in text
-    row = "| 4096x4096 | 2 | 4.00 / 2.00 ms | **2.00** | 150 | 180.00 / 240.00 ms | **0.75** |"
+    assert "#### 1 thread(s), format 2" in text
+    assert "10.0 GB/s with 1 thread, 18.0 GB/s with all 2 cores" in text
+    row = (
+        "| 4096x4096 | 2 | 4.00 / 3.00 / 0.800 ms | **5.00** | **3.75** | 5.0 | 50% "
+        "| 180.0 / 200.0 ms | **0.90** |"
+    )
     assert row in text
-    assert "| 576x1536 | 3 | 0.30 / 0.60 ms | **0.50** | 10 | - | - |" in text
-    assert "**1.20x of FP**" in text and "2.035 bits/weight" in text
+    assert (
+        "| 576x1536 | 3 | 0.30 / 0.40 / 0.200 ms | **1.50** | **2.00** | 2.0 | 20% | - | - |"
+        in text
+    )
+    assert "**2.00x of FP** (**2.60x** of FP bf16)" in text and "2.035 bits/weight" in text
+
+
+def test_read_bandwidth_is_measured():
+    gbs = load_speed().read_bandwidth(1, numel=2**22) / 1e9
+    assert 0.1 < gbs < 1000
 
 
 def test_gpu_rows_run_under_the_triton_interpreter():

@@ -12,10 +12,10 @@ pytestmark = pytest.mark.skipif(not cpu.available(), reason="C++ extension canno
 
 def int16_error_bound(x, books, spec, scales) -> float:
     """The most an output of `vq_gemv16` may differ from the float sum: half a step per code,
-    the step at most max|table| / 32767, |table entry| <= sub_dim * max|x| * max|codeword|."""
+    the step at most |x_j| |codeword| / 32000 <= sub_dim * max|x| * max|codeword entry| / 32000."""
     codes = sum(spec.codes_per_row(g) for g in range(len(books)))
     top = spec.sub_dim * x.abs().max() * max(b.float().abs().max() for b in books)
-    return float(codes * top / 65534 * scales.float().abs().max()) + 1e-5
+    return float(codes * top / 64000 * scales.float().abs().max()) + 1e-5
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 5, 8, 9, 40])  # > 8: dequantize + matmul

@@ -8,6 +8,7 @@ GPUs; the `[triton]` extra). `choose_backend` picks by device; a module may pin 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from enum import Enum
@@ -30,14 +31,18 @@ class Backend(str, Enum):
 def choose_backend(x: torch.Tensor) -> Backend:
     """`triton` on CUDA when installed, `cpu` on the CPU when the extension builds, else
     `reference`. (Each backend picks its decode or prefill kernel by the token count.)"""
-    if x.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+    device = x.device.type
+    if device == "cpu":
+        return Backend.CPU if _cpu().available() else Backend.REFERENCE
+    if device == "cuda" and importlib.util.find_spec("triton") is not None:
         return Backend.TRITON
-    if x.device.type == "cpu":
-        from rsavq.kernels import cpu
-
-        if cpu.available():
-            return Backend.CPU
     return Backend.REFERENCE
+
+
+@functools.cache
+def _cpu():
+    """The CPU backend's module (imported on first use)."""
+    return importlib.import_module(_MODULES[Backend.CPU])
 
 
 _MODULES = {  # the dispatch table: backend -> module with `vq_linear` (imported on first use)
@@ -56,11 +61,11 @@ def vq_linear(
     `cache`: a dict the caller keeps per layer and empties whenever a tensor of the layer
     changes; a backend keeps what it derives from the layer there (the CPU backend's repacked
     codes). Without it, the backend checks every tensor's version on each call."""
-    if backend == Backend.AUTO:
+    if not isinstance(backend, Backend):
+        backend = Backend(backend)
+    if backend is Backend.AUTO:
         backend = choose_backend(x)
-    if backend == Backend.CPU:
-        from rsavq.kernels import cpu
-
-        return cpu.vq_linear(x, codes, codebooks, perm, spec, bias, scales, cache)
-    kernel = importlib.import_module(_MODULES[Backend(backend)])
+    if backend is Backend.CPU:
+        return _cpu().vq_linear(x, codes, codebooks, perm, spec, bias, scales, cache)
+    kernel = importlib.import_module(_MODULES[backend])
     return kernel.vq_linear(x, codes, codebooks, perm, spec, bias, scales)

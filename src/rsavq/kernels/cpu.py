@@ -7,9 +7,9 @@ picked by the codes.
 - Codes of at most 8 bits (every layout the default writes but the 5-bit key/value layers at 4
   bits): `vq_gemv16`. The codes are repacked once per layer into bytes, 64 rows side by side
   (`prepare`, kept in the caller's cache or until a tensor changes); per chunk of 64 codes the
-  tables are rounded to int16 (one step per token and chunk: each entry within half a step of
-  max|table| / 32767), held as byte planes in AVX-512 registers and summed exactly in int32. Row
-  scales and bias are applied in the same call.
+  tables are computed straight into int16 (one step per token and chunk, a bound on the
+  entries over 32000: each entry within half a step), held as byte planes in AVX-512 registers
+  and summed exactly in int32. Row scales and bias are applied in the same call.
 - Other codes: `vq_gemv`, float tables, codes read from the packed int32 words (tables of <= 64
   entries in registers, larger ones looked up with gathers).
 
@@ -160,19 +160,20 @@ def _key(tensors) -> tuple:
 def prepare(codes, codebooks, perm, spec: LayerSpec) -> tuple:
     """What `vq_gemv16` reads of a layer: int32 perm, the codes repacked (uint8 `[tiles, J, 64]`),
     the codebooks as float32 `[P, d, Kp]` (transposed, zero-padded to 64/128/256 entries) one
-    after another, and per group `(columns, P, J, Kp, offset)`."""
+    after another, each group's longest codeword, and per group `(columns, P, J, Kp, offset)`."""
     widths = [spec.code_bits(g) for g in range(len(codes))]
     J = [spec.codes_per_row(g) for g in range(len(codes))]
-    books, meta, offset = [], [], 0
+    books, norms, meta, offset = [], [], [], 0
     for g, book in enumerate(codebooks):
         P, K, d = book.shape
         Kp = 64 if K <= 64 else (128 if K <= 128 else 256)
         t = F.pad(book.float().transpose(1, 2), (0, Kp - K))  # [P, d, Kp]
         books.append(t.reshape(-1))
+        norms.append(book.float().norm(dim=-1).max())
         meta.append((spec.group_sizes[g], P, J[g], Kp, offset))
         offset += t.numel()
     packed = extension().vq_repack(list(codes), widths, J)
-    return perm.int().contiguous(), packed, torch.cat(books), torch.tensor(meta)
+    return perm.int().contiguous(), packed, torch.cat(books), torch.stack(norms), torch.tensor(meta)
 
 
 def _prepared(codes, codebooks, perm, spec: LayerSpec) -> tuple:
@@ -210,10 +211,10 @@ def vq_linear(
     decode = x2.shape[0] <= DECODE_TOKENS and inputs
     eager = not torch.compiler.is_compiling()
     if eager and decode and byte_codes(spec):
-        perm32, packed, books, meta = _state(codes, codebooks, perm, spec, cache)
+        state = _state(codes, codebooks, perm, spec, cache)  # perm32, packed, books, norms, meta
         args = (spec.vector_length, spec.out_features, _half(scales), _float(bias))
-        out = extension().vq_gemv16(x2.float().contiguous(), perm32, packed, books, meta, *args)
-        return out.to(x.dtype).reshape(*lead, spec.out_features)
+        out = extension().vq_gemv16(_float(x2), *state, *args)
+        return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)
     books = [cb.half().contiguous() for cb in codebooks]
     grad = torch.is_grad_enabled() and x.requires_grad
     if eager and inputs and not decode and x.dtype == torch.float32 and not grad:
@@ -235,8 +236,12 @@ def vq_linear(
 
 
 def _half(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.half().contiguous()
+    if t is None or (t.dtype == torch.float16 and t.is_contiguous()):
+        return t
+    return t.half().contiguous()
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.float().contiguous()
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.float().contiguous()

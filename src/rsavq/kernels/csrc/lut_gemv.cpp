@@ -283,13 +283,16 @@ Group group_of(const torch::Tensor& codes, const torch::Tensor& book, int64_t si
 // A layer's codes repacked (vq_repack): uint8, row r of tile r / 64 at byte slot(r % 64) of each
 // j's 64 bytes (placed so that the sums below come out in row order), in chunks of 64 js. Per
 // chunk, each thread builds the chunk's tables (every token's, entries padded to Kp = 64, 128
-// or 256), rounds them to int16 with one step per token, max|table| / 32767 (each entry within
-// half a step), stored per j as two byte planes (low bytes, then high bytes, Kp each), and sums
-// each row's entries exactly in int32 before adding step * sum to the row's float total.
+// or 256) straight into int16, one step per token: a bound on the chunk's entries (the longest
+// sub-vector of x times the longest codeword) over kSteps, each entry within half a step; they
+// are stored per j as two byte planes (low bytes, then high bytes, Kp each), and each row's
+// entries are summed exactly in int32 before step * sum is added to the row's float total.
 // AVX-512: the 64 codes of a j are one load; each plane is looked up for all 64 rows from
 // Kp / 64 registers (vpermb / vpermi2b, a blend on code bit 7 at 256 entries), the planes are
 // interleaved back into int16 (vpunpck*bw) and summed by vpdpwssd.
 constexpr int64_t kChunkJ = 64;
+constexpr int64_t kMaxSubDim = 64;  // weights per sub-vector served by vq_gemv16
+constexpr float kSteps = 32000.f;  // the table bound maps to this many steps (< 32767: margin)
 constexpr int64_t kTokenBlock = 4;  // tokens per pass over the codes
 constexpr int64_t kPrefetchJ = 256;  // codes fetched this many js (16 KiB) ahead
 constexpr int kPairTiles = 2;  // tiles sharing each table load for one token
@@ -411,35 +414,49 @@ void tiles16_any(const uint8_t* lut, int64_t ts, int64_t Kp, const uint8_t* code
   }
 }
 
-// The largest |f| of f[0, size).
-float max_abs(const float* f, int64_t size) {
-  float top = 0.f;
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  __m512 m = _mm512_setzero_ps();
-  for (; i + 16 <= size; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(f + i)));
-  top = _mm512_reduce_max_ps(m);
-#endif
-  for (; i < size; ++i) top = std::max(top, std::abs(f[i]));
-  return top;
+// Sub-vector j of a group of x (d entries, zero past the group's `cols` columns) into s;
+// returns its squared length.
+inline float sub_vector(const float* x, const int32_t* perm, int64_t start, int64_t cols,
+                        int64_t v, int64_t P, int64_t d, int64_t j, float* s) {
+  const int64_t col = (j / P) * v + (j % P) * d;
+  float sq = 0.f;
+  for (int64_t e = 0; e < d; ++e) {
+    s[e] = col + e < cols ? x[perm[start + col + e]] : 0.f;
+    sq += s[e] * s[e];
+  }
+  return sq;
 }
 
-// A table's Kp entries f rounded to int16 round(f * inv), as byte planes: lo[k], hi[k] = lo[Kp + k].
-void round_planes(const float* f, int64_t Kp, float inv, uint8_t* lo) {
-  int64_t k = 0;
+// The tables of js [j0, j1) of a group for one token x, rounded to int16 entry by entry,
+// round(<x_j, codeword k> / step) (inv = 1 / step), as byte planes at dst (2 Kp bytes per j); bt:
+// the codebooks transposed, float32 [P, d, Kp]. No float table is written.
+void build_planes(const float* x, const int32_t* perm, int64_t start, int64_t cols, int64_t v,
+                  const float* bt, int64_t P, int64_t j0, int64_t j1, int64_t Kp, float inv,
+                  uint8_t* dst) {
+  const int64_t d = v / P;
+  float s[kMaxSubDim];
+  for (int64_t j = j0; j < j1; ++j, dst += 2 * Kp) {
+    sub_vector(x, perm, start, cols, v, P, d, j, s);
+    const float* b = bt + (j % P) * d * Kp;
+    int64_t k = 0;
 #if defined(__AVX512F__)
-  const __m512 s = _mm512_set1_ps(inv);
-  for (; k + 16 <= Kp; k += 16) {
-    const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(f + k), s));  // to even
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + k), _mm512_cvtepi32_epi8(r));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + Kp + k),
-                     _mm512_cvtepi32_epi8(_mm512_srai_epi32(r, 8)));
-  }
+    for (; k + 16 <= Kp; k += 16) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t e = 0; e < d; ++e)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(s[e]), _mm512_loadu_ps(b + e * Kp + k), acc);
+      const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(acc, _mm512_set1_ps(inv)));  // to even
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), _mm512_cvtepi32_epi8(r));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + Kp + k),
+                       _mm512_cvtepi32_epi8(_mm512_srai_epi32(r, 8)));
+    }
 #endif
-  for (; k < Kp; ++k) {
-    const auto q = static_cast<int32_t>(std::nearbyint(f[k] * inv));
-    lo[k] = static_cast<uint8_t>(q & 0xFF);
-    lo[Kp + k] = static_cast<uint8_t>((q >> 8) & 0xFF);
+    for (; k < Kp; ++k) {
+      float acc = 0.f;
+      for (int64_t e = 0; e < d; ++e) acc += s[e] * b[e * Kp + k];
+      const auto q = static_cast<int32_t>(std::nearbyint(acc * inv));
+      dst[k] = static_cast<uint8_t>(q & 0xFF);
+      dst[Kp + k] = static_cast<uint8_t>((q >> 8) & 0xFF);
+    }
   }
 }
 
@@ -666,10 +683,12 @@ torch::Tensor vq_repack(std::vector<torch::Tensor> codes, std::vector<int64_t> w
 
 // Decode with repacked codes (vq_repack) and int16 tables: out [T, m] = x W^T, times the row
 // scales (fp16) and plus the bias (float32) when given. perm int32 [n]; books: every group's
-// codebook as float32 [P, d, Kp] (transposed, entries past K zero), one after another; meta
-// int64 [G, 5]: per group its columns, P, J, Kp and offset into books.
+// codebook as float32 [P, d, Kp] (transposed, entries past K zero), one after another; norms
+// float32 [G]: each group's longest codeword; meta int64 [G, 5]: per group its columns, P, J, Kp
+// and offset into books.
 torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packed,
-                        torch::Tensor books, torch::Tensor meta, int64_t v, int64_t m,
+                        torch::Tensor books, torch::Tensor norms, torch::Tensor meta, int64_t v,
+                        int64_t m,
                         std::optional<torch::Tensor> scales, std::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x");
   TORCH_CHECK(perm.scalar_type() == torch::kInt && perm.numel() == x.size(1), "int32 perm");
@@ -677,12 +696,15 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
   const int64_t T = x.size(0), n = x.size(1), tiles = (m + kTileRows - 1) / kTileRows;
   const int64_t Jtot = packed.size(1);
   TORCH_CHECK(packed.size(0) == tiles, "repacked codes");
-  struct Group { int64_t start, cols, P, j0, J, Kp, book; };
+  TORCH_CHECK(norms.scalar_type() == torch::kFloat && norms.numel() == meta.size(0), "norms");
+  struct Group { int64_t start, cols, P, j0, J, Kp, book; float norm; };
   std::vector<Group> groups;
   const int64_t* M = meta.data_ptr<int64_t>();
+  const float* N = norms.data_ptr<float>();
   for (int64_t g = 0, start = 0, j0 = 0; g < meta.size(0); ++g) {
     const int64_t* r = M + 5 * g;
-    groups.push_back({start, r[0], r[1], j0, r[2], r[3], r[4]});
+    TORCH_CHECK(v / r[1] <= kMaxSubDim, "sub-vectors too long for vq_gemv16");
+    groups.push_back({start, r[0], r[1], j0, r[2], r[3], r[4], N[g]});
     start += r[0];
     j0 += r[2];
   }
@@ -699,40 +721,37 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(work, 1));
   at::parallel_for(0, tiles, grain, [&](int64_t a, int64_t b) {
     struct Run { int64_t lo, hi, Kp, at; };  // js [lo, hi) of one table size, tables at `at`
-    static thread_local std::vector<float> flt, step;
+    static thread_local std::vector<float> step;
     static thread_local std::vector<uint8_t> lut;
     std::vector<Run> runs;
+    float s[kMaxSubDim];
     for (int64_t ja = 0; ja < Jtot; ja += kChunkJ) {
       const int64_t jb = std::min(Jtot, ja + kChunkJ);
       runs.clear();
       int64_t ts = 0;  // table entries per token in this chunk
+      step.assign(T, 0.f);
       for (const Group& g : groups) {
         const int64_t lo = std::max(ja, g.j0), hi = std::min(jb, g.j0 + g.J);
         if (lo >= hi) continue;
         if (runs.empty() || runs.back().Kp != g.Kp) runs.push_back({lo, lo, g.Kp, ts});
         runs.back().hi = hi;
         ts += (hi - lo) * g.Kp;
-      }
-      flt.resize(T * ts);
-      for (int64_t at = 0; const Group& g : groups) {
-        const int64_t lo = std::max(ja, g.j0), hi = std::min(jb, g.j0 + g.J);
-        if (lo >= hi) continue;
-        build_table_t(X, O, n, T, g.start, g.cols, v, Bk + g.book, g.P, lo - g.j0, hi - g.j0, g.Kp,
-                      flt.data() + at, ts);
-        at += (hi - lo) * g.Kp;
-      }
-      step.resize(T);
-      lut.resize(T * 2 * ts);
-      for (int64_t t = 0; t < T; ++t) {
-        const float top = max_abs(flt.data() + t * ts, ts);
-        step[t] = top > 0.f ? top / 32767.f : 1.f;
-        for (const Run& run : runs)
-          for (int64_t j = run.lo; j < run.hi; ++j) {
-            const int64_t at = run.at + (j - run.lo) * run.Kp;
-            round_planes(flt.data() + t * ts + at, run.Kp, 1.f / step[t],
-                         lut.data() + t * 2 * ts + 2 * at);
+        for (int64_t t = 0; t < T; ++t)  // |entry| <= |x_j| * the group's longest codeword
+          for (int64_t j = lo - g.j0; j < hi - g.j0; ++j) {
+            const float sq = sub_vector(X + t * n, O, g.start, g.cols, v, g.P, v / g.P, j, s);
+            step[t] = std::max(step[t], std::sqrt(sq) * g.norm);
           }
       }
+      for (int64_t t = 0; t < T; ++t) step[t] = step[t] > 0.f ? step[t] / kSteps : 1.f;
+      lut.resize(T * 2 * ts);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t at = 0; const Group& g : groups) {
+          const int64_t lo = std::max(ja, g.j0), hi = std::min(jb, g.j0 + g.J);
+          if (lo >= hi) continue;
+          build_planes(X + t * n, O, g.start, g.cols, v, Bk + g.book, g.P, lo - g.j0, hi - g.j0,
+                       g.Kp, 1.f / step[t], lut.data() + t * 2 * ts + 2 * at);
+          at += (hi - lo) * g.Kp;
+        }
       const uint8_t* block = C + ja * tiles * kTileRows;  // the chunk: [tiles, jb - ja, 64]
       for (const Run& run : runs)
         for (int64_t t0 = 0; t0 < T; t0 += kTokenBlock)
