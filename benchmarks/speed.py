@@ -13,8 +13,9 @@ with all. Layers (random codes: speed does not depend on their values): shapes i
 unless `--groups`; `--codebooks int8`: int8 codebooks, more blocks; `--codebooks shared-long`:
 one int8 codebook of 4,096 entries read from a `SharedCodebooks` module, vectors of
 `12 // bits` weights, as `--codebook-scope block` makes them). Decode (1 token) is timed
-interleaved with the dense `F.linear` of the same shape in float32 and in bfloat16 and with the
-reference kernel; its effective bandwidth is the bytes the layer stores over its time. Prefill
+interleaved with the dense `F.linear` of the same shape in float32 and in bfloat16 (not with the
+reference kernel: its large temporaries slowed every call timed beside it, dense ones 2x); its
+effective bandwidth is the bytes the layer stores over its time. Prefill
 (512 tokens) is timed against float32 dense. Ratios are dense / VQ: > 1 means VQ is faster.
 Whole model: SmolLM2-135M greedy decode tokens/s, the FP model in float32 and in bfloat16 vs
 the same model with every decoder linear replaced by a VQLinear of random codes. With a CUDA
@@ -38,7 +39,7 @@ from rsavq.algorithms.rsavq import split_blocks
 from rsavq.allocation import split_sizes
 from rsavq.config import LayerSpec, preset
 from rsavq.io import atomic_write_json, rewrite_block
-from rsavq.kernels import Backend, choose_backend, reference
+from rsavq.kernels import Backend, choose_backend
 from rsavq.nn import SharedCodebooks, VQLinear
 from rsavq.packing import pack
 
@@ -136,7 +137,6 @@ def layer_rows(bits_list, tokens_list, groups: int, codebooks: str, bandwidth: f
             for tokens in tokens_list:
                 x = torch.randn(tokens, n)
                 repeats = 5 if tokens > 1 or n * m > 10**7 else 20
-                args = (module.codes, module.codebooks, module.perm, module.spec)
                 fns = {
                     "dense": lambda x=x, W=W: F.linear(x, W),
                     "vq": lambda x=x, m=module: m(x),
@@ -144,7 +144,6 @@ def layer_rows(bits_list, tokens_list, groups: int, codebooks: str, bandwidth: f
                 if tokens == 1:
                     xb = x.bfloat16()
                     fns["bf16"] = lambda x=xb, W=Wb: F.linear(x, W)
-                    fns["reference"] = lambda x=x, a=args: reference.vq_linear(x, *a)
                 t = interleaved(fns, repeats)
                 row = {
                     "shape": f"{n}x{m}",
@@ -159,12 +158,7 @@ def layer_rows(bits_list, tokens_list, groups: int, codebooks: str, bandwidth: f
                     "bandwidth_share": stored / t["vq"] / bandwidth,
                 }
                 if tokens == 1:
-                    row |= {
-                        "bf16_ms": t["bf16"] * 1e3,
-                        "bf16_over_vq": t["bf16"] / t["vq"],
-                        "reference_ms": t["reference"] * 1e3,
-                        "reference_over_vq": t["reference"] / t["vq"],
-                    }
+                    row |= {"bf16_ms": t["bf16"] * 1e3, "bf16_over_vq": t["bf16"] / t["vq"]}
                 rows.append(row)
                 print(json.dumps(row))
     return rows
@@ -379,16 +373,17 @@ def write_tables(paths: list[str], markdown: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bits", default="2,3,4")
     p.add_argument("--tokens", default="1,512")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5, help="whole-model decodes per model")
     p.add_argument("--groups", type=int, default=1, help="channel groups per layer (default 1)")
     p.add_argument("--model-bits", default="2,3", help="bit widths of the whole-model rows")
     p.add_argument("--codebooks", choices=list(CODEBOOKS), default="default",
                    help="the layers' codebook format (see the module docstring)")  # fmt: skip
-    p.add_argument("--json", default="benchmarks/results/speed.json")
+    p.add_argument("--json", default="benchmarks/results/speed-1thread.json")
     p.add_argument("--tables", default=TABLES, help="result JSONs tabulated in --markdown")
     p.add_argument("--markdown", default="BENCHMARKS.md")
     p.add_argument("--table-only", action="store_true", help="only rewrite the tables")
@@ -412,7 +407,7 @@ def main(argv=None) -> None:
             bits, tokens, args.groups, args.codebooks, bandwidth[str(args.threads)] * 1e9
         ),
         "models": [
-            model_row(args.model, int(b), args.new_tokens, args.groups, args.codebooks)
+            model_row(args.model, int(b), args.new_tokens, args.groups, args.codebooks, args.rounds)
             for b in args.model_bits.split(",")
             if b
         ],

@@ -57,7 +57,7 @@ def test_every_result_round_trips_through_its_state_and_installs(config):
     again.install(model, "0", layer)
     x = torch.randn(2, 16)
     expected = x @ result.dequantize().T + layer.bias
-    assert torch.allclose(model(x), expected, atol=1e-5)
+    assert torch.allclose(model(x), expected, atol=1e-3)  # (the CPU decode sums int16 tables)
     assert (result.spec() is None) == isinstance(config, ScalarConfig)
 
 

@@ -42,6 +42,15 @@ def test_prefill_in_blocks_of_rows_matches_reference(monkeypatch, rows):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_a_token_with_nan_or_inf_gives_nan_not_zeros():
+    spec, perm, codes, books = random_layer(64, 40, (40,), (2,), 4, 1)
+    x = torch.randn(3, 40)
+    x[1, 5] = float("inf")
+    x[2, 7] = float("nan")
+    y = cpu.vq_linear(x, codes, books, perm, spec)
+    assert y[0].isfinite().all() and y[1:].isnan().all()
+
+
 def test_int16_tables_serve_the_default_layouts():
     spec = random_layer(130, 200, (136, 64), (2, 2), 4, 1)[0]
     assert cpu.byte_codes(spec)

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -710,6 +711,9 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
   }
   TORCH_CHECK(groups.back().start + groups.back().cols == n && groups.back().j0 + groups.back().J == Jtot,
               "group sizes must add up to the input features");
+  std::vector<uint8_t> finite(T, 1);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < n; ++i) finite[t] &= std::isfinite(x.data_ptr<float>()[t * n + i]);
   static thread_local std::vector<float> totals;  // [tiles, T, 64] (the calling thread's)
   totals.assign(tiles * T * kTileRows, 0.f);
   float* total = totals.data();  // (a thread_local named in the lambda would be the worker's)
@@ -742,7 +746,8 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
             step[t] = std::max(step[t], std::sqrt(sq) * g.norm);
           }
       }
-      for (int64_t t = 0; t < T; ++t) step[t] = step[t] > 0.f ? step[t] / kSteps : 1.f;
+      for (int64_t t = 0; t < T; ++t)
+        step[t] = step[t] > 0.f && std::isfinite(step[t]) ? step[t] / kSteps : 1.f;
       lut.resize(T * 2 * ts);
       for (int64_t t = 0; t < T; ++t)
         for (int64_t at = 0; const Group& g : groups) {
@@ -767,6 +772,10 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
   const float* B = bias ? bias->data_ptr<float>() : nullptr;
   for (int64_t t = 0; t < T; ++t)
     for (int64_t r = 0; r < m; ++r) {
+      if (!finite[t]) {  // inf or nan in x: the float sum would not be finite either
+        Y[t * m + r] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
       float y = total[((r / kTileRows) * T + t) * kTileRows + r % kTileRows];
       if (S) y *= static_cast<float>(S[r]);
       Y[t * m + r] = B ? y + B[r] : y;
