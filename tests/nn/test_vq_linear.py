@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import plain_config
+from helpers import plain_config, random_vq_layer
 from rsavq.algorithms.rsavq import quantize_layer
 from rsavq.nn import VQLinear, dequantized
 
@@ -73,3 +73,20 @@ def test_dequantized_leaves_a_replaced_forward_alone():
     with dequantized(layer):
         assert layer.forward is trained
     assert layer.forward is trained
+
+
+def test_a_backend_that_cannot_serve_the_layers_is_refused(monkeypatch):
+    from rsavq.errors import UsageError
+    from rsavq.kernels import cpu
+    from rsavq.nn import set_backend
+
+    model = torch.nn.Sequential(VQLinear(random_vq_layer(8, 12, (12,), (2,))[0]))
+    with pytest.raises(UsageError, match="unknown backend 'fast'"):
+        set_backend(model, "fast")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(UsageError, match="needs a CUDA GPU, the model is on cpu"):
+        set_backend(model, "triton")
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    with pytest.raises(UsageError, match="could not be built here"):
+        set_backend(model, "cpu")
+    assert set_backend(model, "reference") == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsavq.config import LayerSpec
+from rsavq.errors import UsageError
 from rsavq.kernels import Backend, reference
 from rsavq.kernels import vq_linear as vq_linear_kernel
 from rsavq.nn.codebooks import SharedCodebooks, decode_codebook, store_codebook, stored_dtype
@@ -196,9 +198,33 @@ def _dense(weight: torch.Tensor, bias: torch.Tensor | None):
 
 
 def set_backend(model: nn.Module, backend: Backend | str) -> int:
-    """Pin every `VQLinear` of `model` to `backend` (`auto` restores dispatch); returns how many."""
-    backend = Backend(backend)
+    """Pin every `VQLinear` of `model` to `backend` (`auto` restores dispatch); returns how many.
+    A backend that cannot serve the layers where they are is refused (`UsageError`)."""
+    try:
+        backend = Backend(backend)
+    except ValueError:
+        choices = ", ".join(b.value for b in Backend)
+        raise UsageError(f"unknown backend '{backend}'; use one of {choices}") from None
     layers = [m for m in model.modules() if isinstance(m, VQLinear)]
+    for device in {layer.perm.device.type for layer in layers}:
+        _check_backend(backend, device)
     for layer in layers:
         layer.backend = backend
     return len(layers)
+
+
+def _check_backend(backend: Backend, device: str) -> None:
+    if backend == Backend.CPU:
+        from rsavq.kernels import cpu
+
+        if device != "cpu":
+            raise UsageError(f"--backend cpu serves CPU tensors, the model is on {device}")
+        if not cpu.available():
+            raise UsageError(
+                "--backend cpu: the CPU kernels could not be built here (they need g++ and "
+                "ninja; see the log); use --backend reference"
+            )
+    if backend == Backend.TRITON and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError(
+            f"--backend triton needs a CUDA GPU, the model is on {device}; use --backend auto"
+        )
