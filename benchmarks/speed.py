@@ -26,10 +26,14 @@ moves per second as a fraction of a device-to-device copy's (the practical bandw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -46,7 +50,8 @@ from rsavq.packing import pack
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (11008, 4096)]
 TABLES = (
     "benchmarks/results/speed-1thread.json,benchmarks/results/speed-2threads.json,"
-    "benchmarks/results/speed-1thread-int8.json,benchmarks/results/speed-1thread-shared-long.json"
+    "benchmarks/results/speed-2threads-loaded.json,benchmarks/results/speed-1thread-int8.json,"
+    "benchmarks/results/speed-1thread-shared-long.json"
 )
 
 
@@ -348,16 +353,18 @@ def render(results: list[dict]) -> str:
     for result in results:
         bandwidth = result.get("bandwidth_gbs", {}).get(str(result["threads"]))
         read = result.get("bandwidth_gbs", {})
+        load = result.get("load", 0)
+        under = f", while {load} busy process(es) shared the cores" if load else ""
         parts += [
-            f"#### {result['threads']} thread(s), {result['format']}",
+            f"#### {result['threads']} thread(s), {result['format']}{under}",
             "",
             f"Read bandwidth here: {read.get('1', 0):.1f} GB/s with 1 thread, "
             f"{read.get(str(result.get('cores', 2)), 0):.1f} GB/s with all "
             f"{result.get('cores', 2)} cores.",
             "",
-            layer_table(result["layers"], bandwidth),
-            "",
         ]
+        if result["layers"]:
+            parts += [layer_table(result["layers"], bandwidth), ""]
         if result.get("gpu"):
             parts += [f"GPU: {result['gpu_name']}", "", gpu_table(result["gpu"]), ""]
         for m in result["models"]:
@@ -388,15 +395,39 @@ def main(argv=None) -> None:
     p.add_argument("--markdown", default="BENCHMARKS.md")
     p.add_argument("--table-only", action="store_true", help="only rewrite the tables")
     p.add_argument("--no-gpu", action="store_true", help="skip the Triton-vs-cuBLAS rows")
+    p.add_argument("--load", type=int, default=0, help="busy processes running meanwhile")
     args = p.parse_args(argv)
     if args.table_only:
         return write_tables(args.tables.split(","), args.markdown)
     cores = os.cpu_count() or 1
     bandwidth = {str(k): read_bandwidth(k) / 1e9 for k in sorted({1, args.threads, cores})}
     torch.set_num_threads(args.threads)
-    bits = [int(b) for b in args.bits.split(",")]
+    bits = [int(b) for b in args.bits.split(",") if b]
     tokens = [int(t) for t in args.tokens.split(",")]
-    result = {
+    with busy_processes(args.load):
+        result = measure(args, bits, tokens, cores, bandwidth)
+    if torch.cuda.is_available() and not args.no_gpu:
+        result["gpu_name"] = torch.cuda.get_device_name()
+        result["gpu"] = gpu_rows(SHAPES, bits, [1, 8, 512])
+    print(json.dumps(result["models"]))
+    atomic_write_json(args.json, result)
+    write_tables(args.tables.split(","), args.markdown)
+
+
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """`n` processes spinning on the CPU while the block runs (a machine under load)."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def measure(args, bits: list[int], tokens: list[int], cores: int, bandwidth: dict) -> dict:
+    return {
         "threads": args.threads,
         "cores": cores,
         "groups": args.groups,
@@ -411,13 +442,8 @@ def main(argv=None) -> None:
             for b in args.model_bits.split(",")
             if b
         ],
+        "load": args.load,
     }
-    if torch.cuda.is_available() and not args.no_gpu:
-        result["gpu_name"] = torch.cuda.get_device_name()
-        result["gpu"] = gpu_rows(SHAPES, bits, [1, 8, 512])
-    print(json.dumps(result["models"]))
-    atomic_write_json(args.json, result)
-    write_tables(args.tables.split(","), args.markdown)
 
 
 if __name__ == "__main__":

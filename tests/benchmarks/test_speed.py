@@ -104,3 +104,21 @@ def test_random_layers_in_each_codebook_format_run(codebooks):
     x = torch.randn(3, 60)
     torch.testing.assert_close(module(x), x @ module.dequantize().T, rtol=1e-4, atol=1e-4)
     assert speed.layer_bytes(module) > 0
+
+
+def test_busy_processes_run_while_the_block_runs_and_stop_after():
+    speed = load_speed()
+    with speed.busy_processes(1):
+        pass  # started and killed; a leak would keep the test process from exiting cleanly
+    assert speed.render(
+        [
+            {
+                "threads": 2,
+                "format": "format 2",
+                "load": 1,
+                "bandwidth_gbs": {"1": 10.0, "2": 18.0},
+                "layers": [],
+                "models": [],
+            }
+        ]
+    ).startswith("#### 2 thread(s), format 2, while 1 busy process(es) shared the cores")

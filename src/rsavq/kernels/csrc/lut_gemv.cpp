@@ -714,22 +714,26 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
   std::vector<uint8_t> finite(T, 1);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t i = 0; i < n; ++i) finite[t] &= std::isfinite(x.data_ptr<float>()[t * n + i]);
-  static thread_local std::vector<float> totals;  // [tiles, T, 64] (the calling thread's)
-  totals.assign(tiles * T * kTileRows, 0.f);
-  float* total = totals.data();  // (a thread_local named in the lambda would be the worker's)
+  // Threads split the chunks of codes (each builds only its chunks' tables and reads one stretch
+  // of the codes), each summing into totals of its own [tiles, T, 64], added up at the end.
+  const int64_t size = tiles * T * kTileRows, chunks = (Jtot + kChunkJ - 1) / kChunkJ;
+  static thread_local std::vector<float> totals;  // (the calling thread's)
+  totals.assign(size * at::get_num_threads(), 0.f);
+  float* totals0 = totals.data();  // (a thread_local named in the lambda would be the worker's)
   const float* X = x.data_ptr<float>();
   const int32_t* O = perm.data_ptr<int32_t>();
   const float* Bk = books.data_ptr<float>();
   const uint8_t* C = packed.data_ptr<uint8_t>();
-  const int64_t work = Jtot * kTileRows * T;  // look-ups per tile
+  const int64_t work = tiles * kTileRows * kChunkJ * T;  // look-ups per chunk
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(work, 1));
-  at::parallel_for(0, tiles, grain, [&](int64_t a, int64_t b) {
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    float* total = totals0 + at::get_thread_num() * size;
     struct Run { int64_t lo, hi, Kp, at; };  // js [lo, hi) of one table size, tables at `at`
     static thread_local std::vector<float> step;
     static thread_local std::vector<uint8_t> lut;
     std::vector<Run> runs;
     float s[kMaxSubDim];
-    for (int64_t ja = 0; ja < Jtot; ja += kChunkJ) {
+    for (int64_t ja = c0 * kChunkJ; ja < std::min(Jtot, c1 * kChunkJ); ja += kChunkJ) {
       const int64_t jb = std::min(Jtot, ja + kChunkJ);
       runs.clear();
       int64_t ts = 0;  // table entries per token in this chunk
@@ -761,11 +765,15 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
       for (const Run& run : runs)
         for (int64_t t0 = 0; t0 < T; t0 += kTokenBlock)
           tiles16_any(lut.data() + t0 * 2 * ts + 2 * run.at, 2 * ts, run.Kp,
-                      block + (a * (jb - ja) + run.lo - ja) * kTileRows, (jb - ja) * kTileRows,
-                      b - a, run.hi - run.lo, std::min(kTokenBlock, T - t0), step.data() + t0,
-                      total + (a * T + t0) * kTileRows, T * kTileRows);
+                      block + (run.lo - ja) * kTileRows, (jb - ja) * kTileRows, tiles,
+                      run.hi - run.lo, std::min(kTokenBlock, T - t0), step.data() + t0,
+                      total + t0 * kTileRows, T * kTileRows);
     }
   });
+  const int used = std::min<int64_t>(at::get_num_threads(), chunks);
+  for (int i = 1; i < used; ++i)
+    for (int64_t k = 0; k < size; ++k) totals0[k] += totals0[i * size + k];
+  const float* total = totals0;
   auto out = torch::empty({T, m}, x.options());
   float* Y = out.data_ptr<float>();
   const at::Half* S = scales ? scales->data_ptr<at::Half>() : nullptr;
