@@ -288,9 +288,9 @@ Group group_of(const torch::Tensor& codes, const torch::Tensor& book, int64_t si
 // sub-vector of x times the longest codeword) over kSteps, each entry within half a step; they
 // are stored per j as two byte planes (low bytes, then high bytes, Kp each), and each row's
 // entries are summed exactly in int32 before step * sum is added to the row's float total.
-// AVX-512: the 64 codes of a j are one load; each plane is looked up for all 64 rows from
-// Kp / 64 registers (vpermb / vpermi2b, a blend on code bit 7 at 256 entries), the planes are
-// interleaved back into int16 (vpunpck*bw) and summed by vpdpwssd.
+// Threads split the chunks. AVX-512: the 64 codes of a j are one load; each plane is looked up
+// for all 64 rows from Kp / 64 registers (vpermb / vpermi2b, a blend on code bit 7 at 256
+// entries), the planes are interleaved back into int16 (vpunpck*bw) and summed by vpdpwssd.
 constexpr int64_t kChunkJ = 64;
 constexpr int64_t kMaxSubDim = 64;  // weights per sub-vector served by vq_gemv16
 constexpr float kSteps = 32000.f;  // the table bound maps to this many steps (< 32767: margin)
