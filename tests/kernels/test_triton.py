@@ -21,10 +21,11 @@ def on_device(perm, codes, books):
 def test_triton_matches_reference(tokens, m, n, sizes, bits, v, P, axis):
     spec, perm, codes, books = random_vq_layer(m, n, sizes, bits, v, P, m * n + tokens, axis)
     x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens))
-    bias = torch.randn(m)
-    want = reference.vq_linear(x, codes, books, perm, spec, bias)
+    bias, scales = torch.randn(m), (torch.rand(m) + 0.5).half()
+    want = reference.vq_linear(x, codes, books, perm, spec, bias, scales)
     perm_d, codes_d, books_d = on_device(perm, codes, books)
-    got = vq_triton.vq_linear(x.to(DEVICE), codes_d, books_d, perm_d, spec, bias.to(DEVICE))
+    args = (spec, bias.to(DEVICE), scales.to(DEVICE))
+    got = vq_triton.vq_linear(x.to(DEVICE), codes_d, books_d, perm_d, *args)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
@@ -43,6 +44,9 @@ def test_custom_op_has_a_fake_implementation():
     spec, perm, codes, books = random_vq_layer(8, 18, (12, 6), (2, 3))
     x = torch.randn(3, 18)
     torch.library.opcheck(vq_triton.vq_matmul, (x, codes, books, perm.int(), spec.to_json()))
+    scales, bias = torch.rand(8).half(), torch.randn(8)
+    args = (x, codes, books, perm.int(), spec.to_json(), scales, bias)
+    torch.library.opcheck(vq_triton.vq_matmul, args)
 
 
 def test_pinned_backend_and_cuda_dispatch():

@@ -5,7 +5,8 @@ the packed codes and the fp16 codebooks (`dequant_tile`) and never writes the we
 launched as the GEMV it reduces them against every token with a broadcast sum, as the GEMM it
 feeds them to `tl.dot`. The channel permutation is applied on the fly: input-axis groups gather
 their columns of `x` through `perm`, output-axis groups scatter their rows of `y` through it.
-Groups run one launch each, accumulating into one float32 output. Registered as the custom op
+Groups run one launch each, accumulating into one float32 output; the row scales and the bias
+are applied as each tile is stored (no separate pass). Registered as the custom op
 `rsavq::vq_matmul` with a fake implementation, so `torch.compile` and meta-device loading see its
 shape. On the CPU the same kernel runs under `TRITON_INTERPRET=1` (how CI checks it against the
 reference).
@@ -76,6 +77,8 @@ def store_y(
     out,
     acc,
     perm,
+    scales,
+    bias,
     r,
     rmask,
     t,
@@ -84,9 +87,16 @@ def store_y(
     out_features,
     PERM_ROWS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
+    SCALES: tl.constexpr,
+    BIAS: tl.constexpr,
 ):
-    """`acc` `[BLOCK_T, BLOCK_M]` into `out` rows (through `perm` for output groups)."""
+    """`acc` `[BLOCK_T, BLOCK_M]` into `out` rows (through `perm` for output groups), times the
+    row scales and plus the bias when asked (the scales distribute over the groups' sums)."""
     orow = tl.load(perm + row0 + r, mask=rmask, other=0) if PERM_ROWS else r
+    if SCALES:
+        acc *= tl.load(scales + orow, mask=rmask, other=0.0).to(tl.float32)[None, :]
+    if BIAS:
+        acc += tl.load(bias + orow, mask=rmask, other=0.0).to(tl.float32)[None, :]
     ptrs = out + t[:, None].to(tl.int64) * out_features + orow[None, :]
     mask = tmask[:, None] & rmask[None, :]
     if ACCUMULATE:
@@ -100,6 +110,8 @@ def matmul(
     codes,
     books,
     perm,
+    scales,
+    bias,
     out,
     T,
     n,
@@ -117,6 +129,8 @@ def matmul(
     PERM_COLS: tl.constexpr,
     PERM_ROWS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
+    SCALES: tl.constexpr,
+    BIAS: tl.constexpr,
     DOT: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -138,11 +152,15 @@ def matmul(
             acc += tl.dot(xt, tl.trans(w.to(xt.dtype)), input_precision="ieee")
         else:
             acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
-    store_y(out, acc, perm, r, rmask, t, tmask, row0, out_features, PERM_ROWS, ACCUMULATE)
+    store_y(
+        out, acc, perm, scales, bias, r, rmask, t, tmask, row0, out_features, PERM_ROWS,
+        ACCUMULATE, SCALES, BIAS,
+    )  # fmt: skip
 
 
-def _launch(x, codes, books, perm, out, spec: LayerSpec, g: int, col0: int, row0: int) -> None:
-    """One group's contribution to `out` `[T, out_features]` (stored, or added after group 0)."""
+def _launch(x, codes, books, perm, scales, bias, out, spec: LayerSpec, g, col0, row0) -> None:
+    """One group's contribution to `out` `[T, out_features]` (stored, or added after group 0),
+    scaled; the bias added once per row (by group 0 of an input-axis layer)."""
     T, n = x.shape
     rows, cols = spec.block_shape(g)
     inputs = spec.axis == ChannelAxis.INPUT.value
@@ -154,8 +172,11 @@ def _launch(x, codes, books, perm, out, spec: LayerSpec, g: int, col0: int, row0
         PERM_COLS=inputs,
         PERM_ROWS=not inputs,
         ACCUMULATE=inputs and g > 0,
+        SCALES=scales is not None,
+        BIAS=bias is not None and (g == 0 or not inputs),
     )
-    args = (x, codes, books, perm, out, T, n, rows, cols, codes.shape[1], books.shape[1])
+    args = (x, codes, books, perm, _or(scales, out), _or(bias, out), out, T, n, rows, cols)
+    args += (codes.shape[1], books.shape[1])
     args += (col0, row0, spec.out_features)
     ieee = x.dtype == torch.float32
     if T <= DECODE_TOKENS:  # GEMV: one token block, small row blocks
@@ -175,21 +196,29 @@ def vq_matmul(
     codebooks: list[torch.Tensor],
     perm: torch.Tensor,
     spec_json: str,
+    scales: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`[T, in_features]` inputs -> `[T, out_features]` float32 outputs (no bias)."""
+    """`[T, in_features]` inputs -> `[T, out_features]` float32 outputs, times the row scales
+    and plus the bias when given."""
     spec = LayerSpec.from_json(spec_json)
     out = torch.empty(x.shape[0], spec.out_features, device=x.device, dtype=torch.float32)
     perm = perm.to(torch.int32)
     offset = 0
     for g, (c, cb) in enumerate(zip(codes, codebooks, strict=True)):
         inputs = spec.axis == ChannelAxis.INPUT.value
-        _launch(x, c, cb, perm, out, spec, g, offset if inputs else 0, 0 if inputs else offset)
+        at = (offset if inputs else 0, 0 if inputs else offset)
+        _launch(x, c, cb, perm, scales, bias, out, spec, g, *at)
         offset += spec.group_sizes[g]
     return out
 
 
+def _or(tensor: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    return placeholder if tensor is None else tensor.contiguous()
+
+
 @vq_matmul.register_fake
-def _(x, codes, codebooks, perm, spec_json):
+def _(x, codes, codebooks, perm, spec_json, scales=None, bias=None):
     return x.new_empty(x.shape[0], LayerSpec.from_json(spec_json).out_features, dtype=torch.float32)
 
 
@@ -201,11 +230,6 @@ def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None, scales=None
             "GPU, pick another backend, or set TRITON_INTERPRET=1 to emulate it (slow)"
         )
     lead, n = x.shape[:-1], x.shape[-1]
-    out = vq_matmul(
-        x.reshape(-1, n).contiguous(), list(codes), list(codebooks), perm, spec.to_json()
-    )
-    if scales is not None:
-        out = out * scales.float()
-    if bias is not None:
-        out = out + bias.float()
+    x2 = x.reshape(-1, n).contiguous()
+    out = vq_matmul(x2, list(codes), list(codebooks), perm, spec.to_json(), scales, bias)
     return out.to(x.dtype).reshape(*lead, spec.out_features)
