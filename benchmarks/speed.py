@@ -183,6 +183,15 @@ def layer_bytes(module: VQLinear) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def kernel_state_bytes(module: VQLinear) -> int:
+    """Bytes of what the kernels keep beside a layer's buffers (the CPU decode's repacked codes,
+    transposed codebooks)."""
+    tensors = [
+        t for v in module._kernel_state.values() for t in (v if isinstance(v, tuple) else (v,))
+    ]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def model_row(
     model_id: str, bits: int, new_tokens: int, groups: int, codebooks: str = "default",
     rounds: int = 3,
@@ -210,6 +219,7 @@ def model_row(
         "vq": lambda: decode_seconds(vq_model, ids, new_tokens),
     }
     t = interleaved(fns, rounds)
+    kept = sum(kernel_state_bytes(m) for m in vq_model.modules() if isinstance(m, VQLinear))
     return {
         "model": model_id,
         "bits": bits,
@@ -223,6 +233,7 @@ def model_row(
         "linear_weights": params,
         "vq_buffer_bytes": vq_bytes,
         "vq_bits_per_weight_in_memory": 8 * vq_bytes / params,
+        "vq_kernel_state_bytes": kept,
     }
 
 
@@ -343,7 +354,13 @@ def model_line(m: dict) -> str:
         f"VQLinear {m['vq_tokens_per_s']:.2f} tokens/s: **{m['vq_over_fp']:.2f}x of FP** "
         f"(**{m['vq_over_fp_bf16']:.2f}x** of FP bf16); memory of the loaded VQ linears "
         f"{m['vq_buffer_bytes'] / 2**20:.1f} MiB for {m['linear_weights'] / 1e6:.1f} M weights = "
-        f"{m['vq_bits_per_weight_in_memory']:.3f} bits/weight."
+        f"{m['vq_bits_per_weight_in_memory']:.3f} bits/weight"
+        + (
+            f", plus {m['vq_kernel_state_bytes'] / 2**20:.1f} MiB the CPU kernels keep (codes "
+            "repacked for decode, codebooks transposed)."
+            if "vq_kernel_state_bytes" in m
+            else "."
+        )
     )
 
 

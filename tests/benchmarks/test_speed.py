@@ -122,3 +122,14 @@ def test_busy_processes_run_while_the_block_runs_and_stop_after():
             }
         ]
     ).startswith("#### 2 thread(s), format 2, while 1 busy process(es) shared the cores")
+
+
+def test_kernel_state_bytes_count_what_the_cpu_decode_keeps():
+    from rsavq.kernels import cpu
+
+    speed = load_speed()
+    module = speed.random_vqlinear(256, 64, 2)
+    assert speed.kernel_state_bytes(module) == 0
+    module(torch.randn(1, 256))
+    if cpu.available():  # the repacked codes: one byte per code, 64 rows per tile
+        assert speed.kernel_state_bytes(module) >= 64 * 64
