@@ -461,7 +461,6 @@ void build_planes(const float* x, const int32_t* perm, int64_t start, int64_t co
   }
 }
 
-inline int64_t padded_entries(int64_t K) { return K <= 64 ? 64 : (K <= 128 ? 128 : 256); }
 
 }  // namespace
 
