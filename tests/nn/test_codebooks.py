@@ -146,3 +146,13 @@ def test_int8_codebooks_are_decoded_once_until_they_change():
     assert module.codebooks[0] is first  # cached
     module.set_codebook(0, torch.zeros_like(first, dtype=torch.float32))
     assert not module.codebooks[0].any()  # the in-place change is seen
+
+
+def test_a_layer_sees_shared_codebooks_changed_through_another_layer():
+    _, layers, holder = _block_layers("int8")
+    first, second = (VQLinear.from_quantized(layer, holder) for layer in layers[:2])
+    x = torch.randn(3, second.in_features)
+    before = second(x)
+    g = next(g for g, b in enumerate(first.spec.group_bits) if b in second.spec.group_bits)
+    first.set_codebook(g, 2 * first.codebooks[g].float())  # the shared book both layers read
+    assert not torch.allclose(second(x), before)

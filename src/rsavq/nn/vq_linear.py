@@ -131,7 +131,9 @@ class VQLinear(nn.Module):
         return self._kernel_inputs()[1]
 
     def _kernel_inputs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if self._inputs is None:
+        """Codes and decoded codebooks, kept until `refresh` (read afresh on every call for a
+        layer on shared codebooks: another layer may change them)."""
+        if self._inputs is None or self.spec.codebook_source:
             groups = range(len(self.spec.group_bits))
             codes = [getattr(self, f"codes_{g}") for g in groups]
             books = [decode_codebook(*self._stored_codebook(g)) for g in groups]
