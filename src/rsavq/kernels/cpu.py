@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from rsavq.config import ChannelAxis, LayerSpec
+from rsavq.kernels.reference import scale_and_shift
 
 logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "lut_gemv.cpp"
@@ -228,11 +229,7 @@ def vq_linear(
     else:
         W = _dequantize(list(codes), books, perm, spec, inputs, reuse=not grad)
         out = F.linear(x2[:, perm.long()] if inputs else x2, W.to(x.dtype))
-    if scales is not None:
-        out = out * scales.to(out.dtype)
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.to(x.dtype).reshape(*lead, spec.out_features)
+    return scale_and_shift(out, scales, bias).to(x.dtype).reshape(*lead, spec.out_features)
 
 
 def _half(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -108,9 +108,15 @@ def dequantize(codes, codebooks, perm: torch.Tensor, spec: LayerSpec, dtype=torc
     return unpermute(blocks, perm, spec)
 
 
-def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None, scales=None):
-    """`y = (x W_hat^T) * scales + bias` with `W_hat` dequantized from the codes."""
-    y = F.linear(x, dequantize(codes, codebooks, perm, spec, x.dtype))
+def scale_and_shift(y: torch.Tensor, scales=None, bias=None) -> torch.Tensor:
+    """`y * scales + bias` over the output rows (each optional), in `y`'s dtype."""
     if scales is not None:
         y = y * scales.to(y.dtype)
     return y if bias is None else y + bias.to(y.dtype)
+
+
+def vq_linear(x, codes, codebooks, perm, spec: LayerSpec, bias=None, scales=None):
+    """`y = (x W_hat^T) * scales + bias` with `W_hat` dequantized from the codes."""
+    return scale_and_shift(
+        F.linear(x, dequantize(codes, codebooks, perm, spec, x.dtype)), scales, bias
+    )

@@ -175,7 +175,19 @@ def _launch(x, codes, books, perm, scales, bias, out, spec: LayerSpec, g, col0, 
         SCALES=scales is not None,
         BIAS=bias is not None and (g == 0 or not inputs),
     )
-    args = (x, codes, books, perm, _or(scales, out), _or(bias, out), out, T, n, rows, cols)
+    args = (
+        x,
+        codes,
+        books,
+        perm,
+        _pointer(scales, out),
+        _pointer(bias, out),
+        out,
+        T,
+        n,
+        rows,
+        cols,
+    )
     args += (codes.shape[1], books.shape[1])
     args += (col0, row0, spec.out_features)
     ieee = x.dtype == torch.float32
@@ -213,8 +225,10 @@ def vq_matmul(
     return out
 
 
-def _or(tensor: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
-    return placeholder if tensor is None else tensor.contiguous()
+def _pointer(tensor: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """`tensor` as a kernel argument; `out` when there is none (Triton takes a tensor for every
+    pointer; the kernel's SCALES/BIAS flag then keeps it unread)."""
+    return out if tensor is None else tensor.contiguous()
 
 
 @vq_matmul.register_fake

@@ -45,41 +45,27 @@ struct Group {
   int64_t W, J, K, Kp, width;
 };
 
-// dst[t * token_stride + (j - j0) * Kp + k] = <sub-vector j of token t, codeword k of position
-// j % P> for j in [j0, j1), from the codebooks transposed to float32 bt [P, d, Kp] (entries
-// k >= K zero); overwrites dst.
-void build_table_t(const float* x, const int32_t* perm, int64_t n, int64_t T, int64_t start,
-                   int64_t cols, int64_t v, const float* bt, int64_t P, int64_t j0, int64_t j1,
-                   int64_t Kp, float* dst, int64_t token_stride) {
-  const int64_t d = v / P;
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t col = (j / P) * v + (j % P) * d;
-      float* row = dst + t * token_stride + (j - j0) * Kp;
-      if (col >= cols) std::fill(row, row + Kp, 0.f);  // a sub-vector wholly in the padding
-      for (int64_t e = 0; e < d && col + e < cols; ++e) {
-        const float s = x[t * n + perm[start + col + e]];
-        const float* b = bt + ((j % P) * d + e) * Kp;
-        if (e == 0)
-          for (int64_t k = 0; k < Kp; ++k) row[k] = s * b[k];
-        else
-          for (int64_t k = 0; k < Kp; ++k) row[k] += s * b[k];
-      }
-    }
-  }
-}
-
-// The same from fp16 codebooks [P, K, d].
+// dst[t * token_stride + j * Kp + k] = <sub-vector j of token t, codeword k of position j % P>
+// (codebooks fp16 [P, K, d]; entries k >= K zero).
 void build_table(const float* x, const int32_t* perm, int64_t n, int64_t T, int64_t start,
                  int64_t cols, int64_t v, const at::Half* book, int64_t P, int64_t K, int64_t J,
                  int64_t Kp, float* dst, int64_t token_stride) {
   const int64_t d = v / P;
-  std::vector<float> bt(P * d * Kp, 0.f);
+  std::vector<float> bt(P * d * Kp, 0.f);  // [P, d, Kp] float32, transposed for k-contiguity
   for (int64_t p = 0; p < P; ++p)
     for (int64_t k = 0; k < K; ++k)
       for (int64_t e = 0; e < d; ++e)
         bt[(p * d + e) * Kp + k] = static_cast<float>(book[(p * K + k) * d + e]);
-  build_table_t(x, perm, n, T, start, cols, v, bt.data(), P, 0, J, Kp, dst, token_stride);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < J; ++j) {
+      const int64_t col = (j / P) * v + (j % P) * d;
+      float* row = dst + t * token_stride + j * Kp;
+      for (int64_t e = 0; e < d && col + e < cols; ++e) {
+        const float s = x[t * n + perm[start + col + e]];
+        const float* b = bt.data() + ((j % P) * d + e) * Kp;
+        for (int64_t k = 0; k < Kp; ++k) row[k] += s * b[k];
+      }
+    }
 }
 
 inline int64_t code_at(const uint32_t* row, uint64_t bit, int64_t width, uint64_t mask) {
@@ -487,50 +473,6 @@ torch::Tensor vq_gemv(torch::Tensor x, torch::Tensor perm, std::vector<torch::Te
   return out;
 }
 
-// The weight [m, n] as float32 for prefill (dequantize once, then one dense matmul): rows in the
-// original order (output-axis groups scatter their rows through perm), columns in the permuted
-// order of the codes (input-axis layers: W[:, perm]; multiply x[:, perm], cheaper than scattering
-// the columns of W). Written into `workspace` when given and large enough (a buffer reused across
-// calls: a fresh 64 MiB tensor costs as much in page faults as the dequantization itself).
-torch::Tensor vq_dequantize(std::vector<torch::Tensor> codes, std::vector<torch::Tensor> books,
-                            torch::Tensor perm, std::vector<int64_t> sizes,
-                            std::vector<int64_t> widths, int64_t v, int64_t m, int64_t n,
-                            bool input_axis, std::optional<torch::Tensor> workspace) {
-  const auto order = perm.to(torch::kInt).contiguous();
-  TORCH_CHECK(order.dim() == 1 && order.size(0) == (input_axis ? n : m), "perm size");  // rows
-  const int32_t* O = order.data_ptr<int32_t>();
-  const bool reuse = workspace && workspace->scalar_type() == torch::kFloat &&
-                     workspace->is_contiguous() && workspace->numel() >= m * n;
-  auto W = reuse ? workspace->flatten().narrow(0, 0, m * n).view({m, n})
-                 : torch::empty({m, n}, torch::kFloat);
-  float* out = W.data_ptr<float>();
-  int64_t start = 0;
-  for (size_t g = 0; g < sizes.size(); ++g) {
-    const int64_t rows = input_axis ? m : sizes[g], cols = input_axis ? sizes[g] : n;
-    const Group G = group_of(codes[g], books[g], cols, widths[g], v, rows);
-    const int64_t P = books[g].size(0), d = v / P;
-    const auto cb = books[g].to(torch::kFloat);  // [P, K, d]
-    const float* C = cb.data_ptr<float>();
-    const uint64_t mask = (uint64_t{1} << G.width) - 1;
-    at::parallel_for(0, rows, 16, [&](int64_t a, int64_t b) {
-      for (int64_t r = a; r < b; ++r) {
-        float* dst = out + (input_axis ? r * n + start : O[start + r] * n);
-        const uint32_t* row = G.codes + r * G.W;
-        for (int64_t j = 0, col = 0; j < G.J; col += v) {
-          for (int64_t p = 0; p < P; ++p, ++j) {
-            const float* w = C + (p * G.K + code_at(row, j * G.width, G.width, mask)) * d;
-            const int64_t c0 = col + p * d, c1 = std::min(c0 + d, cols);
-            for (int64_t c = c0; c < c1; ++c) dst[c] = w[c - c0];
-          }
-        }
-      }
-    });
-    start += sizes[g];
-  }
-  TORCH_CHECK(start == (input_axis ? n : m), "group sizes must add up to the grouped axis");
-  return W;
-}
-
 // ---- Prefill: the weight dequantized a block of rows at a time, each block multiplied at once --
 
 // The first codes of a row (`width` <= 14 bits each, packed little-endian from `row`, `end`
@@ -556,12 +498,47 @@ int64_t copy_vectors(const uint32_t* row, int64_t end, int64_t width, int64_t J,
   return j;
 }
 
-// A group as dequantize_rows reads it.
+// A group as the dequantizers read it.
 struct Block {
   Group G;
   const float* C;  // float32 codebook [P, K, d]
   int64_t P, d, cols, rows;
 };
+
+// Each group's Block (rows x cols of the group's block); `floats` keeps the float32 codebooks.
+std::vector<Block> blocks_of(const std::vector<torch::Tensor>& codes,
+                             const std::vector<torch::Tensor>& books,
+                             const std::vector<int64_t>& sizes, const std::vector<int64_t>& widths,
+                             int64_t v, int64_t m, int64_t n, bool input_axis,
+                             std::vector<torch::Tensor>& floats) {
+  std::vector<Block> blocks;
+  for (size_t g = 0; g < sizes.size(); ++g) {
+    const int64_t rows = input_axis ? m : sizes[g], cols = input_axis ? sizes[g] : n;
+    floats.push_back(books[g].to(torch::kFloat).contiguous());
+    const int64_t P = books[g].size(0);
+    blocks.push_back({group_of(codes[g], books[g], cols, widths[g], v, rows),
+                      floats.back().data_ptr<float>(), P, v / P, cols, rows});
+  }
+  return blocks;
+}
+
+// Row r of a group's block into out[0, cols).
+void decode_row(const Block& B, int64_t r, int64_t v, float* out) {
+  const Group& G = B.G;
+  const uint32_t* row = G.codes + r * G.W;
+  const int64_t end = (B.rows - r) * G.W * 4;  // bytes to the end of the codes
+  int64_t j = 0;
+  if (B.P == 1 && B.d == 4 && G.width <= 14)
+    j = copy_vectors<4>(row, end, G.width, G.J, B.cols, B.C, out);
+  if (B.P == 1 && B.d == 2 && G.width <= 14)
+    j = copy_vectors<2>(row, end, G.width, G.J, B.cols, B.C, out);
+  const uint64_t mask = (uint64_t{1} << G.width) - 1;
+  for (; j < G.J; ++j) {  // any layout: each code read from the packed words
+    const int64_t p = j % B.P, c0 = (j / B.P) * v + p * B.d, c1 = std::min(c0 + B.d, B.cols);
+    const float* w = B.C + (p * G.K + code_at(row, j * G.width, G.width, mask)) * B.d;
+    for (int64_t c = c0; c < c1; ++c) out[c] = w[c - c0];
+  }
+}
 
 // Rows [r0, r1) of an input-axis layer's weight, columns in the codes' permuted order, into dst
 // [r1 - r0, n].
@@ -571,25 +548,44 @@ void dequantize_rows(const std::vector<Block>& blocks, int64_t v, int64_t n, int
     for (int64_t r = a; r < b; ++r) {
       float* out = dst + (r - r0) * n;
       for (const Block& B : blocks) {
-        const Group& G = B.G;
-        const uint32_t* row = G.codes + r * G.W;
-        const int64_t end = (B.rows - r) * G.W * 4;  // bytes to the end of the codes
-        int64_t j = 0;
-        if (B.P == 1 && B.d == 4 && G.width <= 14)
-          j = copy_vectors<4>(row, end, G.width, G.J, B.cols, B.C, out);
-        if (B.P == 1 && B.d == 2 && G.width <= 14)
-          j = copy_vectors<2>(row, end, G.width, G.J, B.cols, B.C, out);
-        const uint64_t mask = (uint64_t{1} << G.width) - 1;
-        for (; j < G.J; ++j) {  // any layout: each code read from the packed words
-          const int64_t p = j % B.P, c0 = (j / B.P) * v + p * B.d;
-          const int64_t c1 = std::min(c0 + B.d, B.cols);
-          const float* w = B.C + (p * G.K + code_at(row, j * G.width, G.width, mask)) * B.d;
-          for (int64_t c = c0; c < c1; ++c) out[c] = w[c - c0];
-        }
+        decode_row(B, r, v, out);
         out += B.cols;
       }
     }
   });
+}
+
+// The weight [m, n] as float32 (dequantize once, then one dense matmul): rows in the original
+// order (output-axis groups scatter their rows through perm), columns in the permuted order of
+// the codes (input-axis layers: W[:, perm]; multiply x[:, perm], cheaper than scattering the
+// columns of W). Written into `workspace` when given and large enough (a buffer reused across
+// calls: a fresh 64 MiB tensor costs as much in page faults as the dequantization itself).
+torch::Tensor vq_dequantize(std::vector<torch::Tensor> codes, std::vector<torch::Tensor> books,
+                            torch::Tensor perm, std::vector<int64_t> sizes,
+                            std::vector<int64_t> widths, int64_t v, int64_t m, int64_t n,
+                            bool input_axis, std::optional<torch::Tensor> workspace) {
+  const auto order = perm.to(torch::kInt).contiguous();
+  TORCH_CHECK(order.dim() == 1 && order.size(0) == (input_axis ? n : m), "perm size");  // rows
+  int64_t total = 0;
+  for (int64_t size : sizes) total += size;
+  TORCH_CHECK(total == (input_axis ? n : m), "group sizes must add up to the grouped axis");
+  const int32_t* O = order.data_ptr<int32_t>();
+  const bool reuse = workspace && workspace->scalar_type() == torch::kFloat &&
+                     workspace->is_contiguous() && workspace->numel() >= m * n;
+  auto W = reuse ? workspace->flatten().narrow(0, 0, m * n).view({m, n})
+                 : torch::empty({m, n}, torch::kFloat);
+  float* out = W.data_ptr<float>();
+  std::vector<torch::Tensor> floats;
+  const auto blocks = blocks_of(codes, books, sizes, widths, v, m, n, input_axis, floats);
+  if (input_axis) {
+    dequantize_rows(blocks, v, n, 0, m, out);
+    return W;
+  }
+  for (size_t g = 0, start = 0; g < blocks.size(); start += sizes[g], ++g)
+    at::parallel_for(0, blocks[g].rows, 16, [&](int64_t a, int64_t b) {
+      for (int64_t r = a; r < b; ++r) decode_row(blocks[g], r, v, out + O[start + r] * n);
+    });
+  return W;
 }
 
 // The first `numel` floats of `buffer`, grown (float32, contiguous) when too small.
@@ -611,17 +607,11 @@ torch::Tensor vq_prefill(torch::Tensor x, torch::Tensor perm, std::vector<torch:
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x");
   TORCH_CHECK(perm.scalar_type() == torch::kInt && perm.numel() == x.size(1), "int32 perm");
   const int64_t T = x.size(0), n = x.size(1);
-  std::vector<Block> blocks;
-  std::vector<torch::Tensor> floats;
   int64_t total = 0;
-  for (size_t g = 0; g < sizes.size(); ++g) {
-    floats.push_back(books[g].to(torch::kFloat).contiguous());
-    const int64_t P = books[g].size(0);
-    blocks.push_back({group_of(codes[g], books[g], sizes[g], widths[g], v, m),
-                      floats.back().data_ptr<float>(), P, v / P, sizes[g], m});
-    total += sizes[g];
-  }
+  for (int64_t size : sizes) total += size;
   TORCH_CHECK(total == n, "group sizes must add up to the input features");
+  std::vector<torch::Tensor> floats;
+  const auto blocks = blocks_of(codes, books, sizes, widths, v, m, n, true, floats);
   // buffers kept between calls (fresh ones cost page faults each call: as much as the work)
   static thread_local torch::Tensor xbuf, wbuf;
   const int64_t rows = std::min(
