@@ -46,7 +46,7 @@ class Calibration:
     loaded `Corpus`, and how many windows of how many tokens are drawn from it."""
 
     source: str | Corpus = "c4"
-    nsamples: int = 128
+    nsamples: int = CalibrationSpec.nsamples
     seqlen: int = 512
     seed: int = 0
     data_dir: str | Path | None = None  # default: $RSAVQ_DATA_DIR, else the hub

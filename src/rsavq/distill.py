@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 Snapshot = tuple[dict[str, torch.Tensor], dict[str, str]]  # tensors, metadata
 
 
-DEFAULT_WINDOWS = 256
+DEFAULT_WINDOWS = 128
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rsavq.cli.common import add_model_args, add_stream_arg, non_negative_int, positive_int
 from rsavq.clock import StageClock, format_clock, timed, using
+from rsavq.distill import DEFAULT_WINDOWS
 from rsavq.errors import UsageError
 from rsavq.runtime import resolve_device, resolve_dtype
 
@@ -223,9 +224,8 @@ def add_parser(sub) -> None:
         type=non_negative_int,
         default=None,
         help="e2e stage: distill on this many C4 windows of --seqlen drawn like the "
-        "calibration's (default 256, or the calibration's own when --nsamples is larger or the "
-        "text too short; 0: the calibration's windows; more text generalizes better: 256 beat 64 "
-        "on SmolLM2, BENCHMARKS.md)",
+        f"calibration's (default {DEFAULT_WINDOWS}, or the calibration's own when --nsamples is "
+        "larger or the text too short; 0: the calibration's windows; BENCHMARKS.md)",
     )
     p.set_defaults(func=_cmd_quantize)
 
@@ -296,8 +296,6 @@ def _tuning(args: argparse.Namespace, config):
 
 def _windows(count: int | None) -> int | None:
     """`--distill-windows`: unset is the default count, 0 the calibration's own windows."""
-    from rsavq.distill import DEFAULT_WINDOWS
-
     return DEFAULT_WINDOWS if count is None else count or None
 
 

@@ -38,7 +38,7 @@ class CalibrationSpec:
     """Where calibration windows come from; recorded in the manifest."""
 
     source: str = "c4"
-    nsamples: int = 128
+    nsamples: int = 64  # the default of every command that calibrates (BENCHMARKS.md, Cost)
     seqlen: int = 512
     seed: int = 0
 
