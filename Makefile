@@ -24,15 +24,14 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q
 
-# The main job on the built-in default: quantize the bundled SmolLM2-135M to 3 bits with every
-# stage of `rsavq quantize --bits 3`'s default on half its windows, so that it fits 30 minutes on
-# a 2-core CPU: Fisher statistics and block-by-block input Hessians from 64 x 512 C4 tokens
-# (Fisher cached for reuse), block fine-tuning, distillation on 128 windows; embeddings and
-# norms stored in bfloat16. Then FP vs quantized WikiText-2 perplexity on the first 8 windows of
-# 2048 tokens, and the stage clock. Rewrites runs/demo-smollm2-3bit.
-# DEMO_ARGS= (empty) runs the full default (128 and 256 windows; BENCHMARKS.md, Cost).
+# The main job on the built-in default: quantize the bundled SmolLM2-135M to 3 bits with exactly
+# what `rsavq quantize --bits 3` does by default (Fisher statistics and block-by-block input
+# Hessians from 64 x 512 C4 tokens, OBS vector quantization, block fine-tuning, distillation on
+# 128 windows; the Fisher statistics cached for reuse), embeddings and norms stored in bfloat16.
+# Then FP vs quantized WikiText-2 perplexity on the first 8 windows of 2048 tokens, and the stage
+# clock. Rewrites runs/demo-smollm2-3bit. DEMO_ARGS adds options to `rsavq quantize`.
 DEMO_OUT ?= runs/demo-smollm2-3bit
-DEMO_ARGS ?= --nsamples 64 --distill-windows 128
+DEMO_ARGS ?=
 demo: setup
 	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/rsavq quantize --model smollm2-135m --bits 3 $(DEMO_ARGS) --save-dtype bfloat16 \

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rsavq.config import default_windows
+
 STAGES = (
     "load", "fisher", "teacher", "hessians", "quantize", "refit", "finetune", "distill", "save",
 )  # fmt: skip
@@ -65,6 +67,11 @@ def run_width(bits: int, threads: int, extra: list[str], windows: int, keep: Pat
         "clock": report["clock"],
         "bits_per_weight": report["summary"]["bits_per_weight"],
         "layers": len(report["layers"]),
+        "windows": {
+            "calibration": report.get("calibration", {}).get("windows")
+            or _option(extra, "--nsamples", default_windows(bits)[0]),
+            "distill": (report.get("distill") or {}).get("windows"),
+        },
         "checkpoint_mib": size / 2**20,
         "ppl": {
             "source": "wikitext2",
@@ -108,18 +115,21 @@ def summary(results: dict) -> str:
 
 
 def work(row: dict) -> dict[str, float]:
-    """The units each stage's time grows with, from the run's options: calibration windows
-    (Fisher, calibration passes, block fine-tuning), teacher windows (the distillation's and 4
-    held-out), distillation windows, and layers (quantize, refit)."""
+    """The units each stage's time grows with: calibration windows (Fisher, calibration passes,
+    block fine-tuning), teacher windows (the distillation's and 4 held-out), distillation
+    windows, and layers (quantize, refit). Rows record their window counts; older rows ran
+    128 and 256 unless their options said otherwise."""
     options = row.get("extra", "").split()
-
-    def option(name: str, default: int) -> int:
-        return int(options[options.index(name) + 1]) if name in options else default
-
-    calib, distill = option("--nsamples", 128), option("--distill-windows", 256)
+    counted = row.get("windows", {})
+    calib = counted.get("calibration") or _option(options, "--nsamples", 128)
+    distill = counted.get("distill") or _option(options, "--distill-windows", 256)
     layers = row.get("layers", 210)
     return {"fisher": calib, "teacher": distill + 4, "hessians": calib, "quantize": layers,
             "refit": layers, "finetune": calib, "distill": distill}  # fmt: skip
+
+
+def _option(options: list[str], name: str, default: int) -> int:
+    return int(options[options.index(name) + 1]) if name in options else default
 
 
 UNITS = {"fisher": "s / window", "teacher": "s / window", "hessians": "s / window",

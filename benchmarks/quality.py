@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from rsavq.api import Calibration, finetune_windows
-from rsavq.config import RSAVQConfig, ScalarConfig, default_widths, preset
+from rsavq.config import CALIBRATION_WINDOWS, RSAVQConfig, ScalarConfig, default_widths, preset
 from rsavq.data import calibration_windows, evaluation_windows, load_corpus
 from rsavq.distill import Distillation, distill, teacher_targets
 from rsavq.eval import perplexity
@@ -177,27 +177,12 @@ def vector_rows(bits: int) -> list[Row]:
 
 
 def codebook_rows(bits: int) -> list[Row]:
-    """Codebook scope and storage (issue "Quality I", item 4): int8 codebooks (more blocks
-    at the same overhead), codebooks shared by the linears of each decoder block (one per
-    width: no refit), then what sharing affords: 4,096-entry codebooks (`12 // bits`-weight
-    vectors) in int8, and the paper's 4 WCSG groups; and with a fallback to codebooks of the
-    layer's own where the block's give 1.25x its output error."""
-    long = 12 // bits
-    block = {"codebook_scope": "block"}
+    """Codebook storage (issue "Quality I", item 4): int8 codebooks (more blocks at the same
+    overhead), and the default without refit."""
     settings = [
         ("int8 codebooks (more blocks at the same overhead)", {"codebook_dtype": "int8"}),
         ("default without refit", {"refit": False}),
-        ("codebooks shared per decoder block", block),
-        ("shared per block, int8", {**block, "codebook_dtype": "int8"}),
-        (f"shared per block, int8, vector length {long} (4096 entries)",
-         {**block, "codebook_dtype": "int8", "vector_length": long}),
-        ("shared per block, 4 WCSG groups", {**block, "groups": 4}),
-        ("shared per block, own codebooks where they give < 1/1.25 the error",
-         {**block, "codebook_fallback": 1.25}),
-        (f"shared per block, int8, vector length {long}, own codebooks where they give < 1/1.25 "
-         "the error", {**block, "codebook_dtype": "int8", "vector_length": long,
-                       "codebook_fallback": 1.25}),
-    ]  # fmt: skip
+    ]
     return [Row("codebooks", label, bits, preset("default", bits, **o)) for label, o in settings]
 
 
@@ -588,7 +573,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--bits", default="2,3,4")
     p.add_argument("--sections", default=",".join(SECTIONS))
-    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--nsamples", type=int, default=CALIBRATION_WINDOWS)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument(
         "--windows", type=int, default=None, help="WikiText-2 windows (default: all 148)"

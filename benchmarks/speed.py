@@ -10,9 +10,7 @@ First the yardstick: the machine's read bandwidth (a float32 sum over 1 GiB) wit
 with all. Layers (random codes: speed does not depend on their values): shapes in x out
 576x1536, 1536x576, 4096x4096, 11008x4096 at 2/3/4 bits in the default configuration's format
 (vector length by width, blocks of columns with their own codebooks, row scales; one WCSG group
-unless `--groups`; `--codebooks int8`: int8 codebooks, more blocks; `--codebooks shared-long`:
-one int8 codebook of 4,096 entries read from a `SharedCodebooks` module, vectors of
-`12 // bits` weights, as `--codebook-scope block` makes them). Decode (1 token) is timed
+unless `--groups`; `--codebooks int8`: int8 codebooks, more blocks). Decode (1 token) is timed
 interleaved with the dense `F.linear` of the same shape in float32 and in bfloat16 (not with the
 reference kernel: its large temporaries slowed every call timed beside it, dense ones 2x); its
 effective bandwidth is the bytes the layer stores over its time. Prefill
@@ -44,26 +42,23 @@ from rsavq.allocation import split_sizes
 from rsavq.config import LayerSpec, preset
 from rsavq.io import atomic_write_json, rewrite_block
 from rsavq.kernels import Backend, choose_backend
-from rsavq.nn import SharedCodebooks, VQLinear
+from rsavq.nn import VQLinear
 from rsavq.packing import pack
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (11008, 4096)]
 TABLES = (
     "benchmarks/results/speed-1thread.json,benchmarks/results/speed-2threads.json,"
-    "benchmarks/results/speed-2threads-loaded.json,benchmarks/results/speed-1thread-int8.json,"
-    "benchmarks/results/speed-1thread-shared-long.json"
+    "benchmarks/results/speed-2threads-loaded.json,benchmarks/results/speed-1thread-int8.json"
 )
 
 
 CODEBOOKS = {  # --codebooks: the options of `rsavq quantize` each layer format comes from
     "default": {},
     "int8": {"codebook_dtype": "int8"},
-    "shared-long": {"codebook_scope": "block", "codebook_dtype": "int8"},
 }
 FORMATS = {
     "default": "format 2: the default's vectors, blocks and row scales",
     "int8": "format 3: the default's, int8 codebooks (more blocks at the same overhead)",
-    "shared-long": "format 3: one shared int8 codebook of 4096 entries, vectors of 12 // bits",
 }
 
 
@@ -73,24 +68,14 @@ def random_vqlinear(
     """A layer in the default configuration's format at `bits` (vector length, blocks of columns
     with codebooks of their own, row scales; `codebooks` as in `CODEBOOKS`), with random codes,
     codebooks and scales."""
-    options = dict(CODEBOOKS[codebooks])
-    if codebooks == "shared-long":
-        options["vector_length"] = 12 // bits
-    config = preset("default", bits, groups=groups, uniform_bits=True, **options)
+    config = preset("default", bits, groups=groups, uniform_bits=True, **CODEBOOKS[codebooks])
     sizes, group_bits = split_blocks(split_sizes(n, groups), (bits,) * groups, m, config)
-    source = "shared" if config.codebook_scope.value == "block" else ""
     spec = LayerSpec(
         n, m, tuple(sizes), tuple(group_bits), config.vector_length, config.sub_vectors,
         row_scales=config.row_scales, codebook_dtype=config.codebook_dtype.value,
-        codebook_source=source,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     module = VQLinear(spec)
-    if source:
-        holder = SharedCodebooks(spec.codebook_dtype)
-        for g in range(len(sizes)):
-            holder.add(group_bits[g], spec.codebook_shape(g))
-        module.tie(holder)
     module.perm.copy_(torch.randperm(n, generator=gen).to(spec.perm_dtype))
     for g in range(len(sizes)):
         K = 2 ** spec.code_bits(g)
@@ -178,9 +163,8 @@ def decode_seconds(model, ids, new_tokens: int) -> float:
 
 
 def layer_bytes(module: VQLinear) -> int:
-    """Bytes of a layer's buffers and of the shared codebooks it reads."""
-    tensors = [*module.buffers(), *(b for s in module._source for b in s.buffers())]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of a layer's buffers."""
+    return sum(t.numel() * t.element_size() for t in module.buffers())
 
 
 def kernel_state_bytes(module: VQLinear) -> int:

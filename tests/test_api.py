@@ -108,8 +108,9 @@ def test_finetune_windows_hold_out_past_the_distillation_windows(tiny_tokenizer,
     come from documents neither reads (quantize and benchmarks/quality.py share this rule)."""
     from helpers import WORDS
     from rsavq.api import Calibration, finetune_windows
+    from rsavq.config import DISTILL_WINDOWS, default_windows
     from rsavq.data import Corpus, calibration_windows, heldout_windows
-    from rsavq.distill import DEFAULT_WINDOWS, Distillation
+    from rsavq.distill import Distillation
     from rsavq.finetune import BlockTuning
 
     corpus = Corpus("docs", tuple(" ".join([w] * 30) for w in sorted(set(WORDS))), shuffle=True)
@@ -125,9 +126,10 @@ def test_finetune_windows_hold_out_past_the_distillation_windows(tiny_tokenizer,
     assert torch.equal(held, heldout_windows(tiny_tokenizer, corpus, 2, 16, 3, tuning.heldout))
     with pytest.raises(rsavq.DataError, match="fewer than 300 windows"):
         finetune_windows(tiny_tokenizer, corpus, c, tuning, Distillation(windows=300))
-    with caplog.at_level(logging.WARNING, logger="rsavq.api"):  # the default count gives way
-        windows, _ = finetune_windows(tiny_tokenizer, corpus, c, tuning, Distillation())
+    two_bit = Distillation(windows=default_windows(2)[1])  # the 2-bit default's 256
+    with caplog.at_level(logging.WARNING, logger="rsavq.api"):  # a default count gives way
+        windows, _ = finetune_windows(tiny_tokenizer, corpus, c, tuning, two_bit)
     assert windows is None and "distilling on the calibration's 2 windows" in caplog.text
-    large = Calibration(corpus, nsamples=DEFAULT_WINDOWS, seqlen=1, seed=3)
+    large = Calibration(corpus, nsamples=DISTILL_WINDOWS, seqlen=1, seed=3)
     assert finetune_windows(tiny_tokenizer, corpus, large, None, Distillation())[0] is None
     assert finetune_windows(tiny_tokenizer, corpus, c, None, None) == (None, None)

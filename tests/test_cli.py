@@ -80,7 +80,6 @@ def test_quantize_bad_numbers_refused_before_any_work(tiny_model_dir, tmp_path, 
             "block size 6 must be a multiple of the vector length 4",
         ),
         (["--bits", "2", "--channel-axis", "output"], "use --channel-axis input"),
-        (["--bits", "2", "--codebook-scope", "block", "--refit"], "add --no-refit"),
         pytest.param(
             ["--bits", "3", "--device", "cuda"],
             "CUDA is not available; use --device cpu",
@@ -172,10 +171,7 @@ def test_option_of_another_method_is_refused(tiny_model_dir, tmp_path, capsys):
         (["--one-pass", "--lambda", "0"], {"sequential": False, "lam": 0.0, "refit": True}),
         (["--no-refit", "--block-size", "8"], {"refit": False, "block_size": 8}),
         (["--true-sequential"], {"true_sequential": True, "sequential": True}),
-        (
-            ["--codebook-scope", "block", "--codebook-dtype", "int8"],
-            {"codebook_scope": "block", "codebook_dtype": "int8", "refit": False},
-        ),
+        (["--codebook-dtype", "int8"], {"codebook_dtype": "int8", "refit": True}),
     ],
 )
 def test_quantize_presets_and_overrides(

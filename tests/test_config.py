@@ -3,7 +3,6 @@ import json
 import pytest
 
 from rsavq.config import (
-    CodebookScope,
     LambdaMode,
     LayerSpec,
     Metric,
@@ -32,15 +31,6 @@ def test_roundtrip_through_dict():
         ({"uniform_bits": True, "bits": 2.5}, "uniform bits need a whole number"),
         ({"groups": 0}, "groups and k-means iterations must be >= 1"),
         ({"true_sequential": True, "sequential": False}, "drop --one-pass"),
-        ({"codebook_scope": CodebookScope.BLOCK}, "add --no-refit"),
-        (
-            {"codebook_scope": CodebookScope.BLOCK, "refit": False, "true_sequential": True},
-            "drop --true-sequential",
-        ),
-        (
-            {"codebook_scope": CodebookScope.BLOCK, "refit": False, "block_size": 8},
-            "--block-size does not apply",
-        ),
     ],
 )
 def test_invalid_configs_are_refused(kwargs, message):
@@ -59,17 +49,26 @@ def test_new_options_keep_the_identity_of_older_configurations():
 
 
 def test_codebook_options_round_trip_and_keep_older_identities():
-    data = RSAVQConfig().to_dict()
-    assert "codebook_scope" not in data and "codebook_dtype" not in data
-    shared = RSAVQConfig.from_dict({"codebook_scope": "block", "codebook_dtype": "int8",
-                                    "refit": False})  # fmt: skip
-    assert shared.to_dict()["codebook_scope"] == "block"
-    assert RSAVQConfig.from_dict(shared.to_dict()) == shared
-    spec = LayerSpec(8, 4, (8,), (2,), 2, 1, codebook_dtype="int8", codebook_source="b.books")
+    assert "codebook_dtype" not in RSAVQConfig().to_dict()
+    int8 = RSAVQConfig.from_dict({"codebook_dtype": "int8"})
+    assert RSAVQConfig.from_dict(int8.to_dict()) == int8
+    spec = LayerSpec(8, 4, (8,), (2,), 2, 1, codebook_dtype="int8")
     assert LayerSpec.from_dict(spec.to_dict()) == spec
-    assert "codebook_source" not in LayerSpec(8, 4, (8,), (2,), 2, 1).to_dict()
-    with pytest.raises(UsageError, match="codebook_scope 'model' unknown"):
-        RSAVQConfig.from_dict({"codebook_scope": "model"})
+    assert "codebook_dtype" not in LayerSpec(8, 4, (8,), (2,), 2, 1).to_dict()
+
+
+def test_removed_options_read_when_off_and_refused_when_used():
+    """Block-shared codebooks were removed: a configuration or spec that has their keys at the
+    off value reads as before; one that used them is refused with one line naming the fix."""
+    assert RSAVQConfig.from_dict({"codebook_scope": "layer", "codebook_fallback": 0.0}) == (
+        RSAVQConfig()
+    )
+    with pytest.raises(UsageError, match="codebook_scope .* quantize the model again"):
+        RSAVQConfig.from_dict({"codebook_scope": "block"})
+    data = {**LayerSpec(8, 4, (8,), (2,), 2, 1).to_dict(), "codebook_source": ""}
+    assert LayerSpec.from_dict(data) == LayerSpec(8, 4, (8,), (2,), 2, 1)
+    with pytest.raises(UsageError, match="block-shared codebooks .* quantize the model again"):
+        LayerSpec.from_dict({**data, "codebook_source": "model.layers.0.rsavq_codebooks"})
 
 
 def test_unknown_keys_and_enum_values():

@@ -13,8 +13,7 @@ from rsavq.pipeline import quantize_model
 from test_finetune import quantized  # the same tiny model, config and windows
 
 CONFIG = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2)
-SHARED = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2, codebook_scope="block",
-                codebook_dtype="int8")  # fmt: skip
+INT8 = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2, codebook_dtype="int8")
 
 
 def windows(n=4, t=16, vocab=64, seed=1):
@@ -89,7 +88,7 @@ def test_a_distillation_that_raises_the_heldout_kl_is_undone(tmp_path):
     assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("config", [CONFIG, SHARED], ids=["own", "shared"])
+@pytest.mark.parametrize("config", [CONFIG, INT8], ids=["fp16", "int8"])
 def test_pipeline_distills_resumes_and_reports(tmp_path, monkeypatch, config):
     import rsavq.distill as module
 
@@ -152,11 +151,12 @@ def test_distilling_a_saved_checkpoint_equals_the_pipeline(tmp_path):
 
 
 def test_stages_by_name_and_refusals():
-    default = preset("default", 2)
-    assert finetune_stages("auto", default) == (BlockTuning(), Distillation())
+    default, e2e = preset("default", 2), Distillation(windows=256)  # 2 bits: 256 windows
+    assert finetune_stages("auto", default) == (BlockTuning(), e2e)
     assert finetune_stages("block", default) == (BlockTuning(), None)
-    assert finetune_stages("both", default) == (BlockTuning(), Distillation())
-    assert finetune_stages("e2e", default) == (None, Distillation())
+    assert finetune_stages("both", default) == (BlockTuning(), e2e)
+    assert finetune_stages("e2e", default) == (None, e2e)
+    assert finetune_stages("e2e", preset("default", 3)) == (None, Distillation())
     assert finetune_stages(None, default) == (None, None)
     assert finetune_stages(Distillation(lr=1), default) == (None, Distillation(lr=1))
     from rsavq.methods import METHODS
@@ -197,3 +197,14 @@ def test_distillation_on_more_windows_than_the_calibration(tiny_model_dir, text_
     assert config["quantization_config"]["finetune"]["e2e"]["windows"] == 12
     with pytest.raises(UsageError, match="window count"):
         Distillation(windows=0)
+
+
+def test_default_windows_by_width():
+    from rsavq.config import default_windows
+    from rsavq.distill import is_default_count
+
+    assert default_windows(2) == (128, 256) and default_windows(2.25) == (128, 256)
+    assert default_windows(3) == default_windows(4) == (64, 128)
+    assert Distillation().windows == 128
+    assert is_default_count(256) and is_default_count(128) and not is_default_count(100)
+    assert not is_default_count(None)

@@ -9,8 +9,7 @@ from rsavq.pipeline import quantize_model
 from rsavq.stats.sequential import capture_inputs, hidden_of, run_block
 
 CONFIG = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2)
-SHARED = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2, codebook_scope="block",
-                codebook_dtype="int8")  # fmt: skip
+INT8 = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2, codebook_dtype="int8")
 
 
 def windows(n=4, t=16, vocab=64):
@@ -64,20 +63,7 @@ def test_tuning_lowers_the_block_error_and_is_deterministic(tmp_path):
     assert all(torch.equal(tuned[k], v) for k, v in block.state_dict().items())
 
 
-def test_shared_codebooks_train_as_one_parameter_and_stay_shared(tmp_path):
-    block, inputs, targets = quantized_block(tmp_path, SHARED)
-    holder = block.rsavq_codebooks
-    before = holder.codebook(2).clone()
-    with trainable(block) as params:
-        books = [p for p in params if p.dim() == 3]
-        assert len(books) == len(holder.widths()) == 1  # 7 layers, one codebook
-    tune_block(block, inputs, targets, BlockTuning(epochs=2, lr=1e-3), 0)
-    assert holder.codebooks_b2.dtype == torch.int8 and not torch.equal(holder.codebook(2), before)
-    for layer in (block.self_attn.q_proj, block.mlp.down_proj):
-        assert torch.equal(layer.codebooks[0], holder.codebook(2))
-
-
-@pytest.mark.parametrize("config", [CONFIG, SHARED], ids=["own", "shared-int8"])
+@pytest.mark.parametrize("config", [CONFIG, INT8], ids=["fp16", "int8"])
 def test_pipeline_tunes_resumes_and_reports(tmp_path, monkeypatch, config):
     import rsavq.pipeline as pipeline
 

@@ -42,13 +42,13 @@ def test_format_version_checked(checkpoint):
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_older_formats_still_load(checkpoint, version):
-    """Format 2 only added optional row scales, format 3 optional int8 and shared codebooks: a
+    """Format 2 only added optional row scales, format 3 optional int8 codebooks: a
     checkpoint of an older format loads unchanged."""
     before = load_quantized(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     config["quantization_config"]["format_version"] = version
     for spec in config["quantization_config"]["layers"].values():
-        assert "codebook_dtype" not in spec and "codebook_source" not in spec
+        assert "codebook_dtype" not in spec
         if version == 1:
             del spec["row_scales"]  # format 1 specs have no such key
     (checkpoint / "config.json").write_text(json.dumps(config))
@@ -82,18 +82,3 @@ def test_missing_codes_detected(checkpoint):
     save_file(state, str(weights))
     with pytest.raises(UsageError, match="lacks tensors .*up_proj.codes_0"):
         load_quantized(checkpoint)
-
-
-def test_missing_shared_codebooks_are_detected(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    config = plain_config(bits=2, kmeans_iters=2, codebook_scope="block", codebook_dtype="int8",
-                          compensation="none")  # fmt: skip
-    out = tmp_path / "q"
-    quantize_model(build_tiny_llama(vocab_size=64), config, None, out, progress=False)
-    tensors = load_file(str(out / "model.safetensors"))
-    assert tensors["model.layers.1.rsavq_codebooks.codebooks_b2"].dtype == torch.int8
-    del tensors["model.layers.1.rsavq_codebooks.codebooks_b2"]
-    save_file(tensors, str(out / "model.safetensors"))
-    with pytest.raises(UsageError, match="lacks tensors .*rsavq_codebooks"):
-        load_quantized(out)

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from rsavq.clock import StageClock, current, timed, using
-from rsavq.config import RSAVQConfig, ScalarConfig, preset
+from rsavq.config import RSAVQConfig, ScalarConfig, default_windows, preset
 from rsavq.data import Corpus, calibration_windows, heldout_windows, load_corpus
-from rsavq.distill import DEFAULT_WINDOWS, Distillation
+from rsavq.distill import Distillation, is_default_count
 from rsavq.errors import DataError, UsageError
 from rsavq.finetune import BlockTuning
 from rsavq.methods import FISHER, HESSIAN, method_for
@@ -46,7 +46,7 @@ class Calibration:
     loaded `Corpus`, and how many windows of how many tokens are drawn from it."""
 
     source: str | Corpus = "c4"
-    nsamples: int = CalibrationSpec.nsamples
+    nsamples: int | None = None  # None: the default's count at the width (`default_windows`)
     seqlen: int = 512
     seed: int = 0
     data_dir: str | Path | None = None  # default: $RSAVQ_DATA_DIR, else the hub
@@ -91,6 +91,8 @@ def quantize(
     Returns the per-layer records of the report."""
     config = config or preset("default", 3)
     calibration = calibration or Calibration()
+    if calibration.nsamples is None:
+        calibration = replace(calibration, nsamples=default_windows(config.bits)[0])
     with using(current() or StageClock()):  # the report's stage clock (the caller's, if any)
         return _quantize(
             model, config, tokenizer, calibration, out, stats, model_id, progress, save_dtype,
@@ -142,7 +144,8 @@ def finetune_stages(finetune: Finetune, config) -> tuple[BlockTuning | None, Dis
         if finetune == "auto":
             finetune = "both" if supports_tuning(config) else "none"
         block = BlockTuning() if finetune in ("block", "both") else None
-        finetune = (block, Distillation() if finetune in ("e2e", "both") else None)
+        e2e = Distillation(windows=default_windows(config.bits)[1])
+        finetune = (block, e2e if finetune in ("e2e", "both") else None)
     stages = finetune if isinstance(finetune, tuple) else (finetune,)
     tuning = next((s for s in stages if isinstance(s, BlockTuning)), None)
     distillation = next((s for s in stages if isinstance(s, Distillation)), None)
@@ -183,12 +186,12 @@ def _distill_windows(tokenizer, corpus, c: Calibration, distillation: Distillati
     `windows=None`, and what the default count gives way to when the calibration has at least
     as many windows or the corpus has too few (then with a warning)."""
     count = distillation.windows if distillation is not None else None
-    if not count or (count == DEFAULT_WINDOWS and c.nsamples >= count):
+    if not count or (is_default_count(count) and c.nsamples >= count):
         return None
     try:
         return calibration_windows(tokenizer, corpus, count, c.seqlen, c.seed)
     except DataError as exc:
-        if count != DEFAULT_WINDOWS:
+        if not is_default_count(count):
             raise
         logger.warning("distilling on the calibration's %d windows: %s", c.nsamples, exc)
         return None

@@ -11,9 +11,6 @@ Glossary of tensor names (one vocabulary everywhere):
 - `scales` `[m]` fp16 (when `row_scales`): row i of the weight is `scales[i]` times its decoded row.
 - a *block*: consecutive columns of one channel group that share codebooks; each block is stored
   as a group of its own (same bits), so more blocks mean more, smaller-scope codebooks.
-- `codebook_scope` "block": every linear of one decoder block reads its codebooks from one
-  `SharedCodebooks` module (`<block>.rsavq_codebooks`, one codebook per width, buffers
-  `codebooks_b{bits}`); a layer's spec names it in `codebook_source` and holds none of its own.
 - `codebook_dtype` "int8": a codebook is stored as int8 with one fp16 scale per sub-vector
   position (`codebook_scales_*` `[P]`); it decodes to `fp16(int8 * scale)`.
 """
@@ -30,7 +27,7 @@ from typing import ClassVar
 from rsavq.errors import UsageError
 from rsavq.modules import DEFAULT_SKIP, name_matches
 
-FORMAT_VERSION = 3  # 2: optional per-row scales; 3: optional int8 and shared codebooks
+FORMAT_VERSION = 3  # 2: optional per-row scales; 3: optional int8 codebooks
 READABLE_FORMAT_VERSIONS = (1, 2, 3)  # each older version is the next without its options
 QUANT_METHOD = "rsavq"  # `quantization_config.quant_method` of rsavq checkpoints
 MAX_CODE_BITS = 16
@@ -67,11 +64,6 @@ class ChannelOrder(str, Enum):
     HESSIAN = "hessian"  # GPTQ's act-order: by diag(X^T X); needs input Hessians
 
 
-class CodebookScope(str, Enum):
-    LAYER = "layer"  # codebooks per group (or block of columns) of each layer
-    BLOCK = "block"  # one codebook per width for all the linears of a decoder block
-
-
 class CodebookDtype(str, Enum):
     FLOAT16 = "float16"
     INT8 = "int8"  # int8 entries, an fp16 scale per sub-vector position (GPTVQ)
@@ -102,14 +94,7 @@ class RSAVQConfig:
     codebook_overhead: float = 0.04  # block_size 0: blocks sized for about this many codebook
     # bits per weight (never smaller than needed); 0 with block_size 0: one codebook per group
     row_scales: bool = True  # an fp16 scale per output row; the codebooks see unit-RMS rows
-    # "block": the linears of a decoder block share one codebook per width (fitted on all of
-    # them at once), which affords longer vectors and more WCSG groups
-    codebook_scope: CodebookScope = CodebookScope.LAYER
     codebook_dtype: CodebookDtype = CodebookDtype.FLOAT16
-    # with codebook_scope "block": a layer whose output error with the block's codebooks is more
-    # than this many times its error with codebooks of its own (at the width's default vector
-    # length) keeps its own; 0: never
-    codebook_fallback: float = 0.0
     refit: bool = True  # after assignment: codebooks and scales refit to the Hessian objective
     order: ChannelOrder = ChannelOrder.FISHER
     sequential: bool = True  # input Hessians from the already-quantized prefix, block by block
@@ -180,7 +165,7 @@ class RSAVQConfig:
         data["layer_bits"] = [list(pair) for pair in self.layer_bits]
         if not self.layer_bits:  # (the identity of configurations from before the option)
             del data["layer_bits"]
-        for key in ("true_sequential", "codebook_scope", "codebook_dtype", "codebook_fallback"):
+        for key in ("true_sequential", "codebook_dtype"):
             if data[key] == getattr(RSAVQConfig, key):
                 del data[key]
         return {k: (v.value if isinstance(v, Enum) else v) for k, v in data.items()}
@@ -188,6 +173,7 @@ class RSAVQConfig:
     @classmethod
     def from_dict(cls, data: dict) -> RSAVQConfig:
         known = {f.name: f for f in fields(cls)}
+        data = _without_removed(data)
         unknown = set(data) - set(known)
         if unknown:
             raise UsageError(
@@ -202,6 +188,21 @@ class RSAVQConfig:
         return cls(**_enums(kwargs))
 
 
+# options removed since they were written, with the value that means "off" (a checkpoint that
+# used one cannot be read: its layers need what was removed)
+REMOVED = {"codebook_scope": "layer", "codebook_fallback": 0.0}
+
+
+def _without_removed(data: dict) -> dict:
+    used = sorted(k for k, off in REMOVED.items() if k in data and data[k] != off)
+    if used:
+        raise UsageError(
+            f"this checkpoint was quantized with {', '.join(used)} (block-shared codebooks), "
+            "which rsavq no longer supports; quantize the model again"
+        )
+    return {k: v for k, v in data.items() if k not in REMOVED}
+
+
 def _enums(kwargs: dict) -> dict:
     types = {
         "lambda_mode": LambdaMode,
@@ -211,7 +212,6 @@ def _enums(kwargs: dict) -> dict:
         "channel_axis": ChannelAxis,
         "compensation": Compensation,
         "order": ChannelOrder,
-        "codebook_scope": CodebookScope,
         "codebook_dtype": CodebookDtype,
     }
     for key, enum in types.items():
@@ -269,33 +269,8 @@ def validate(config: RSAVQConfig) -> None:
         raise UsageError(
             f"block size {config.block_size} must be a multiple of the vector length {v}"
         )
-    _check_codebooks(config)
     if config.groups < 1 or config.kmeans_iters < 1 or config.lam < 0 or config.damping < 0:
         raise UsageError("groups and k-means iterations must be >= 1; lambda, damping >= 0")
-
-
-def _check_codebooks(config: RSAVQConfig) -> None:
-    if config.codebook_fallback < 0:
-        raise UsageError("--codebook-fallback must be >= 0 (0: never)")
-    if config.codebook_scope != CodebookScope.BLOCK:
-        if config.codebook_fallback:
-            raise UsageError("--codebook-fallback applies to --codebook-scope block; add that")
-        return
-    if config.refit:
-        raise UsageError(
-            "--codebook-scope block fits one codebook per width for a whole decoder block, "
-            "refit re-solves a layer's own codebooks: add --no-refit"
-        )
-    if config.true_sequential:
-        raise UsageError(
-            "--codebook-scope block fits the block's codebooks before its first stage: drop "
-            "--true-sequential (or --codebook-scope)"
-        )
-    if config.block_size:
-        raise UsageError(
-            "--codebook-scope block shares codebooks across the block: --block-size does not "
-            "apply; drop it"
-        )
 
 
 @dataclass(frozen=True)
@@ -312,7 +287,6 @@ class LayerSpec:
     bias: bool = False
     row_scales: bool = False
     codebook_dtype: str = CodebookDtype.FLOAT16.value
-    codebook_source: str = ""  # a `SharedCodebooks` module's name; "": the layer's own
 
     @property
     def perm_dtype(self):
@@ -349,9 +323,8 @@ class LayerSpec:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["group_sizes"], data["group_bits"] = list(self.group_sizes), list(self.group_bits)
-        for key in ("codebook_dtype", "codebook_source"):  # (specs from before the options)
-            if data[key] == getattr(LayerSpec, key):
-                del data[key]
+        if data["codebook_dtype"] == LayerSpec.codebook_dtype:  # (specs from before the option)
+            del data["codebook_dtype"]
         return data
 
     def to_json(self) -> str:
@@ -364,6 +337,11 @@ class LayerSpec:
     @classmethod
     def from_dict(cls, data: dict) -> LayerSpec:
         data = dict(data)
+        if data.pop("codebook_source", ""):
+            raise UsageError(
+                "this checkpoint's layers read block-shared codebooks (--codebook-scope block), "
+                "which rsavq no longer supports; quantize the model again"
+            )
         data["group_sizes"], data["group_bits"] = (
             tuple(data["group_sizes"]),
             tuple(data["group_bits"]),
@@ -418,6 +396,20 @@ class ScalarConfig:
 
 PRESETS = ("default", "paper", "kmeans")
 
+# the default's text budget: calibration windows (Fisher statistics, Hessians, block fine-tuning)
+# and distillation windows at 3 and 4 bits; twice both below 2.5 bits (`default_windows`)
+CALIBRATION_WINDOWS = 64
+DISTILL_WINDOWS = 128
+
+
+def default_windows(bits: float) -> tuple[int, int]:
+    """The default's calibration and distillation windows at `bits`. On SmolLM2-135M (16
+    windows bf16; BENCHMARKS.md, Cost) halving both from 128 and 256 kept 3 and 4 bits within
+    3% at 0.6x the time, but 2 bits is data-bound (47.59 with 128 and 256, 50.01 with 64 and
+    256, 53.66 with 64 and 128), so below 2.5 bits it keeps them."""
+    scale = 2 if bits < 2.5 else 1
+    return scale * CALIBRATION_WINDOWS, scale * DISTILL_WINDOWS
+
 
 def default_widths(bits: float) -> dict:
     """The default's settings that depend on the width: at 3 and 4 bits `k_proj` and `v_proj`
@@ -446,9 +438,6 @@ def preset(name: str, bits: float, **overrides) -> RSAVQConfig:
       one codebook per group, every vector assigned independently, no scales.
     - `kmeans`: the plain product-VQ baseline: the default's vector shape, one codebook per
       layer, no EDSG, no WCSG, no scales, no Hessian.
-
-    With `codebook_scope="block"` among the overrides, refit is off unless asked for (and then
-    refused: it re-solves one layer's own codebooks).
     """
     plain = {
         "compensation": Compensation.NONE,
@@ -465,6 +454,4 @@ def preset(name: str, bits: float, **overrides) -> RSAVQConfig:
         base = {**plain, "groups": 1, "uniform_bits": True, "lam": 0.0}
     else:
         raise UsageError(f"preset '{name}' unknown; use one of {', '.join(PRESETS)}")
-    if overrides.get("codebook_scope") == CodebookScope.BLOCK:
-        base["refit"] = False  # (it re-solves a layer's own codebooks; unless asked for)
     return RSAVQConfig.from_dict({**base, "bits": bits, **overrides})

@@ -1,7 +1,7 @@
 """End-to-end distillation (docs/method.md section 9): once every layer is quantized (and its
 block fine-tuned), the continuous parameters of the whole quantized model are trained, codes
-frozen, to match the FP model's next-token distributions on calibration text (by default 256
-windows drawn like the calibration's, `Distillation.windows`).
+frozen, to match the FP model's next-token distributions on calibration text (by default 128
+windows drawn like the calibration's, 256 below 2.5 bits: `rsavq.config.default_windows`).
 
 The teacher is the FP model itself, run once before quantization: for every calibration token
 its `top_k` most likely next tokens, their log-probabilities and the log of the remaining mass
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rsavq.config import DISTILL_WINDOWS, default_windows
 from rsavq.errors import UsageError
 from rsavq.finetune import trainable, trained_state
 
@@ -33,7 +34,10 @@ logger = logging.getLogger(__name__)
 Snapshot = tuple[dict[str, torch.Tensor], dict[str, str]]  # tensors, metadata
 
 
-DEFAULT_WINDOWS = 128
+def is_default_count(count: int | None) -> bool:
+    """Whether `count` is one of the default's distillation window counts (which give way to
+    the calibration's own windows when those are as many, or the text is too short)."""
+    return count in (default_windows(2)[1], default_windows(3)[1])
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,9 @@ class Distillation:
     bf16: bool = True
     save_every: int = 16  # optimizer steps between resumable snapshots
     # calibration windows to distill on: this many drawn like the calibration's (more text: 256
-    # beat 64 at 3 bits, BENCHMARKS.md Quality II), or None for those the quantizer
-    # calibrates on; the default falls back to those when the corpus is too small for it
-    windows: int | None = DEFAULT_WINDOWS
+    # beat 64 at 3 bits, BENCHMARKS.md Quality II; 128 by default: Cost), or None for those
+    # the quantizer calibrates on; the default falls back to those when the corpus is too small
+    windows: int | None = DISTILL_WINDOWS
 
     def __post_init__(self) -> None:
         ok = self.epochs >= 1 and self.lr > 0 and self.micro_batch >= 1 and self.top_k >= 1

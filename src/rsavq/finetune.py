@@ -72,8 +72,7 @@ def trainable(block: nn.Module) -> Iterator[list[nn.Parameter]]:
     written back in fp16, and the block is restored."""
     params: list[nn.Parameter] = []
     layers = [m for m in block.modules() if isinstance(m, VQLinear)]
-    books: dict = {}  # one parameter per stored codebook (layers may share one)
-    finishers = [_make_trainable(layer, params, books) for layer in layers]
+    finishers = [_make_trainable(layer, params) for layer in layers]
     own = [p for p in block.parameters() if p.is_floating_point() and p.dim() == 1]  # norms, biases
     flags = [p.requires_grad for p in own]
     for p in own:
@@ -88,17 +87,12 @@ def trainable(block: nn.Module) -> Iterator[list[nn.Parameter]]:
             p.requires_grad_(flag)
 
 
-def _make_trainable(layer: VQLinear, params: list[nn.Parameter], shared: dict):
+def _make_trainable(layer: VQLinear, params: list[nn.Parameter]):
     spec = layer.spec
     idx = [unpack_block(c, spec, g) for g, c in enumerate(layer.codes)]
     index = weight_index(idx, layer.perm, spec)
-    books = []
-    for g, cb in enumerate(layer.codebooks):
-        key = layer.codebook_key(g)
-        if key not in shared:
-            shared[key] = nn.Parameter(cb.detach().float().clone())
-            params.append(shared[key])
-        books.append(shared[key])
+    books = [nn.Parameter(cb.detach().float().clone()) for cb in layer.codebooks]
+    params += books
     base = layer.scales.detach().float() if layer.scales is not None else None
     correction = nn.Parameter(torch.ones_like(base)) if base is not None else None
     params += [correction] if correction is not None else []
@@ -192,7 +186,7 @@ def _train(block, inputs: Inputs, targets: list[torch.Tensor], options: BlockTun
 
 
 def _is_codebook(name: str) -> bool:
-    """Codebooks and their int8 scales, own (`codebooks_{g}`) or shared (`codebooks_b{bits}`)."""
+    """Codebooks and their int8 scales (`codebooks_{g}`, `codebook_scales_{g}`)."""
     return name.rsplit(".", 1)[-1].startswith("codebook")
 
 

@@ -23,7 +23,7 @@ from rsavq.config import LayerSpec, RSAVQConfig, ScalarConfig, preset
 from rsavq.errors import UsageError
 from rsavq.modules import weight_matrix
 from rsavq.nn.codebooks import decode_codebook
-from rsavq.serialization import set_module, shared_codebooks
+from rsavq.serialization import set_module
 
 FISHER, HESSIAN = "fisher", "hessian"  # the statistics a method can ask for
 
@@ -67,27 +67,20 @@ class VQResult:
         return self.layer.dequantize()
 
     def state(self):
-        """The checkpoint's tensors (+ the shared codebooks it read, as `shared.b{bits}`)."""
+        """The checkpoint's tensors."""
         tensors = self.layer.tensors()
         if self.layer.bias is not None:
             tensors["bias"] = self.layer.bias
-        if self.layer.spec.codebook_source:
-            books = zip(self.layer.spec.group_bits, self.layer.codebooks, strict=True)
-            tensors |= {f"shared.b{b}": book for b, book in books}
-        meta = {"spec": json.dumps(self.layer.spec.to_dict())}
-        return tensors, meta | {"shared_bits": repr(self.layer.shared_bits)}
+        return tensors, {"spec": json.dumps(self.layer.spec.to_dict())}
 
     @classmethod
     def load(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> VQResult:
         spec = LayerSpec.from_dict(json.loads(meta["spec"]))
         groups = range(len(spec.group_bits))
-        if spec.codebook_source:
-            books = [tensors[f"shared.b{b}"] for b in spec.group_bits]
-        else:
-            books = [
-                decode_codebook(tensors[f"codebooks_{g}"], tensors.get(f"codebook_scales_{g}"))
-                for g in groups
-            ]
+        books = [
+            decode_codebook(tensors[f"codebooks_{g}"], tensors.get(f"codebook_scales_{g}"))
+            for g in groups
+        ]
         return cls(
             QuantizedLayer(
                 spec,
@@ -96,21 +89,13 @@ class VQResult:
                 books,
                 tensors.get("bias"),
                 tensors.get("scales"),
-                float(meta.get("shared_bits", 0.0)),
             )
         )
 
     def install(self, model: nn.Module, name: str, layer: nn.Module) -> None:
-        """Replace the layer by its `VQLinear` (whose shared codebooks go into the block's
-        `SharedCodebooks`, made on first use)."""
+        """Replace the layer by its `VQLinear`."""
         weight = weight_matrix(layer)
-        source = None
-        spec = self.layer.spec
-        if spec.codebook_source:
-            source = shared_codebooks(model, spec, weight.device)
-            for g, book in enumerate(self.layer.codebooks):
-                source.set(spec.group_bits[g], book)
-        module = self.layer.module(source)
+        module = self.layer.module()
         set_module(model, name, module.to(weight.device, weight.dtype))
 
     def spec(self) -> LayerSpec:
@@ -170,9 +155,9 @@ class Method:
         return frozenset(k for k, v in wanted.items() if v)
 
 
-def _vq(config: RSAVQConfig, layer, fisher, hessian, shared=None):
+def _vq(config: RSAVQConfig, layer, fisher, hessian):
     W = weight_matrix(layer)
-    quantized, step = quantize_layer(W, fisher, config, layer.bias, hessian, shared)
+    quantized, step = quantize_layer(W, fisher, config, layer.bias, hessian)
     return VQResult(quantized), step
 
 

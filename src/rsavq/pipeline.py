@@ -20,15 +20,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rsavq.algorithms.metrics import layer_metrics
-from rsavq.algorithms.rsavq import SharedBooks, fit_shared_codebooks
 from rsavq.clock import current, timed
-from rsavq.config import CodebookScope, RSAVQConfig, ScalarConfig
+from rsavq.config import RSAVQConfig, ScalarConfig
 from rsavq.distill import Distillation, distill, teacher_targets
 from rsavq.errors import UsageError
 from rsavq.finetune import BlockTuning, tune_block, tuned_state
 from rsavq.io import atomic_write, atomic_write_json
 from rsavq.methods import HESSIAN, Method, method_for
-from rsavq.modules import decoder_blocks, require_linears, weight_matrix, weight_shape
+from rsavq.modules import require_linears, weight_matrix, weight_shape
 from rsavq.serialization import quantization_config, round_unquantized, save_quantized
 from rsavq.stats import distributed
 from rsavq.stats.artifact import FisherStats, config_hash
@@ -40,7 +39,6 @@ from rsavq.streaming import materialize, release
 logger = logging.getLogger(__name__)
 
 PARTIAL = ".partial"
-SHARED = "rsavq_codebooks"  # a decoder block's `SharedCodebooks` (codebook scope "block")
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,8 @@ def quantize_model(
         qconfig |= {"finetune": finetune} if finetune else {}
     with timed("save"):
         _save(model, out, qconfig, tokenizer, save_dtype)
-    write_report(out, records, tuned, distilled)
+    shape = tuple(calibration.shape) if calibration is not None else None
+    write_report(out, records, tuned, distilled, shape)
     store.remove()
     return records
 
@@ -174,67 +173,19 @@ def _quantize_batch(batch: dict, work: Work):
     results in the shared store), then every rank installs them all from the store."""
     rank, size = distributed.world()
     computed = {}
-    shared = _shared_books(batch, work)
     if size > 1:
         sizes = {name: math.prod(weight_shape(work.layers[name])) for name in batch}
         owners = distributed.assign_owners(sizes, size)
         for name in (n for n in batch if owners[n] == rank):
-            computed[name] = _layer(name, batch[name], work, shared.get(name))
+            computed[name] = _layer(name, batch[name], work)
         torch.distributed.barrier()
     for name, hessian in batch.items():
-        result, record = computed.get(name) or _layer(name, hessian, work, shared.get(name))
+        result, record = computed.get(name) or _layer(name, hessian, work)
         layer = materialize(work.layers[name])  # (a streamed layer read back from the store)
         result.install(work.model, name, layer)
         if work.model.get_submodule(name) is not layer:
             release(layer)  # a streamed FP layer's weights go once it is replaced
         yield result, record
-
-
-def _shared_books(batch: dict, work: Work) -> dict[str, SharedBooks]:
-    """Each layer's block codebooks (`codebook_scope` "block"; empty otherwise): fitted on all
-    the block's layers in `batch` once, kept as a store item (a resumed run reads them back).
-    Under torch.distributed rank 0 fits them and every rank reads them from the store. A layer
-    outside the decoder blocks keeps codebooks of its own."""
-    if getattr(work.config, "codebook_scope", None) != CodebookScope.BLOCK:
-        return {}
-    prefix, _ = decoder_blocks(work.model, work.layers)
-    blocks: dict[str, list[str]] = {}
-    for name in batch:
-        index = name.removeprefix(f"{prefix}.").split(".", 1)[0] if prefix else ""
-        if name.startswith(f"{prefix}.") and index.isdigit():
-            blocks.setdefault(f"{prefix}.{index}.{SHARED}", []).append(name)
-    out = {}
-    for source, names in blocks.items():
-        books = _block_books(source, names, batch, work)
-        out.update(dict.fromkeys(names, books))
-    return out
-
-
-def _block_books(source: str, names: list[str], batch: dict, work: Work) -> SharedBooks:
-    key, (rank, size) = f"codebooks-{source}", distributed.world()
-    if size > 1:
-        torch.distributed.barrier()  # every rank sees the same store below
-    fresh = not work.store.has(key)
-    if size > 1:
-        torch.distributed.barrier()
-    if fresh and rank == 0:
-        layers = [
-            (
-                weight_matrix(materialize(work.layers[n])),
-                work.stats.layer(n) if work.stats is not None else None,
-                work.config.for_layer(n),
-                batch[n],
-            )
-            for n in names
-        ]
-        books = fit_shared_codebooks(layers, source, work.config)
-        tensors = {f"b{b}": book for b, book in books.books.items()}
-        work.store.put(key, tensors, {"weights": json.dumps(books.weights)})
-    if fresh and size > 1:
-        torch.distributed.barrier()
-    tensors, meta = work.store.get(key)
-    weights = {int(b): n for b, n in json.loads(meta["weights"]).items()}
-    return SharedBooks(source, {int(k[1:]): v for k, v in tensors.items()}, weights)
 
 
 def _save(model, out: Path, qconfig, tokenizer, save_dtype) -> None:
@@ -377,9 +328,9 @@ def _open_store(out: Path, run: dict) -> Store:
     return store
 
 
-def _layer(name: str, hessian, work: Work, shared: SharedBooks | None = None):
+def _layer(name: str, hessian, work: Work):
     """One layer's result and report row: read back when the store has it, else computed and
-    stored (with `shared`: assigned against the block's codebooks)."""
+    stored."""
     layer, method, config, store = work.layers[name], work.method, work.config, work.store
     if store.has(name):
         tensors, meta = store.get(name)
@@ -388,11 +339,8 @@ def _layer(name: str, hessian, work: Work, shared: SharedBooks | None = None):
         return method.load(tensors, meta), LayerRecord(**data)
     start = time.perf_counter()
     fisher = work.stats.layer(name) if work.stats is not None else None
-    extra = {"shared": shared} if shared is not None else {}
     with timed("quantize"):
-        result, step = method.quantize(
-            config.for_layer(name), materialize(layer), fisher, hessian, **extra
-        )
+        result, step = method.quantize(config.for_layer(name), materialize(layer), fisher, hessian)
         W = weight_matrix(layer).detach().float().cpu()
         record = LayerRecord(
             name,
@@ -421,12 +369,18 @@ def summarize(records: list[LayerRecord]) -> dict:
 
 
 def write_report(
-    out: Path, records: list[LayerRecord], tuned: list[dict] = (), distilled: dict | None = None
+    out: Path,
+    records: list[LayerRecord],
+    tuned: list[dict] = (),
+    distilled: dict | None = None,
+    calibration: tuple[int, int] | None = None,
 ) -> None:
-    """`report.json` (with each fine-tuned block's relative MSE before and after, and the
-    distillation's losses), a readable `report.md` table, and `bits.png` (when matplotlib is
-    there)."""
+    """`report.json` (with the calibration windows' count and length, each fine-tuned block's
+    relative MSE before and after, and the distillation's losses), a readable `report.md`
+    table, and `bits.png` (when matplotlib is there)."""
     report = {"summary": summarize(records), "layers": [r.__dict__ for r in records]}
+    if calibration is not None:
+        report["calibration"] = {"windows": calibration[0], "seqlen": calibration[1]}
     if current() is not None:
         report["clock"] = current().to_dict()
     if tuned:

@@ -20,7 +20,7 @@ from torch import nn
 from rsavq.config import FORMAT_VERSION, QUANT_METHOD, READABLE_FORMAT_VERSIONS, LayerSpec
 from rsavq.errors import UsageError
 from rsavq.io import atomic_write, atomic_write_json
-from rsavq.nn import SharedCodebooks, VQLinear
+from rsavq.nn import VQLinear
 
 logger = logging.getLogger(__name__)
 
@@ -41,24 +41,6 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
-def shared_codebooks(model: nn.Module, spec: LayerSpec, device=None) -> SharedCodebooks:
-    """The `SharedCodebooks` module `spec.codebook_source` names, made (empty) where missing,
-    with a codebook for each of the spec's widths."""
-    try:
-        holder = model.get_submodule(spec.codebook_source)
-    except AttributeError:
-        holder = SharedCodebooks(spec.codebook_dtype)
-        set_module(model, spec.codebook_source, holder)
-    if not isinstance(holder, SharedCodebooks) or holder.dtype != spec.codebook_dtype:
-        raise UsageError(
-            f"{spec.codebook_source} is not a {spec.codebook_dtype} codebook module; the "
-            "checkpoint's layer specs disagree: requantize"
-        )
-    for g, bits in enumerate(spec.group_bits):
-        holder.add(bits, spec.codebook_shape(g), device)
-    return holder
-
-
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict without tied duplicates (the first name of a shared tensor is kept)."""
     seen, state = set(), {}
@@ -77,7 +59,7 @@ def unquantized_names(model: nn.Module, state: dict[str, torch.Tensor]) -> list[
     quantized = {
         f"{name}.{buffer}"
         for name, module in model.named_modules()
-        if isinstance(module, VQLinear | SharedCodebooks)
+        if isinstance(module, VQLinear)
         for buffer, value in module.named_buffers(recurse=False)
         if value is not None
     }
@@ -145,15 +127,11 @@ def check_format_version(version, where: str) -> None:
 
 def replace_linears(model: nn.Module, layers: dict[str, dict]) -> None:
     """Swap every listed linear for an empty `VQLinear` built from its spec, on the linear's
-    device (meta when the model is being built empty); layers reading shared codebooks are tied
-    to their (empty) `SharedCodebooks`."""
+    device (meta when the model is being built empty)."""
     for name, data in layers.items():
         spec = LayerSpec.from_dict(data)
         device = model.get_submodule(name).weight.device
-        module = VQLinear(spec, device=device)
-        if spec.codebook_source:
-            module.tie(shared_codebooks(model, spec, device))
-        set_module(model, name, module)
+        set_module(model, name, VQLinear(spec, device=device))
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype=None):

@@ -39,3 +39,15 @@ def test_summary_sorts_by_width_and_gives_what_a_user_gets():
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert [r[0] for r in rows] == ["2", "3"]
     assert rows[1] == ["3", "abc", "3.150", "29.50", "5.1 min", "4.2 GiB", "94.4 MiB"]
+
+
+def test_rates_use_the_window_counts_a_run_recorded():
+    cost = load_cost()
+    recorded = {**run(3, [("fisher", 320), ("distill", 256)]),
+                "windows": {"calibration": 64, "distill": 128}}  # fmt: skip
+    older = run(3, [("fisher", 640), ("distill", 512)])  # (128 and 256 then)
+    work = cost.work(recorded)
+    assert work["fisher"] == 64 and work["distill"] == 128 and work["teacher"] == 132
+    assert cost.work(older)["fisher"] == 128
+    rates = cost.rates({"runs": {"a": recorded, "b": older}}).splitlines()
+    assert "| fisher | s / window | 5.00 | 5.00 |" in rates

@@ -14,14 +14,14 @@ from rsavq.serialization import load_quantized
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(scope="module", params=["fisher-only", "default", "shared-int8"])
+@pytest.fixture(scope="module", params=["fisher-only", "default", "int8"])
 def checkpoint(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("hf") / "q"
     if request.param == "default":  # row scales, codebooks per block of columns
         config = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2)
-    elif request.param == "shared-int8":  # int8 codebooks shared by each decoder block
+    elif request.param == "int8":  # int8 codebooks
         config = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2,
-                        codebook_scope="block", codebook_dtype="int8")  # fmt: skip
+                        codebook_dtype="int8")  # fmt: skip
     else:
         config = plain_config(bits=2, groups=2, lam=0, uniform_bits=True, kmeans_iters=2)
     windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))

@@ -4,16 +4,12 @@ sensitivity -> sorted groups with bits (exact budget) -> blocks of columns shari
 -> EDSG target `T = W - lambda * ng` -> per-row scales -> per block: Hessian-weighted k-means on
 the columns as the error feedback left them, then OBS assignment vector by vector (GPTVQ-style)
 -> codebooks and scales refit to the Hessian objective -> packed codes.
-
-With `codebook_scope` "block" the codebooks are not fitted per layer: `fit_shared_codebooks`
-fits one per width on all the linears of a decoder block (each weighted as its own OBS pass
-would weight it), and every layer assigns its codes against those.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -31,40 +27,18 @@ from rsavq.clock import timed
 from rsavq.config import (
     ChannelAxis,
     ChannelOrder,
-    CodebookScope,
     Compensation,
     EdsgSign,
     LambdaMode,
     LayerSpec,
     Metric,
     RSAVQConfig,
-    default_vector_length,
 )
 from rsavq.errors import UsageError
 from rsavq.nn.codebooks import codebook_bits, encode_codebook, round_codebook
 from rsavq.packing import pack, packed_words
 
 SCALE_BITS = 16  # fp16 row scales
-
-
-@dataclass
-class SharedBooks:
-    """One decoder block's codebooks (`codebook_scope` "block"): per width, the codebook (fp16
-    values, as decoded) and how many weights of the block use it."""
-
-    source: str  # the `SharedCodebooks` module's name
-    books: dict[int, torch.Tensor]  # bits -> [P, K, d] fp16
-    weights: dict[int, int]
-
-    def share(self, spec: LayerSpec) -> float:
-        """Bits of the shared codebooks charged to a layer: each codebook's in proportion to
-        the weights of the layer that use it."""
-        return sum(
-            codebook_bits(tuple(self.books[b].shape), spec.codebook_dtype)
-            * math.prod(spec.block_shape(g))
-            / self.weights[b]
-            for g, b in enumerate(spec.group_bits)
-        )
 
 
 @dataclass
@@ -77,18 +51,14 @@ class QuantizedLayer:
     codebooks: list[torch.Tensor]  # per group [P, K_g, sub_dim] fp16, as decoded
     bias: torch.Tensor | None = None
     scales: torch.Tensor | None = None  # [out_features] fp16 when spec.row_scales
-    shared_bits: float = 0.0  # this layer's share of shared codebooks (`SharedBooks.share`)
 
     def stored_codebook(self, g: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Group g's codebook as stored (fp16, or int8 and its scales)."""
         return encode_codebook(self.codebooks[g], self.spec.codebook_dtype)
 
     def stored_bits(self) -> float:
-        """Bits of every stored quantization tensor, counted from the tensors themselves (and
-        the layer's share of shared codebooks)."""
-        return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values()) + (
-            self.shared_bits
-        )
+        """Bits of every stored quantization tensor, counted from the tensors themselves."""
+        return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values())
 
     def dequantize(self) -> torch.Tensor:
         from rsavq.kernels import dequantize
@@ -96,21 +66,20 @@ class QuantizedLayer:
         W = dequantize(self.codes, self.codebooks, self.perm, self.spec)
         return W if self.scales is None else W * self.scales.float()[:, None]
 
-    def module(self, source=None):
-        """The layer as a `VQLinear` (reading shared codebooks from `source`)."""
+    def module(self):
+        """The layer as a `VQLinear`."""
         from rsavq.nn import VQLinear
 
-        return VQLinear.from_quantized(self, source)
+        return VQLinear.from_quantized(self)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The checkpoint's tensors of the layer (shared codebooks are the block's)."""
+        """The checkpoint's tensors of the layer."""
         out = {"perm": self.perm}
         for g, c in enumerate(self.codes):
             out[f"codes_{g}"] = c
-            if not self.spec.codebook_source:
-                out[f"codebooks_{g}"], scale = self.stored_codebook(g)
-                if scale is not None:
-                    out[f"codebook_scales_{g}"] = scale
+            out[f"codebooks_{g}"], scale = self.stored_codebook(g)
+            if scale is not None:
+                out[f"codebook_scales_{g}"] = scale
         if self.scales is not None:
             out["scales"] = self.scales
         return out
@@ -123,8 +92,7 @@ def layer_bits(spec: LayerSpec) -> int:
     for g in range(len(spec.group_bits)):
         rows = spec.block_shape(g)[0]
         total += rows * packed_words(spec.codes_per_row(g), spec.code_bits(g)) * 32
-        if not spec.codebook_source:
-            total += codebook_bits(spec.codebook_shape(g), spec.codebook_dtype)
+        total += codebook_bits(spec.codebook_shape(g), spec.codebook_dtype)
     return total + (spec.out_features * SCALE_BITS if spec.row_scales else 0)
 
 
@@ -147,10 +115,8 @@ def make_plan(
     config: RSAVQConfig,
     bias: bool = False,
     hessian: torch.Tensor | None = None,
-    source: str = "",
 ) -> tuple[LayerSpec, torch.Tensor]:
-    """WCSG: the layer's spec (groups, bits, blocks) and permutation, within the budget
-    (`source`: the shared codebooks' module, when the layer reads those)."""
+    """WCSG: the layer's spec (groups, bits, blocks) and permutation, within the budget."""
     axis = ChannelAxis(config.channel_axis)
     m, n = W.shape
     channels = n if axis == ChannelAxis.INPUT else m
@@ -168,7 +134,6 @@ def make_plan(
             bias,
             config.row_scales,
             config.codebook_dtype.value,
-            source,
         )
 
     def cost(sizes, bits) -> float:
@@ -212,9 +177,7 @@ def split_blocks(sizes, bits, rows: int, config: RSAVQConfig) -> tuple[list[int]
     only a group's last block pads its rows)."""
     out_sizes, out_bits = [], []
     for size, b in zip(sizes, bits, strict=True):
-        if config.codebook_scope == CodebookScope.BLOCK:
-            parts = [size]  # (the block's codebooks cost this layer nothing to cut further)
-        elif config.block_size:
+        if config.block_size:
             parts = [min(config.block_size, size - s) for s in range(0, size, config.block_size)]
         else:
             blocks = _auto_blocks(size, rows, b, config)
@@ -288,20 +251,16 @@ def _weighted_points(T_block, w_block, spec: LayerSpec) -> tuple[torch.Tensor, t
     return points, _as_points(w_block, spec) * _as_points(torch.ones_like(T_block), spec)
 
 
-def _kmeans_books(points, weights, K: int, config: RSAVQConfig, generator) -> torch.Tensor:
+def fit_codebooks(T_block, w_block, spec: LayerSpec, g: int, config: RSAVQConfig, generator):
     """Weighted k-means per sub-vector position: codebooks `[P, K, d]` as stored and decoded
     (fp16 values)."""
+    points, weights = _weighted_points(T_block, w_block, spec)
+    K = 2 ** spec.code_bits(g)
     books = [
         kmeans(p, w, K, config.kmeans_iters, config.kmeans_tol, generator).centroids
         for p, w in zip(points, weights, strict=True)
     ]
     return round_codebook(torch.stack(books), config.codebook_dtype.value)
-
-
-def fit_codebooks(T_block, w_block, spec: LayerSpec, g: int, config: RSAVQConfig, generator):
-    """Weighted k-means per sub-vector position: codebooks `[P, K, d]` (fp16 values)."""
-    points, weights = _weighted_points(T_block, w_block, spec)
-    return _kmeans_books(points, weights, 2 ** spec.code_bits(g), config, generator)
 
 
 def assign_codes(T_block, w_block, codebooks: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
@@ -313,15 +272,13 @@ def assign_codes(T_block, w_block, codebooks: torch.Tensor, spec: LayerSpec) -> 
     return torch.stack([c.view(rows, -1) for c in codes], dim=2)
 
 
-def quantize_compensated(
-    T, weights, U, spec: LayerSpec, perm, config: RSAVQConfig, generator, given=None
-):
+def quantize_compensated(T, weights, U, spec: LayerSpec, perm, config: RSAVQConfig, generator):
     """Groups (blocks) in permuted order, sub-vector by sub-vector, with OBS error feedback
     (`algorithms.obs`), as GPTVQ does.
 
-    A group's codebooks are fitted when the group is reached (unless `given`, one per group),
-    on its columns with every earlier error already absorbed, by k-means with `weights` (the
-    metric times each column's OBS importance, `obs_weights`); then each sub-vector `J` takes
+    A group's codebooks are fitted when the group is reached, on its columns with every earlier
+    error already absorbed, by k-means with `weights` (the metric times each column's OBS
+    importance, `obs_weights`); then each sub-vector `J` takes
     the codeword that minimizes the OBS error `||(w_J - c) U_JJ^-1||^2`, and the later columns
     absorb it (`U`: the upper Cholesky factor of the damped `H^-1`, in permuted order). Returns
     per group `(codebooks [P, K, d] fp16, codes [rows, n_vec, P] int64)`.
@@ -337,9 +294,6 @@ def quantize_compensated(
     ]
 
     def prepare(g, block):
-        if given is not None:
-            books.append(given[g])
-            return
         w = weights[:, edges[g] : edges[g + 1]]
         books.append(fit_codebooks(block, w / w.mean(), spec, g, config, generator))
 
@@ -389,13 +343,12 @@ def prepare_layer(
     config: RSAVQConfig,
     bias: bool = False,
     hessian: torch.Tensor | None = None,
-    source: str = "",
 ) -> Prepared:
     """WCSG plan, EDSG target, row scales and k-means weights of one layer."""
     if config.refit and hessian is None:
         raise UsageError("refit needs input Hessians (X^T X) from calibration")
     W = W.detach().float().cpu()
-    spec, perm = make_plan(W, stats, config, bias, hessian, source)
+    spec, perm = make_plan(W, stats, config, bias, hessian)
     T, step = edsg_target(W, stats, config)
     scales = row_scales(T) if config.row_scales else None
     T_unit = T if scales is None else T / scales.float()[:, None]
@@ -415,95 +368,30 @@ def prepare_layer(
     return Prepared(spec, order, T, T_unit, scales, weights, step, U)
 
 
-def fit_shared_codebooks(layers: list[tuple], source: str, config: RSAVQConfig) -> SharedBooks:
-    """One codebook per width for `layers` (each `(W, stats, layer config, hessian)`: a decoder
-    block's linears), by weighted k-means on all their groups at that width at once: each
-    layer's EDSG target in unit-RMS rows, weighted as its own OBS pass weights its columns
-    (normalized per group, so every layer counts by its size)."""
-    points: dict[int, list] = {}
-    counts: dict[int, int] = {}
-    spec = None
-    for W, stats, layer_config, hessian in layers:
-        prep = prepare_layer(W, stats, layer_config, False, hessian, source)
-        spec, perm = prep.spec, prep.perm
-        blocks, weights = _blocks(prep.T_unit, spec, perm), _blocks(prep.weights, spec, perm)
-        for b, t, w in zip(spec.group_bits, blocks, weights, strict=True):
-            points.setdefault(b, []).append(_weighted_points(t, w / w.mean(), spec))
-            counts[b] = counts.get(b, 0) + t.numel()
-    if spec is None:
-        raise ValueError("no layers to fit shared codebooks on")
-    generator = torch.Generator().manual_seed(config.seed)
-    books = {}
-    for b, parts in sorted(points.items()):
-        X = torch.cat([p for p, _ in parts], dim=1)
-        w = torch.cat([w for _, w in parts], dim=1)
-        books[b] = _kmeans_books(X, w, 2 ** (b * config.sub_dim), config, generator)
-    return SharedBooks(source, books, counts)
-
-
 def quantize_layer(
     W: torch.Tensor,
     stats: LayerFisher | None,
     config: RSAVQConfig,
     bias: torch.Tensor | None = None,
     hessian: torch.Tensor | None = None,
-    shared: SharedBooks | None = None,
 ) -> tuple[QuantizedLayer, float]:
     """Quantize `W` `[m, n]`; returns the layer and the EDSG step's relative norm.
 
     `hessian` (`X^T X`, `[n, n]`) is needed for compensation 'hessian', refit and the Hessian
-    channel order. With `shared` the codes are assigned against those codebooks; with a
-    `codebook_fallback` too, the layer keeps codebooks of its own where those give a far lower
-    output error (`_fallback`).
+    channel order.
     """
-    layer, step = _quantize_layer(W, stats, config, bias, hessian, shared)
-    if shared is not None and config.codebook_fallback:
-        layer = _fallback(layer, W, stats, config, bias, hessian)
-    return layer, step
-
-
-def _fallback(layer: QuantizedLayer, W, stats, config: RSAVQConfig, bias, hessian):
-    """The layer quantized with codebooks of its own (at the width's default vector length, as
-    the default would) if its output error `tr((W - Q) H (W - Q)^T)` beats the shared one's
-    `codebook_fallback` times over. It is still charged its share of the block's codebooks
-    (they were fitted on it too), so the model's bits stay exact."""
-    own_config = replace(
-        config, codebook_scope=CodebookScope.LAYER, codebook_fallback=0.0,
-        vector_length=default_vector_length(config.bits),
-    )  # fmt: skip
-    own, _ = _quantize_layer(W, stats, own_config, bias, hessian, None)
-    W = W.detach().float().cpu()
-    if output_error(W, own.dequantize(), hessian) * config.codebook_fallback >= output_error(
-        W, layer.dequantize(), hessian
-    ):
-        return layer
-    own.shared_bits = layer.shared_bits
-    return own
-
-
-def output_error(W: torch.Tensor, Q: torch.Tensor, hessian: torch.Tensor | None) -> float:
-    """`tr((W - Q) H (W - Q)^T)` (the squared Frobenius error without `H`)."""
-    E = (W - Q).double()
-    if hessian is None:
-        return E.square().sum().item()
-    return torch.einsum("ij,jk,ik->", E, hessian.double(), E).item()
-
-
-def _quantize_layer(W, stats, config: RSAVQConfig, bias, hessian, shared):
-    source = shared.source if shared is not None else ""
-    prep = prepare_layer(W, stats, config, bias is not None, hessian, source)
+    prep = prepare_layer(W, stats, config, bias is not None, hessian)
     spec, perm, scales = prep.spec, prep.perm, prep.scales
-    given = [shared.books[b] for b in spec.group_bits] if shared is not None else None
     generator = torch.Generator().manual_seed(config.seed)
     if config.compensation == Compensation.NONE:
         blocks, weights = _blocks(prep.T_unit, spec, perm), _blocks(prep.weights, spec, perm)
         groups = [
-            _quantize_block(t, w, spec, g, config, generator, given)
+            _quantize_block(t, w, spec, g, config, generator)
             for g, (t, w) in enumerate(zip(blocks, weights, strict=True))
         ]
     else:
         groups = quantize_compensated(
-            prep.T_unit, prep.weights, prep.U, spec, perm, config, generator, given
+            prep.T_unit, prep.weights, prep.U, spec, perm, config, generator
         )
     books, codes = [b for b, _ in groups], [c for _, c in groups]
     if config.refit:
@@ -518,13 +406,10 @@ def _quantize_layer(W, stats, config: RSAVQConfig, bias, hessian, shared):
         books,
         None if bias is None else bias.detach(),
         scales,
-        shared.share(spec) if shared is not None else 0.0,
     )
     return layer, prep.step
 
 
-def _quantize_block(T_block, w_block, spec: LayerSpec, g: int, config, generator, given=None):
-    if given is not None:
-        return given[g], assign_codes(T_block, w_block, given[g], spec)
+def _quantize_block(T_block, w_block, spec: LayerSpec, g: int, config, generator):
     codebooks = fit_codebooks(T_block, w_block, spec, g, config, generator)
     return codebooks, assign_codes(T_block, w_block, codebooks, spec)

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from rsavq.cli.common import add_model_args, add_stream_arg, positive_int
+from rsavq.config import CALIBRATION_WINDOWS
 from rsavq.runtime import resolve_device, resolve_dtype
-from rsavq.stats.run import CalibrationSpec
 
 
 def add_parser(sub) -> None:
@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_stream_arg(p)
     p.add_argument("--calib", default="c4", help="calibration source (default c4)")
-    p.add_argument("--nsamples", type=positive_int, default=CalibrationSpec.nsamples)
+    p.add_argument("--nsamples", type=positive_int, default=CALIBRATION_WINDOWS)
     p.add_argument("--seqlen", type=positive_int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="stats directory to write (or resume)")

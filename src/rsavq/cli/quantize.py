@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rsavq.cli.common import add_model_args, add_stream_arg, non_negative_int, positive_int
 from rsavq.clock import StageClock, format_clock, timed, using
-from rsavq.distill import DEFAULT_WINDOWS
+from rsavq.config import CALIBRATION_WINDOWS, DISTILL_WINDOWS, default_windows
 from rsavq.errors import UsageError
 from rsavq.runtime import resolve_device, resolve_dtype
 
@@ -23,7 +23,6 @@ def add_parser(sub) -> None:
         ChannelAxis,
         ChannelOrder,
         CodebookDtype,
-        CodebookScope,
         Compensation,
         EdsgSign,
         LambdaMode,
@@ -73,7 +72,13 @@ def add_parser(sub) -> None:
     b.add_argument("--eval-seqlen", type=positive_int, default=2048)
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", default=Calibration.source, help="c4 (default), wikitext2, a file")
-    c.add_argument("--nsamples", type=positive_int, default=Calibration.nsamples)
+    c.add_argument(
+        "--nsamples",
+        type=positive_int,
+        default=None,
+        help=f"calibration windows (default {CALIBRATION_WINDOWS}, {2 * CALIBRATION_WINDOWS} "
+        "below 2.5 bits)",
+    )
     c.add_argument("--seqlen", type=positive_int, default=Calibration.seqlen)
     c.add_argument("--seed", type=int, default=Calibration.seed)
     c.add_argument("--text-field", default="text", help="the text field of .jsonl/.parquet files")
@@ -143,23 +148,10 @@ def add_parser(sub) -> None:
         help="with --block-size 0: codebook bits per weight to aim at (0: one codebook per group)",
     )
     g.add_argument(
-        "--codebook-scope",
-        choices=[e.value for e in CodebookScope],
-        default=None,
-        help="block: the linears of each decoder block share one codebook per width (refit off)",
-    )
-    g.add_argument(
         "--codebook-dtype",
         choices=[e.value for e in CodebookDtype],
         default=None,
         help="int8: codebooks stored as int8 with an fp16 scale per sub-vector position",
-    )
-    g.add_argument(
-        "--codebook-fallback",
-        type=float,
-        default=None,
-        help="with --codebook-scope block: a layer whose output error with the block's codebooks "
-        "exceeds this many times its error with codebooks of its own keeps its own (0: never)",
     )
     _flag(g, "row-scales", "an fp16 scale per output row")
     _flag(g, "refit", "refit codebooks and scales to the Hessian objective after assignment")
@@ -224,8 +216,9 @@ def add_parser(sub) -> None:
         type=non_negative_int,
         default=None,
         help="e2e stage: distill on this many C4 windows of --seqlen drawn like the "
-        f"calibration's (default {DEFAULT_WINDOWS}, or the calibration's own when --nsamples is "
-        "larger or the text too short; 0: the calibration's windows; BENCHMARKS.md)",
+        f"calibration's (default {DISTILL_WINDOWS}, {2 * DISTILL_WINDOWS} below 2.5 bits, or the "
+        "calibration's own when --nsamples is larger or the text too short; 0: the "
+        "calibration's windows; BENCHMARKS.md)",
     )
     p.set_defaults(func=_cmd_quantize)
 
@@ -238,8 +231,7 @@ def _flag(group, name: str, text: str) -> None:
 
 OVERRIDES = (
     "lam", "lambda_mode", "edsg_sign", "groups", "uniform_bits", "vector_length", "sub_vectors",
-    "block_size", "codebook_overhead", "codebook_scope", "codebook_dtype", "codebook_fallback",
-    "row_scales", "refit",
+    "block_size", "codebook_overhead", "codebook_dtype", "row_scales", "refit",
     "compensation", "order", "metric", "allocation", "channel_axis", "kmeans_iters", "kmeans_tol",
     "damping", "sequential", "true_sequential", "group_size", "act_order",
 )  # fmt: skip
@@ -289,14 +281,14 @@ def _tuning(args: argparse.Namespace, config):
     if e2e is not None:
         e2e = Distillation(
             epochs=args.distill_epochs, lr=args.distill_lr, tokens=args.distill_tokens,
-            seed=args.seed, bf16=bf16, windows=_windows(args.distill_windows),
+            seed=args.seed, bf16=bf16, windows=_windows(args.distill_windows, e2e.windows),
         )  # fmt: skip
     return block, e2e
 
 
-def _windows(count: int | None) -> int | None:
-    """`--distill-windows`: unset is the default count, 0 the calibration's own windows."""
-    return DEFAULT_WINDOWS if count is None else count or None
+def _windows(count: int | None, default: int | None) -> int | None:
+    """`--distill-windows`: unset is the default's count, 0 the calibration's own windows."""
+    return default if count is None else count or None
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -308,6 +300,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from rsavq.stats import distributed
 
     config = _config_from_args(args)
+    args.nsamples = args.nsamples or default_windows(config.bits)[0]
     tuning = _tuning(args, config)
     check_output_dir(Path(args.out))
     resolve_model(args.model)

@@ -1,10 +1,8 @@
-"""Stored codebooks: fp16 or int8 (with an fp16 scale per sub-vector position), and the
-`SharedCodebooks` module that holds one decoder block's codebooks for all its linears."""
+"""Stored codebooks: fp16 or int8 (with an fp16 scale per sub-vector position)."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from rsavq.config import CodebookDtype
 
@@ -71,54 +69,3 @@ def codebook_bits(shape: tuple[int, ...], dtype: str) -> int:
     if CodebookDtype(dtype) == CodebookDtype.INT8:
         return P * K * d * 8 + P * 16
     return P * K * d * 16
-
-
-class SharedCodebooks(nn.Module):
-    """One decoder block's codebooks, one per code width: buffers `codebooks_b{bits}` `[P, K, d]`
-    (+ `codebook_scales_b{bits}` `[P]` when int8). Every `VQLinear` whose spec names this
-    module in `codebook_source` decodes its groups of `b` bits with `codebook(b)`."""
-
-    def __init__(self, dtype: str = CodebookDtype.FLOAT16.value):
-        super().__init__()
-        self.dtype = CodebookDtype(dtype).value
-
-    def names(self, bits: int) -> tuple[str, str]:
-        return f"codebooks_b{bits}", f"codebook_scales_b{bits}"
-
-    def add(self, bits: int, shape: tuple[int, int, int], device=None) -> None:
-        """An empty codebook of `bits` and `shape` (nothing when there is one)."""
-        book, scale = self.names(bits)
-        if hasattr(self, book):
-            return
-        dtype = stored_dtype(self.dtype)
-        self.register_buffer(book, torch.empty(shape, dtype=dtype, device=device))
-        if self.dtype == CodebookDtype.INT8.value:
-            self.register_buffer(scale, torch.empty(shape[0], dtype=torch.float16, device=device))
-
-    def stored(self, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        book, scale = self.names(bits)
-        return getattr(self, book), getattr(self, scale, None)
-
-    def codebook(self, bits: int) -> torch.Tensor:
-        return decode_codebook(*self.stored(bits))
-
-    def set(self, bits: int, book: torch.Tensor) -> None:
-        """Store `book` (float) as the codebook of `bits`, in this module's dtype."""
-        store_codebook(book, self.dtype, *self.stored(bits))
-
-    def widths(self) -> list[int]:
-        return sorted(int(n.removeprefix("codebooks_b")) for n, _ in self.named_buffers()
-                      if n.startswith("codebooks_b"))  # fmt: skip
-
-    def _apply(self, fn, recurse=True):
-        """Keep the stored dtypes (int8 or fp16) when the model moves or changes dtype."""
-        kept = {n: self._buffers.pop(n) for n in list(self._buffers)}
-        super()._apply(fn, recurse)
-        here = next(iter(kept.values())).device if kept else None
-        device = fn(torch.empty(0, dtype=torch.float16, device=here)).device
-        for name, tensor in kept.items():
-            self._buffers[name] = tensor.to(device)
-        return self
-
-    def extra_repr(self) -> str:
-        return f"widths={self.widths()}, dtype={self.dtype}"

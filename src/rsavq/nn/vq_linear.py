@@ -14,7 +14,7 @@ from rsavq.config import LayerSpec
 from rsavq.errors import UsageError
 from rsavq.kernels import Backend, reference
 from rsavq.kernels import vq_linear as vq_linear_kernel
-from rsavq.nn.codebooks import SharedCodebooks, decode_codebook, store_codebook, stored_dtype
+from rsavq.nn.codebooks import decode_codebook, store_codebook, stored_dtype
 from rsavq.packing import packed_words
 
 
@@ -23,8 +23,7 @@ class VQLinear(nn.Module):
     `codebook_scales_{g}` with int8 codebooks).
 
     Built empty from a `LayerSpec` alone (so checkpoints load onto the meta device), then filled
-    with `load_state_dict` or `from_quantized`. A layer whose spec names a `codebook_source`
-    holds no codebooks: `tie` points it at that `SharedCodebooks` module.
+    with `load_state_dict` or `from_quantized`.
     """
 
     def __init__(self, spec: LayerSpec, device=None, dtype=torch.float32):
@@ -41,15 +40,12 @@ class VQLinear(nn.Module):
             self.register_buffer(
                 f"codes_{g}", torch.empty(rows, words, dtype=torch.int32, device=device)
             )
-            if spec.codebook_source:
-                continue
             stored = stored_dtype(spec.codebook_dtype)
             book = torch.empty(spec.codebook_shape(g), dtype=stored, device=device)
             self.register_buffer(f"codebooks_{g}", book)
             if stored == torch.int8:
                 scale = torch.empty(spec.sub_vectors, dtype=torch.float16, device=device)
                 self.register_buffer(f"codebook_scales_{g}", scale)
-        self._source: list[SharedCodebooks] = []  # (a list: not a submodule of this layer)
         self._inputs: tuple[list, list] | None = None  # codes and decoded codebooks, kept
         self._kernel_state: dict = {}  # what the kernels derived from the buffers, kept
         scales = torch.empty(spec.out_features, dtype=torch.float16, device=device)
@@ -63,29 +59,18 @@ class VQLinear(nn.Module):
         )
 
     @classmethod
-    def from_quantized(cls, layer, source: SharedCodebooks | None = None) -> VQLinear:
-        """From an `rsavq.algorithms.rsavq.QuantizedLayer` (reading shared codebooks from
-        `source`)."""
+    def from_quantized(cls, layer) -> VQLinear:
+        """From an `rsavq.algorithms.rsavq.QuantizedLayer`."""
         module = cls(layer.spec, dtype=layer.bias.dtype if layer.bias is not None else None)
         state = layer.tensors()
         if layer.bias is not None:
             state["bias"] = layer.bias
         module.load_state_dict(state)
-        if source is not None:
-            module.tie(source)
         return module
-
-    def tie(self, source: SharedCodebooks) -> None:
-        """Read the codebooks from `source` (the module the spec's `codebook_source` names)."""
-        missing = set(self.spec.group_bits) - set(source.widths())
-        if missing:
-            raise ValueError(f"shared codebooks lack widths {sorted(missing)}")
-        self._source[:] = [source]
-        self.refresh()
 
     def refresh(self) -> None:
         """Forget what was derived from the buffers (the decoded codebooks, the kernels' own
-        layouts). Done by `load_state_dict`, `.to()`, `set_codebook`, `tie` and assigning a
+        layouts). Done by `load_state_dict`, `.to()`, `set_codebook` and assigning a
         buffer; call it after editing a buffer in place."""
         self._inputs = None
         self._kernel_state.clear()
@@ -100,20 +85,7 @@ class VQLinear(nn.Module):
         self.refresh()
 
     def _stored_codebook(self, g: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.spec.codebook_source:
-            return getattr(self, f"codebooks_{g}"), getattr(self, f"codebook_scales_{g}", None)
-        if not self._source:
-            raise RuntimeError(
-                f"this layer reads shared codebooks from {self.spec.codebook_source}, not tied "
-                "yet; load the checkpoint with rsavq.load_quantized or transformers"
-            )
-        return self._source[0].stored(self.spec.group_bits[g])
-
-    def codebook_key(self, g: int) -> tuple[int, int]:
-        """Identifies the stored codebook group g reads (equal for layers sharing one)."""
-        if self.spec.codebook_source:
-            return id(self._source[0]), self.spec.group_bits[g]
-        return id(self), g
+        return getattr(self, f"codebooks_{g}"), getattr(self, f"codebook_scales_{g}", None)
 
     def set_codebook(self, g: int, book: torch.Tensor) -> None:
         """Store `book` (float `[P, K, d]`) as group g's codebook, in the spec's dtype."""
@@ -131,9 +103,8 @@ class VQLinear(nn.Module):
         return self._kernel_inputs()[1]
 
     def _kernel_inputs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Codes and decoded codebooks, kept until `refresh` (read afresh on every call for a
-        layer on shared codebooks: another layer may change them)."""
-        if self._inputs is None or self.spec.codebook_source:
+        """Codes and decoded codebooks, kept until `refresh`."""
+        if self._inputs is None:
             groups = range(len(self.spec.group_bits))
             codes = [getattr(self, f"codes_{g}") for g in groups]
             books = [decode_codebook(*self._stored_codebook(g)) for g in groups]
@@ -146,11 +117,10 @@ class VQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, books = self._kernel_inputs()
-        # a layer reading shared codebooks cannot tell when another layer changes them
-        cache = None if self.spec.codebook_source else self._kernel_state
         return vq_linear_kernel(
-            x, codes, books, self.perm, self.spec, self.bias, self.backend, self.scales, cache
-        )
+            x, codes, books, self.perm, self.spec, self.bias, self.backend, self.scales,
+            self._kernel_state,
+        )  # fmt: skip
 
     def _apply(self, fn, recurse=True):
         """Move codebooks and scales with the module but keep their stored dtypes

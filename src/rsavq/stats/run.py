@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rsavq.config import CALIBRATION_WINDOWS
 from rsavq.data import Corpus, calibration_windows
 from rsavq.errors import UsageError
 from rsavq.io import atomic_write_json
@@ -38,7 +39,7 @@ class CalibrationSpec:
     """Where calibration windows come from; recorded in the manifest."""
 
     source: str = "c4"
-    nsamples: int = 64  # the default of every command that calibrates (BENCHMARKS.md, Cost)
+    nsamples: int = CALIBRATION_WINDOWS
     seqlen: int = 512
     seed: int = 0
 
