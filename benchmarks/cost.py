@@ -68,8 +68,9 @@ def run_width(bits: int, threads: int, extra: list[str], windows: int, keep: Pat
         "bits_per_weight": report["summary"]["bits_per_weight"],
         "layers": len(report["layers"]),
         "windows": {
+            "fisher": report.get("calibration", {}).get("fisher_windows"),
             "calibration": report.get("calibration", {}).get("windows")
-            or _option(extra, "--nsamples", default_windows(bits)[0]),
+            or _option(extra, "--nsamples", default_windows(bits).calibration),
             "distill": (report.get("distill") or {}).get("windows"),
         },
         "checkpoint_mib": size / 2**20,
@@ -115,16 +116,17 @@ def summary(results: dict) -> str:
 
 
 def work(row: dict) -> dict[str, float]:
-    """The units each stage's time grows with: calibration windows (Fisher, calibration passes,
-    block fine-tuning), teacher windows (the distillation's and 4 held-out), distillation
-    windows, and layers (quantize, refit). Rows record their window counts; older rows ran
-    128 and 256 unless their options said otherwise."""
+    """The units each stage's time grows with: Fisher windows, calibration windows (calibration
+    passes, block fine-tuning), teacher windows (the distillation's and 4 held-out), distillation
+    windows, and layers (quantize, refit). Rows record their window counts (Fisher the
+    calibration's when not recorded); older rows ran 128 and 256 unless their options said
+    otherwise."""
     options = row.get("extra", "").split()
     counted = row.get("windows", {})
     calib = counted.get("calibration") or _option(options, "--nsamples", 128)
     distill = counted.get("distill") or _option(options, "--distill-windows", 256)
-    layers = row.get("layers", 210)
-    return {"fisher": calib, "teacher": distill + 4, "hessians": calib, "quantize": layers,
+    fisher, layers = counted.get("fisher") or calib, row.get("layers", 210)
+    return {"fisher": fisher, "teacher": distill + 4, "hessians": calib, "quantize": layers,
             "refit": layers, "finetune": calib, "distill": distill}  # fmt: skip
 
 

@@ -57,7 +57,16 @@ logger = logging.getLogger("quality")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande")
 ROW_FILE = "row.json"  # beside a kept checkpoint: its bits, times and errors
-SECTIONS = ("main", "buildup", "rsavq", "vector", "codebooks", "compensation", "finetune")
+SECTIONS = (
+    "main",
+    "buildup",
+    "rsavq",
+    "vector",
+    "codebooks",
+    "options",
+    "compensation",
+    "finetune",
+)
 
 
 @dataclass(frozen=True)
@@ -186,6 +195,28 @@ def codebook_rows(bits: int) -> list[Row]:
     return [Row("codebooks", label, bits, preset("default", bits, **o)) for label, o in settings]
 
 
+def option_rows(bits: int) -> list[Row]:
+    """Method options beside the default they change, without fine-tuning (issue "One
+    product", item 5): the metric k-means weights by, the Hessian of the OBS error feedback,
+    and the bit-allocation rule with 4 WCSG groups (with the default's one group every channel
+    gets the same width)."""
+
+    def default(label: str, **o) -> Row:
+        return Row("options", label, bits, preset("default", bits, **o))
+
+    return [
+        default("default, no fine-tuning"),
+        default("default, F_I as the OBS Hessian", compensation="fisher"),
+        default("default, Fisher-diagonal metric", metric="fisher_diag"),
+        default("default, 4 WCSG groups", groups=4),
+        default(
+            "default, 4 WCSG groups, rate-distortion allocation",
+            groups=4,
+            allocation="rate-distortion",
+        ),  # fmt: skip
+    ]
+
+
 def finetune_rows(bits: int) -> list[Row]:
     """The default, then block fine-tuning on top, then end-to-end distillation on top of
     that (issue "Quality II")."""
@@ -230,6 +261,7 @@ SECTION_ROWS = {
     "rsavq": rsavq_rows,
     "vector": vector_rows,
     "codebooks": codebook_rows,
+    "options": option_rows,
     "finetune": finetune_rows,
 }
 

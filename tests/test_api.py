@@ -126,10 +126,26 @@ def test_finetune_windows_hold_out_past_the_distillation_windows(tiny_tokenizer,
     assert torch.equal(held, heldout_windows(tiny_tokenizer, corpus, 2, 16, 3, tuning.heldout))
     with pytest.raises(rsavq.DataError, match="fewer than 300 windows"):
         finetune_windows(tiny_tokenizer, corpus, c, tuning, Distillation(windows=300))
-    two_bit = Distillation(windows=default_windows(2)[1])  # the 2-bit default's 256
+    two_bit = Distillation(windows=default_windows(2).distillation)  # the 2-bit default's 256
     with caplog.at_level(logging.WARNING, logger="rsavq.api"):  # a default count gives way
         windows, _ = finetune_windows(tiny_tokenizer, corpus, c, tuning, two_bit)
     assert windows is None and "distilling on the calibration's 2 windows" in caplog.text
     large = Calibration(corpus, nsamples=DISTILL_WINDOWS, seqlen=1, seed=3)
     assert finetune_windows(tiny_tokenizer, corpus, large, None, Distillation())[0] is None
     assert finetune_windows(tiny_tokenizer, corpus, c, None, None) == (None, None)
+
+
+def test_calibration_resolves_the_default_counts_by_width():
+    """Counts not given take the default's at the width (Fisher statistics at 64 windows at
+    every width); a given `nsamples` serves the Fisher statistics too unless they have their own."""
+    from rsavq.api import Calibration
+    from rsavq.data import Corpus
+
+    two, three = Calibration().resolved(2), Calibration().resolved(3)
+    assert (two.fisher_nsamples, two.nsamples) == (64, 128)
+    assert (three.fisher_nsamples, three.nsamples) == (64, 64)
+    assert Calibration(nsamples=32).resolved(2).fisher_nsamples == 32
+    own = Calibration(nsamples=32, fisher_nsamples=8).resolved(2)
+    assert (own.fisher_nsamples, own.nsamples) == (8, 32)
+    assert Calibration(fisher_nsamples=8).resolved(2).nsamples == 128
+    assert own.fisher_spec(Corpus("c4", ("x",))).nsamples == 8

@@ -3,7 +3,6 @@ import json
 import pytest
 
 from rsavq.config import (
-    LambdaMode,
     LayerSpec,
     Metric,
     RSAVQConfig,
@@ -14,7 +13,7 @@ from rsavq.errors import UsageError
 
 
 def test_roundtrip_through_dict():
-    config = RSAVQConfig(bits=3, metric=Metric.FISHER_DIAG, lambda_mode=LambdaMode.RAW)
+    config = RSAVQConfig(bits=3, metric=Metric.FISHER_DIAG)
     assert RSAVQConfig.from_dict(config.to_dict()) == config
     assert config.to_dict()["metric"] == "fisher_diag"
 
@@ -58,13 +57,15 @@ def test_codebook_options_round_trip_and_keep_older_identities():
 
 
 def test_removed_options_read_when_off_and_refused_when_used():
-    """Block-shared codebooks were removed: a configuration or spec that has their keys at the
-    off value reads as before; one that used them is refused with one line naming the fix."""
-    assert RSAVQConfig.from_dict({"codebook_scope": "layer", "codebook_fallback": 0.0}) == (
-        RSAVQConfig()
-    )
+    """Block-shared codebooks and the raw EDSG step were removed: a configuration or spec that
+    has their keys at the off value reads as before; one that used them is refused with one line
+    naming the fix."""
+    off = {"codebook_scope": "layer", "codebook_fallback": 0.0, "lambda_mode": "relative"}
+    assert RSAVQConfig.from_dict(off) == RSAVQConfig()
     with pytest.raises(UsageError, match="codebook_scope .* quantize the model again"):
         RSAVQConfig.from_dict({"codebook_scope": "block"})
+    with pytest.raises(UsageError, match="lambda_mode .the raw EDSG step"):
+        RSAVQConfig.from_dict({"lambda_mode": "raw"})
     data = {**LayerSpec(8, 4, (8,), (2,), 2, 1).to_dict(), "codebook_source": ""}
     assert LayerSpec.from_dict(data) == LayerSpec(8, 4, (8,), (2,), 2, 1)
     with pytest.raises(UsageError, match="block-shared codebooks .* quantize the model again"):

@@ -74,7 +74,7 @@ def test_checkpoint_loads_with_identical_logits(tmp_path, stats_dir, config):
 def test_report_bits_are_the_stored_bits(tmp_path, stats_dir, config):
     quantize(tmp_path / "q", stats_dir, config)
     report = json.loads((tmp_path / "q" / "report.json").read_text())
-    assert report["calibration"] == {"windows": 3, "seqlen": 16}
+    assert report["calibration"] == {"windows": 3, "seqlen": 16, "fisher_windows": 4}
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
     for row in report["layers"]:
         stored = sum(

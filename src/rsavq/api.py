@@ -50,6 +50,16 @@ class Calibration:
     seqlen: int = 512
     seed: int = 0
     data_dir: str | Path | None = None  # default: $RSAVQ_DATA_DIR, else the hub
+    # windows of the Fisher statistics; None: `nsamples` when given, else the default's
+    fisher_nsamples: int | None = None
+
+    def resolved(self, bits: float) -> Calibration:
+        """The counts a quantization at `bits` reads: those given, the default's for the rest."""
+        if self.nsamples is not None:
+            return replace(self, fisher_nsamples=self.fisher_nsamples or self.nsamples)
+        budget = default_windows(bits)
+        fisher = self.fisher_nsamples or budget.fisher
+        return replace(self, nsamples=budget.calibration, fisher_nsamples=fisher)
 
     def corpus(self) -> Corpus:
         if isinstance(self.source, Corpus):
@@ -57,7 +67,13 @@ class Calibration:
         return load_corpus(self.source, self.data_dir)
 
     def spec(self, corpus: Corpus) -> CalibrationSpec:
+        """The calibration windows (input Hessians, block fine-tuning)."""
         return CalibrationSpec(corpus.name, self.nsamples, self.seqlen, self.seed)
+
+    def fisher_spec(self, corpus: Corpus) -> CalibrationSpec:
+        """The Fisher statistics' windows."""
+        n = self.fisher_nsamples or self.nsamples
+        return CalibrationSpec(corpus.name, n, self.seqlen, self.seed)
 
 
 def quantize(
@@ -90,9 +106,7 @@ def quantize(
     options. A stage that cannot run with `config` is refused before any work.
     Returns the per-layer records of the report."""
     config = config or preset("default", 3)
-    calibration = calibration or Calibration()
-    if calibration.nsamples is None:
-        calibration = replace(calibration, nsamples=default_windows(config.bits)[0])
+    calibration = (calibration or Calibration()).resolved(config.bits)
     with using(current() or StageClock()):  # the report's stage clock (the caller's, if any)
         return _quantize(
             model, config, tokenizer, calibration, out, stats, model_id, progress, save_dtype,
@@ -144,7 +158,7 @@ def finetune_stages(finetune: Finetune, config) -> tuple[BlockTuning | None, Dis
         if finetune == "auto":
             finetune = "both" if supports_tuning(config) else "none"
         block = BlockTuning() if finetune in ("block", "both") else None
-        e2e = Distillation(windows=default_windows(config.bits)[1])
+        e2e = Distillation(windows=default_windows(config.bits).distillation)
         finetune = (block, e2e if finetune in ("e2e", "both") else None)
     stages = finetune if isinstance(finetune, tuple) else (finetune,)
     tuning = next((s for s in stages if isinstance(s, BlockTuning)), None)
@@ -207,11 +221,11 @@ def _fisher(model, tokenizer, corpus, calibration, stats, model_id, config, prog
     """The Fisher statistics: given, reused when complete, else collected."""
     if isinstance(stats, FisherStats):
         return stats
-    root = Path(stats) if stats is not None else default_stats_dir(model, calibration.spec(corpus))
+    spec = calibration.fisher_spec(corpus)
+    root = Path(stats) if stats is not None else default_stats_dir(model, spec)
     if (root / MANIFEST).exists():
         logger.info("reusing Fisher statistics in %s", root)
         return load_stats(root)
     logger.info("collecting Fisher statistics into %s", root)
     options = CollectOptions(checkpoint_every=16, progress=progress)
-    spec = calibration.spec(corpus)
     return collect_model_stats(model, tokenizer, model_id, corpus, spec, root, options, config.skip)

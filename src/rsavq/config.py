@@ -22,7 +22,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from rsavq.errors import UsageError
 from rsavq.modules import DEFAULT_SKIP, name_matches
@@ -31,11 +31,6 @@ FORMAT_VERSION = 3  # 2: optional per-row scales; 3: optional int8 codebooks
 READABLE_FORMAT_VERSIONS = (1, 2, 3)  # each older version is the next without its options
 QUANT_METHOD = "rsavq"  # `quantization_config.quant_method` of rsavq checkpoints
 MAX_CODE_BITS = 16
-
-
-class LambdaMode(str, Enum):
-    RELATIVE = "relative"  # step = lambda * ||W||_F along ng / ||ng||_F
-    RAW = "raw"  # step = lambda * ng
 
 
 class EdsgSign(str, Enum):
@@ -83,8 +78,7 @@ class RSAVQConfig:
     vector_length: int = 0  # 0: by bits (`default_vector_length`)
     sub_vectors: int = 1
     groups: int = 1  # measured best on SmolLM2 (BENCHMARKS.md); the paper uses 4
-    lam: float = 0.01
-    lambda_mode: LambdaMode = LambdaMode.RELATIVE
+    lam: float = 0.01  # EDSG step, relative: `lambda * ||W||` along `ng` (docs/method.md 3)
     edsg_sign: EdsgSign = EdsgSign.DESCENT
     metric: Metric = Metric.EUCLIDEAN
     allocation: Allocation = Allocation.PAPER
@@ -188,16 +182,21 @@ class RSAVQConfig:
         return cls(**_enums(kwargs))
 
 
-# options removed since they were written, with the value that means "off" (a checkpoint that
-# used one cannot be read: its layers need what was removed)
-REMOVED = {"codebook_scope": "layer", "codebook_fallback": 0.0}
+# options removed since they were written: the value that means "off" and what they were (a
+# checkpoint that used one cannot be read: its layers need what was removed)
+REMOVED = {
+    "codebook_scope": ("layer", "block-shared codebooks"),
+    "codebook_fallback": (0.0, "block-shared codebooks"),
+    "lambda_mode": ("relative", "the raw EDSG step"),
+}
 
 
 def _without_removed(data: dict) -> dict:
-    used = sorted(k for k, off in REMOVED.items() if k in data and data[k] != off)
+    used = sorted(k for k, (off, _) in REMOVED.items() if k in data and data[k] != off)
     if used:
+        what = sorted({REMOVED[k][1] for k in used})
         raise UsageError(
-            f"this checkpoint was quantized with {', '.join(used)} (block-shared codebooks), "
+            f"this checkpoint was quantized with {', '.join(used)} ({', '.join(what)}), "
             "which rsavq no longer supports; quantize the model again"
         )
     return {k: v for k, v in data.items() if k not in REMOVED}
@@ -205,7 +204,6 @@ def _without_removed(data: dict) -> dict:
 
 def _enums(kwargs: dict) -> dict:
     types = {
-        "lambda_mode": LambdaMode,
         "edsg_sign": EdsgSign,
         "metric": Metric,
         "allocation": Allocation,
@@ -396,19 +394,30 @@ class ScalarConfig:
 
 PRESETS = ("default", "paper", "kmeans")
 
-# the default's text budget: calibration windows (Fisher statistics, Hessians, block fine-tuning)
-# and distillation windows at 3 and 4 bits; twice both below 2.5 bits (`default_windows`)
+# the default's text budget: Fisher statistics, calibration windows (Hessians, block
+# fine-tuning) and distillation windows at 3 and 4 bits; below 2.5 bits the calibration and
+# distillation windows are twice as many, the Fisher statistics the same (`default_windows`)
 CALIBRATION_WINDOWS = 64
 DISTILL_WINDOWS = 128
 
 
-def default_windows(bits: float) -> tuple[int, int]:
-    """The default's calibration and distillation windows at `bits`. On SmolLM2-135M (16
-    windows bf16; BENCHMARKS.md, Cost) halving both from 128 and 256 kept 3 and 4 bits within
-    3% at 0.6x the time, but 2 bits is data-bound (47.59 with 128 and 256, 50.01 with 64 and
-    256, 53.66 with 64 and 128), so below 2.5 bits it keeps them."""
+class TextBudget(NamedTuple):
+    """Windows of calibration text the default reads at one width, per use."""
+
+    fisher: int  # Fisher statistics (EDSG, WCSG)
+    calibration: int  # input Hessians and block fine-tuning
+    distillation: int  # end-to-end distillation
+
+
+def default_windows(bits: float) -> TextBudget:
+    """The default's windows at `bits`. On SmolLM2-135M (16 windows bf16; BENCHMARKS.md, Cost)
+    halving all from 128 and 256 kept 3 and 4 bits within 3% at 0.6x the time, but 2 bits is
+    data-bound (47.59 with 128 and 256, 50.01 with 64 and 256, 53.66 with 64 and 128), so below
+    2.5 bits the calibration and distillation windows stay at 128 and 256; the Fisher
+    statistics, which only sort channels and set the EDSG step, stay at 64 at every width (so
+    all widths share one cache entry)."""
     scale = 2 if bits < 2.5 else 1
-    return scale * CALIBRATION_WINDOWS, scale * DISTILL_WINDOWS
+    return TextBudget(CALIBRATION_WINDOWS, scale * CALIBRATION_WINDOWS, scale * DISTILL_WINDOWS)
 
 
 def default_widths(bits: float) -> dict:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from rsavq.config import DISTILL_WINDOWS, default_windows
 from rsavq.errors import UsageError
-from rsavq.finetune import trainable, trained_state
+from rsavq.finetune import trainable
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ Snapshot = tuple[dict[str, torch.Tensor], dict[str, str]]  # tensors, metadata
 def is_default_count(count: int | None) -> bool:
     """Whether `count` is one of the default's distillation window counts (which give way to
     the calibration's own windows when those are as many, or the text is too short)."""
-    return count in (default_windows(2)[1], default_windows(3)[1])
+    return count in {default_windows(b).distillation for b in (2, 3)}
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,11 @@ class Distillation:
     # float32 at 1.8x the speed per step (BENCHMARKS.md, Quality II part 2)
     bf16: bool = True
     save_every: int = 16  # optimizer steps between resumable snapshots
+    # early stop on the held-out windows: their KL is measured this many times over the run
+    # (evenly spaced, the last at the end); training stops after `patience` measurements in a
+    # row without a new best, and the best state is kept (the state before training counts)
+    checks: int = 8
+    patience: int = 2
     # calibration windows to distill on: this many drawn like the calibration's (more text: 256
     # beat 64 at 3 bits, BENCHMARKS.md Quality II; 128 by default: Cost), or None for those
     # the quantizer calibrates on; the default falls back to those when the corpus is too small
@@ -64,12 +69,14 @@ class Distillation:
         ok = self.epochs >= 1 and self.lr > 0 and self.micro_batch >= 1 and self.top_k >= 1
         budget = self.tokens is None or self.tokens >= 1
         budget = budget and (self.windows is None or self.windows >= 1)
-        if not ok or not budget or self.heldout < 0 or self.save_every < 1:
+        counts = min(self.heldout + 1, self.save_every, self.checks, self.patience) >= 1
+        if not ok or not budget or not counts:
             raise UsageError(
                 "distillation needs epochs >= 1, lr > 0, micro_batch >= 1, top_k >= 1, "
-                "heldout >= 0, save_every >= 1, a positive token budget and window count; got "
-                f"{self.epochs}, {self.lr}, {self.micro_batch}, {self.top_k}, {self.heldout}, "
-                f"{self.save_every}, {self.tokens}, {self.windows}"
+                "heldout >= 0, save_every, checks and patience >= 1, a positive token budget "
+                f"and window count; got {self.epochs}, {self.lr}, {self.micro_batch}, "
+                f"{self.top_k}, {self.heldout}, {self.save_every}, {self.checks}, "
+                f"{self.patience}, {self.tokens}, {self.windows}"
             )
 
     def to_dict(self) -> dict:
@@ -175,23 +182,25 @@ def distill(
     `resume` is a snapshot from an earlier, interrupted call with the same arguments: training
     continues from it, ending exactly where an uninterrupted run would. `save` receives a
     snapshot every `options.save_every` steps and at the end. `heldout` (windows and their
-    teacher targets, never trained on) is scored before and after; when training did not lower
-    it, the model is put back as it was (`kept` False in the report). Returns the losses (mean
-    training KL over the first and the last tenth of the steps, held-out KL before and after),
-    steps, windows trained on, tokens, seconds and whether the result was kept."""
+    teacher targets, never trained on) is scored before training and `options.checks` times
+    during it: training stops early after `options.patience` scores in a row without a new
+    best, and the model keeps its best-scoring state (the state before training when no step
+    helped: `kept` False). Returns the losses (mean training KL over the first and the last
+    tenth of the steps run, held-out KL before and after), the held-out scores, steps run,
+    windows trained on, tokens, seconds and whether training changed the model."""
     schedule = options.schedule(len(windows), windows.shape[1])
-    report: dict = {}
-    start = trained_state(model)
-    if heldout is not None:
-        report["heldout_before"] = mean_kl(model, *heldout)
+    every = math.ceil(len(schedule) / options.checks)
     start_time = time.perf_counter()
     with trainable(model) as params, torch.enable_grad():
         optimizer = torch.optim.Adam(params, lr=options.lr, betas=(0.9, 0.95))
-        losses = _restore(resume, params, optimizer) if resume is not None else []
+        watch = _Watch(model, heldout, options, params)
+        losses = _restore(resume, params, optimizer, watch) if resume is not None else []
         bar = tqdm(total=len(schedule), initial=len(losses), desc="distill", unit="step",
                    disable=not progress)  # fmt: skip
         device_type = next(model.parameters()).device.type
         for step in range(len(losses), len(schedule)):
+            if watch.stopped(options.patience):
+                break
             rows = schedule[step]
             with torch.autocast(device_type, torch.bfloat16, enabled=options.bf16):
                 logits = _logits(model, windows[rows])
@@ -202,43 +211,96 @@ def distill(
             losses.append(loss.item())
             bar.update()
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
+            if len(losses) % every == 0 or len(losses) == len(schedule):
+                watch.score(len(losses))
             due = len(losses) % options.save_every == 0 or len(losses) == len(schedule)
-            if save is not None and due:
-                save(_snapshot(params, optimizer, losses))
+            if save is not None and (due or watch.stopped(options.patience)):
+                save(_snapshot(params, optimizer, losses, watch))
         bar.close()
-    tenth = max(1, len(schedule) // 10)
-    report.update(
+        watch.restore_best()
+    run = len(losses)
+    tenth = max(1, run // 10)
+    report = dict(
         loss_first=sum(losses[:tenth]) / tenth,
         loss_last=sum(losses[-tenth:]) / tenth,
-        steps=len(schedule),
+        steps=run,
         windows=len(windows),
-        tokens=sum(len(r) for r in schedule) * windows.shape[1],
+        tokens=sum(len(r) for r in schedule[:run]) * windows.shape[1],
         seconds=time.perf_counter() - start_time,
+        kept=watch.best_step > 0,
+        **watch.report(),
     )
-    report["kept"] = True
-    if heldout is not None:
-        report["heldout_after"] = mean_kl(model, *heldout)
-        if not report["heldout_after"] < report["heldout_before"]:
-            model.load_state_dict(start, strict=False)
-            report["kept"] = False
-            logger.warning("distillation raised the held-out KL: the model is kept as it was")
+    if not report["kept"]:
+        logger.warning("distillation did not lower the held-out KL: the model is kept as it was")
     logger.info("distilled: %s", report)
     return report
 
 
-def _snapshot(params, optimizer: torch.optim.Optimizer, losses) -> Snapshot:
+class _Watch:
+    """The held-out scores of a distillation run and its best state so far."""
+
+    def __init__(self, model: nn.Module, heldout, options: Distillation, params) -> None:
+        self.model, self.heldout, self.options, self.params = model, heldout, options, params
+        self.scores: list[tuple[int, float]] = []  # (step, held-out KL), step 0 first
+        self.best: list[torch.Tensor] | None = None
+        self.best_step = -1  # -1: nothing scored (no held-out windows: the last state is kept)
+        if heldout is not None:
+            self.score(0)
+
+    def score(self, step: int) -> None:
+        if self.heldout is None:
+            self.best_step = step
+            return
+        device_type = next(self.model.parameters()).device.type
+        with torch.autocast(device_type, torch.bfloat16, enabled=self.options.bf16):
+            kl = mean_kl(self.model, *self.heldout)
+        self.scores.append((step, kl))
+        if self.best is None or kl < min(k for _, k in self.scores[:-1]):
+            self.best = [p.detach().clone() for p in self.params]
+            self.best_step = step
+
+    def stopped(self, patience: int) -> bool:
+        """Whether the last `patience` scores came after the best one."""
+        return self.best is not None and len(self.scores) - 1 - self._best_index() >= patience
+
+    def _best_index(self) -> int:
+        return next(i for i, (step, _) in enumerate(self.scores) if step == self.best_step)
+
+    def restore_best(self) -> None:
+        if self.best is None or self.best_step == self.scores[-1][0]:
+            return
+        with torch.no_grad():
+            for p, b in zip(self.params, self.best, strict=True):
+                p.copy_(b)
+
+    def report(self) -> dict:
+        if not self.scores:
+            return {}
+        return {
+            "heldout_before": self.scores[0][1],
+            "heldout_after": self.scores[self._best_index()][1],
+            "heldout_scores": [list(s) for s in self.scores],
+            "best_step": self.best_step,
+        }
+
+
+def _snapshot(params, optimizer: torch.optim.Optimizer, losses, watch: _Watch) -> Snapshot:
     tensors = {f"param.{i}": p.detach().clone() for i, p in enumerate(params)}
     for i, state in optimizer.state_dict()["state"].items():
         tensors |= {f"adam.{i}.{k}": torch.as_tensor(v).clone() for k, v in state.items()}
     tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
-    return tensors, {"params": str(len(params))}
+    if watch.scores:
+        tensors["scores"] = torch.tensor(watch.scores, dtype=torch.float64)
+        tensors |= {f"best.{i}": b for i, b in enumerate(watch.best)}
+    return tensors, {"params": str(len(params)), "best_step": str(watch.best_step)}
 
 
-def _restore(snapshot: Snapshot, params, optimizer) -> list[float]:
-    """Parameters and optimizer state from a snapshot; returns the losses so far."""
+def _restore(snapshot: Snapshot, params, optimizer, watch: _Watch) -> list[float]:
+    """Parameters, optimizer state and held-out scores from a snapshot; returns the losses so
+    far."""
     tensors, meta = snapshot
-    if int(meta["params"]) != len(params):
-        raise UsageError("the distillation snapshot does not match this model; start over")
+    if int(meta["params"]) != len(params) or ("scores" in tensors) != bool(watch.scores):
+        raise UsageError("the distillation snapshot does not match this run; start over")
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
@@ -249,4 +311,8 @@ def _restore(snapshot: Snapshot, params, optimizer) -> list[float]:
             state.setdefault(int(i), {})[name] = value
     saved = optimizer.state_dict()
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    if "scores" in tensors:
+        watch.scores = [(int(step), kl) for step, kl in tensors["scores"].tolist()]
+        watch.best = [tensors[f"best.{i}"] for i in range(len(params))]
+    watch.best_step = int(meta.get("best_step", -1))
     return tensors["losses"].tolist()

@@ -149,8 +149,12 @@ def quantize_model(
         qconfig |= {"finetune": finetune} if finetune else {}
     with timed("save"):
         _save(model, out, qconfig, tokenizer, save_dtype)
-    shape = tuple(calibration.shape) if calibration is not None else None
-    write_report(out, records, tuned, distilled, shape)
+    windows = None
+    if calibration is not None:
+        windows = {"windows": calibration.shape[0], "seqlen": calibration.shape[1]}
+        if stats is not None:
+            windows["fisher_windows"] = stats.manifest["calibration"]["nsamples"]
+    write_report(out, records, tuned, distilled, windows)
     store.remove()
     return records
 
@@ -373,14 +377,15 @@ def write_report(
     records: list[LayerRecord],
     tuned: list[dict] = (),
     distilled: dict | None = None,
-    calibration: tuple[int, int] | None = None,
+    calibration: dict | None = None,
 ) -> None:
-    """`report.json` (with the calibration windows' count and length, each fine-tuned block's
+    """`report.json` (with the calibration windows' count and length and the Fisher
+    statistics' window count, each fine-tuned block's
     relative MSE before and after, and the distillation's losses), a readable `report.md`
     table, and `bits.png` (when matplotlib is there)."""
     report = {"summary": summarize(records), "layers": [r.__dict__ for r in records]}
     if calibration is not None:
-        report["calibration"] = {"windows": calibration[0], "seqlen": calibration[1]}
+        report["calibration"] = calibration
     if current() is not None:
         report["clock"] = current().to_dict()
     if tuned:

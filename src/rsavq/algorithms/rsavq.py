@@ -29,7 +29,6 @@ from rsavq.config import (
     ChannelOrder,
     Compensation,
     EdsgSign,
-    LambdaMode,
     LayerSpec,
     Metric,
     RSAVQConfig,
@@ -101,10 +100,7 @@ def edsg_target(W: torch.Tensor, stats: LayerFisher | None, config: RSAVQConfig)
     if stats is None or config.lam == 0:
         return W, 0.0
     ng = natural_gradient(stats, config.damping)
-    scale = config.lam
-    if config.lambda_mode == LambdaMode.RELATIVE:
-        scale *= W.norm().item() / max(ng.norm().item(), 1e-30)
-    step = scale * ng
+    step = config.lam * W.norm().item() / max(ng.norm().item(), 1e-30) * ng
     sign = -1.0 if config.edsg_sign == EdsgSign.DESCENT else 1.0
     return W + sign * step, step.norm().item() / max(W.norm().item(), 1e-30)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rsavq.cli.common import add_model_args, add_stream_arg, non_negative_int, positive_int
 from rsavq.clock import StageClock, format_clock, timed, using
-from rsavq.config import CALIBRATION_WINDOWS, DISTILL_WINDOWS, default_windows
+from rsavq.config import CALIBRATION_WINDOWS, DISTILL_WINDOWS
 from rsavq.errors import UsageError
 from rsavq.runtime import resolve_device, resolve_dtype
 
@@ -25,7 +25,6 @@ def add_parser(sub) -> None:
         CodebookDtype,
         Compensation,
         EdsgSign,
-        LambdaMode,
         Metric,
     )
     from rsavq.distill import Distillation
@@ -76,8 +75,9 @@ def add_parser(sub) -> None:
         "--nsamples",
         type=positive_int,
         default=None,
-        help=f"calibration windows (default {CALIBRATION_WINDOWS}, {2 * CALIBRATION_WINDOWS} "
-        "below 2.5 bits)",
+        help="calibration windows for the Fisher statistics, input Hessians and block "
+        f"fine-tuning (default {CALIBRATION_WINDOWS}; below 2.5 bits {2 * CALIBRATION_WINDOWS} "
+        f"for the Hessians and fine-tuning, {CALIBRATION_WINDOWS} for the Fisher statistics)",
     )
     c.add_argument("--seqlen", type=positive_int, default=Calibration.seqlen)
     c.add_argument("--seed", type=int, default=Calibration.seed)
@@ -121,8 +121,9 @@ def add_parser(sub) -> None:
         "(GPTQ's true-sequential)",
     )
     g = p.add_argument_group("method (rsavq; each overrides the preset)")
-    g.add_argument("--lambda", dest="lam", type=float, default=None, help="EDSG step")
-    g.add_argument("--lambda-mode", choices=[e.value for e in LambdaMode], default=None)
+    g.add_argument(
+        "--lambda", dest="lam", type=float, default=None, help="EDSG step, relative to ||W||"
+    )
     g.add_argument(
         "--edsg-sign", choices=[e.value for e in EdsgSign], default=None, help=argparse.SUPPRESS
     )
@@ -230,7 +231,7 @@ def _flag(group, name: str, text: str) -> None:
 
 
 OVERRIDES = (
-    "lam", "lambda_mode", "edsg_sign", "groups", "uniform_bits", "vector_length", "sub_vectors",
+    "lam", "edsg_sign", "groups", "uniform_bits", "vector_length", "sub_vectors",
     "block_size", "codebook_overhead", "codebook_dtype", "row_scales", "refit",
     "compensation", "order", "metric", "allocation", "channel_axis", "kmeans_iters", "kmeans_tol",
     "damping", "sequential", "true_sequential", "group_size", "act_order",
@@ -300,7 +301,6 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from rsavq.stats import distributed
 
     config = _config_from_args(args)
-    args.nsamples = args.nsamples or default_windows(config.bits)[0]
     tuning = _tuning(args, config)
     check_output_dir(Path(args.out))
     resolve_model(args.model)
@@ -313,15 +313,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     clock = StageClock()
     with using(clock):
         calib, evaluation, model, tokenizer = _load(args, dtype, device)
+        calibration = Calibration(calib, args.nsamples, args.seqlen, args.seed)
+        calibration = calibration.resolved(config.bits)
         before = _quick_ppl(model, tokenizer, evaluation, args) if evaluation and lead else None
         if lead:
-            _say_what_runs(model, config, calib, args, tuning)
+            _say_what_runs(model, config, calibration, args, tuning)
         start = time.perf_counter()
         records = quantize(
             model,
             config,
             tokenizer=tokenizer,
-            calibration=Calibration(calib, args.nsamples, args.seqlen, args.seed),
+            calibration=calibration,
             out=args.out,
             stats=args.stats,
             model_id=args.model,
@@ -378,18 +380,20 @@ def _quick_ppl(model, tokenizer, corpus, args):
         return perplexity(model, windows, corpus.name)
 
 
-def _say_what_runs(model, config, calib, args, tuning) -> None:
+def _say_what_runs(model, config, calibration, args, tuning) -> None:
     from rsavq.stats.artifact import MANIFEST
-    from rsavq.stats.run import CalibrationSpec, default_stats_dir
+    from rsavq.stats.run import default_stats_dir
 
-    tokens = f"{args.nsamples} x {args.seqlen} tokens of {calib.name}"
+    corpus = calibration.source
+    tokens = f"{calibration.nsamples} x {calibration.seqlen} tokens of {corpus.name}"
     if config.needs_stats:
-        spec = CalibrationSpec(calib.name, args.nsamples, args.seqlen, args.seed)
+        spec = calibration.fisher_spec(corpus)
         root = Path(args.stats) if args.stats else default_stats_dir(model, spec)
         if (root / MANIFEST).exists():
             print(f"reusing Fisher statistics in {root}")
         else:
-            print(f"collecting Fisher statistics into {root} ({tokens})")
+            fisher = f"{spec.nsamples} x {spec.seqlen} tokens of {corpus.name}"
+            print(f"collecting Fisher statistics into {root} ({fisher})")
     if config.needs_hessian:
         how = "block by block" if config.sequential else "in one pass over the FP model"
         print(f"input Hessians from {tokens}, {how}")
@@ -401,5 +405,5 @@ def _say_what_runs(model, config, calib, args, tuning) -> None:
         )
     if e2e is not None:
         budget = f"{e2e.tokens} tokens" if e2e.tokens else f"{e2e.epochs} epochs"
-        budget += f" over {e2e.windows or args.nsamples} windows"
+        budget += f" over {e2e.windows or calibration.nsamples} windows"
         print(f"end-to-end distillation from the FP model: {budget}, lr {e2e.lr:g}")
