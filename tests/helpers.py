@@ -83,11 +83,11 @@ def brute_force(model, layers, windows):
     return out
 
 
-def random_vq_layer(m, n, sizes, bits, v=6, P=2, seed=0, axis="input"):
+def random_vq_layer(m, n, sizes, bits, v=6, P=2, seed=0):
     """A VQ layer of random codes and codebooks: `(spec, perm, codes, codebooks)`."""
-    spec = LayerSpec(n, m, sizes, bits, v, P, axis)
+    spec = LayerSpec(n, m, sizes, bits, v, P)
     gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(spec.channels, generator=gen).to(spec.perm_dtype)
+    perm = torch.randperm(n, generator=gen).to(spec.perm_dtype)
     codes, books = [], []
     for g in range(len(sizes)):
         K = 2 ** spec.code_bits(g)
@@ -99,24 +99,23 @@ def random_vq_layer(m, n, sizes, bits, v=6, P=2, seed=0, axis="input"):
 
 
 KERNEL_SHAPES = [  # every backend is checked against the reference on these
-    # m, n, group sizes, group bits, v, P, axis
-    (16, 24, (12, 12), (2, 1), 6, 2, "input"),
-    (7, 25, (13, 12), (3, 2), 6, 2, "input"),  # ragged: groups not multiples of v
-    (33, 50, (20, 15, 10, 5), (4, 3, 2, 1), 6, 2, "input"),
-    (12, 18, (18,), (5,), 6, 2, "input"),  # 15-bit codes straddle words
-    (9, 16, (8, 8), (2, 4), 4, 2, "input"),
-    (5, 12, (12,), (2,), 6, 1, "input"),  # full VQ: one sub-vector of 6
-    (20, 13, (11, 9), (3, 2), 6, 2, "output"),  # output-channel groups, ragged columns
+    # m, n, group sizes, group bits, v, P
+    (16, 24, (12, 12), (2, 1), 6, 2),
+    (7, 25, (13, 12), (3, 2), 6, 2),  # ragged: groups not multiples of v
+    (33, 50, (20, 15, 10, 5), (4, 3, 2, 1), 6, 2),
+    (12, 18, (18,), (5,), 6, 2),  # 15-bit codes straddle words
+    (9, 16, (8, 8), (2, 4), 4, 2),
+    (5, 12, (12,), (2,), 6, 1),  # full VQ: one sub-vector of 6
     # >= 64 rows: whole tiles + leftover rows; tables of 8/32/64/512 entries
-    (130, 50, (26, 24), (2, 1), 6, 2, "input"),
-    (65, 30, (30,), (1,), 10, 2, "input"),
-    (128, 100, (100,), (3,), 6, 2, "input"),  # 9-bit codes end on bit 33; chunked tables
+    (130, 50, (26, 24), (2, 1), 6, 2),
+    (65, 30, (30,), (1,), 10, 2),
+    (128, 100, (100,), (3,), 6, 2),  # 9-bit codes end on bit 33; chunked tables
     # the default's layouts (byte codes, int16 tables on the CPU): 256-entry tables of 4 and 2
     # weights, 64- and 256-entry tables in one layer, 128 entries, a wider (10-bit) group
-    (130, 200, (136, 64), (2, 2), 4, 1, "input"),  # 3 tiles, chunks of 64 codes, ragged
-    (200, 96, (64, 32), (3, 4), 2, 1, "input"),
-    (64, 14, (14,), (7,), 1, 1, "input"),
-    (70, 36, (18, 18), (3, 5), 2, 1, "input"),
+    (130, 200, (136, 64), (2, 2), 4, 1),  # 3 tiles, chunks of 64 codes, ragged
+    (200, 96, (64, 32), (3, 4), 2, 1),
+    (64, 14, (14,), (7,), 1, 1),
+    (70, 36, (18, 18), (3, 5), 2, 1),
 ]
 
 

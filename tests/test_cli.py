@@ -79,7 +79,6 @@ def test_quantize_bad_numbers_refused_before_any_work(tiny_model_dir, tmp_path, 
             ["--bits", "2", "--block-size", "6"],
             "block size 6 must be a multiple of the vector length 4",
         ),
-        (["--bits", "2", "--channel-axis", "output"], "use --channel-axis input"),
         pytest.param(
             ["--bits", "3", "--device", "cuda"],
             "CUDA is not available; use --device cpu",

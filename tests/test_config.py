@@ -25,7 +25,6 @@ def test_roundtrip_through_dict():
         ({"bits": 0.5}, "unsupported bits"),
         ({"vector_length": 5, "sub_vectors": 2}, "vector length 5 must be a positive multiple of"),
         ({"block_size": 6}, "block size 6 must be a multiple of the vector length 4"),
-        ({"channel_axis": "output"}, "use --channel-axis input"),
         ({"vector_length": 12, "sub_vectors": 2, "bits": 3}, "exceed 16 bits"),
         ({"uniform_bits": True, "bits": 2.5}, "uniform bits need a whole number"),
         ({"groups": 0}, "groups and k-means iterations must be >= 1"),
@@ -57,15 +56,22 @@ def test_codebook_options_round_trip_and_keep_older_identities():
 
 
 def test_removed_options_read_when_off_and_refused_when_used():
-    """Block-shared codebooks and the raw EDSG step were removed: a configuration or spec that
-    has their keys at the off value reads as before; one that used them is refused with one line
-    naming the fix."""
+    """Block-shared codebooks, the raw EDSG step and output-channel groups were removed: a
+    configuration or spec that has their keys at the off value reads as before; one that used
+    them is refused with one line naming the fix."""
     off = {"codebook_scope": "layer", "codebook_fallback": 0.0, "lambda_mode": "relative"}
     assert RSAVQConfig.from_dict(off) == RSAVQConfig()
     with pytest.raises(UsageError, match="codebook_scope .* quantize the model again"):
         RSAVQConfig.from_dict({"codebook_scope": "block"})
     with pytest.raises(UsageError, match="lambda_mode .the raw EDSG step"):
         RSAVQConfig.from_dict({"lambda_mode": "raw"})
+    assert RSAVQConfig.from_dict({"channel_axis": "input"}) == RSAVQConfig()
+    with pytest.raises(UsageError, match="channel_axis .output-channel groups"):
+        RSAVQConfig.from_dict({"channel_axis": "output"})
+    spec = LayerSpec(8, 4, (8,), (2,), 2, 1)
+    assert LayerSpec.from_dict({**spec.to_dict(), "axis": "input"}) == spec
+    with pytest.raises(UsageError, match="output channels .* quantize the model again"):
+        LayerSpec.from_dict({**spec.to_dict(), "axis": "output"})
     data = {**LayerSpec(8, 4, (8,), (2,), 2, 1).to_dict(), "codebook_source": ""}
     assert LayerSpec.from_dict(data) == LayerSpec(8, 4, (8,), (2,), 2, 1)
     with pytest.raises(UsageError, match="block-shared codebooks .* quantize the model again"):

@@ -64,11 +64,6 @@ class CodebookDtype(str, Enum):
     INT8 = "int8"  # int8 entries, an fp16 scale per sub-vector position (GPTVQ)
 
 
-class ChannelAxis(str, Enum):
-    INPUT = "input"  # columns of W (the paper's choice)
-    OUTPUT = "output"  # rows of W, for comparison
-
-
 @dataclass(frozen=True)
 class RSAVQConfig:
     """Everything that defines an RSAVQ quantization run (docs/method.md sections 2-7)."""
@@ -82,7 +77,6 @@ class RSAVQConfig:
     edsg_sign: EdsgSign = EdsgSign.DESCENT
     metric: Metric = Metric.EUCLIDEAN
     allocation: Allocation = Allocation.PAPER
-    channel_axis: ChannelAxis = ChannelAxis.INPUT
     compensation: Compensation = Compensation.HESSIAN
     block_size: int = 0  # columns per codebook within a channel group; 0: see codebook_overhead
     codebook_overhead: float = 0.04  # block_size 0: blocks sized for about this many codebook
@@ -188,6 +182,7 @@ REMOVED = {
     "codebook_scope": ("layer", "block-shared codebooks"),
     "codebook_fallback": (0.0, "block-shared codebooks"),
     "lambda_mode": ("relative", "the raw EDSG step"),
+    "channel_axis": ("input", "output-channel groups"),
 }
 
 
@@ -207,7 +202,6 @@ def _enums(kwargs: dict) -> dict:
         "edsg_sign": EdsgSign,
         "metric": Metric,
         "allocation": Allocation,
-        "channel_axis": ChannelAxis,
         "compensation": Compensation,
         "order": ChannelOrder,
         "codebook_dtype": CodebookDtype,
@@ -255,12 +249,6 @@ def validate(config: RSAVQConfig) -> None:
         )
     if config.uniform_bits and config.bits != int(config.bits):
         raise UsageError("uniform bits need a whole number of bits")
-    input_only = config.compensation != Compensation.NONE or config.refit or config.row_scales
-    if input_only and config.channel_axis != ChannelAxis.INPUT:
-        raise UsageError(
-            "compensation, refit and row scales work along input channels; use "
-            "--channel-axis input, or --compensation none --no-refit --no-row-scales"
-        )
     if config.block_size < 0 or config.codebook_overhead < 0:
         raise UsageError("block size and codebook overhead must be >= 0")
     if config.block_size and config.block_size % v:
@@ -277,11 +265,10 @@ class LayerSpec:
 
     in_features: int
     out_features: int
-    group_sizes: tuple[int, ...]  # channels per group along `axis`, most sensitive first
+    group_sizes: tuple[int, ...]  # input channels per group, most sensitive first
     group_bits: tuple[int, ...]
     vector_length: int
     sub_vectors: int
-    axis: str = ChannelAxis.INPUT.value
     bias: bool = False
     row_scales: bool = False
     codebook_dtype: str = CodebookDtype.FLOAT16.value
@@ -290,17 +277,11 @@ class LayerSpec:
     def perm_dtype(self):
         import torch
 
-        return torch.int16 if self.channels <= 2**15 else torch.int32
-
-    @property
-    def channels(self) -> int:
-        return self.in_features if self.axis == ChannelAxis.INPUT.value else self.out_features
+        return torch.int16 if self.in_features <= 2**15 else torch.int32
 
     def block_shape(self, g: int) -> tuple[int, int]:
         """`[rows, cols]` of group g's block of permuted weights (vectors run along cols)."""
-        if self.axis == ChannelAxis.INPUT.value:
-            return self.out_features, self.group_sizes[g]
-        return self.group_sizes[g], self.in_features
+        return self.out_features, self.group_sizes[g]
 
     @property
     def sub_dim(self) -> int:
@@ -338,6 +319,11 @@ class LayerSpec:
         if data.pop("codebook_source", ""):
             raise UsageError(
                 "this checkpoint's layers read block-shared codebooks (--codebook-scope block), "
+                "which rsavq no longer supports; quantize the model again"
+            )
+        if data.pop("axis", "input") != "input":
+            raise UsageError(
+                "this checkpoint's layers group output channels (--channel-axis output), "
                 "which rsavq no longer supports; quantize the model again"
             )
         data["group_sizes"], data["group_bits"] = (

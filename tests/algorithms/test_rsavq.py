@@ -6,7 +6,7 @@ import torch
 from helpers import plain_config
 from rsavq.algorithms.metrics import first_order_term
 from rsavq.algorithms.rsavq import layer_bits, make_plan, quantize_layer
-from rsavq.config import ChannelAxis, Compensation, EdsgSign, RSAVQConfig
+from rsavq.config import Compensation, EdsgSign, RSAVQConfig
 from rsavq.errors import UsageError
 from rsavq.kernels import dequantize
 from rsavq.modules import find_linears
@@ -28,14 +28,12 @@ def test_stored_bits_equal_accounting_and_fit_the_budget(bits):
     assert stored / W.numel() <= bits  # codebooks and permutation included
 
 
-@pytest.mark.parametrize("axis", list(ChannelAxis))
 @pytest.mark.parametrize(("m", "n", "groups"), [(16, 50, 4), (7, 33, 3), (10, 12, 1)])
-def test_ragged_shapes_are_padded_not_dropped(axis, m, n, groups):
+def test_ragged_shapes_are_padded_not_dropped(m, n, groups):
     W = random_weight(m, n, seed=m + n)
     config = plain_config(
         bits=4,
         groups=groups,
-        channel_axis=axis,
         uniform_bits=True,
         max_group_bits=4,
         kmeans_iters=5,
@@ -43,7 +41,7 @@ def test_ragged_shapes_are_padded_not_dropped(axis, m, n, groups):
     layer, _ = quantize_layer(W, None, config)
     W_hat = VQLinear.from_quantized(layer).dequantize()
     assert W_hat.shape == W.shape
-    assert sum(layer.spec.group_sizes) == (n if axis == ChannelAxis.INPUT else m)
+    assert sum(layer.spec.group_sizes) == n
     # with at least as many codewords as points per codebook, every weight is reproduced
     torch.testing.assert_close(W_hat, W, atol=2e-3, rtol=1e-3)
 
@@ -146,8 +144,6 @@ def test_compensation_needs_its_hessian():
     W = random_weight(6, 12)
     with pytest.raises(UsageError, match="input Hessians"):
         quantize_layer(W, None, RSAVQConfig(compensation=Compensation.HESSIAN, lam=0))
-    with pytest.raises(UsageError, match="input channels"):
-        RSAVQConfig(compensation=Compensation.FISHER, channel_axis=ChannelAxis.OUTPUT)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

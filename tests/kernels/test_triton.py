@@ -17,9 +17,9 @@ def on_device(perm, codes, books):
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 8, 9, 70])  # <= 8: GEMV kernel; more: GEMM kernel
-@pytest.mark.parametrize(("m", "n", "sizes", "bits", "v", "P", "axis"), KERNEL_SHAPES)
-def test_triton_matches_reference(tokens, m, n, sizes, bits, v, P, axis):
-    spec, perm, codes, books = random_vq_layer(m, n, sizes, bits, v, P, m * n + tokens, axis)
+@pytest.mark.parametrize(("m", "n", "sizes", "bits", "v", "P"), KERNEL_SHAPES)
+def test_triton_matches_reference(tokens, m, n, sizes, bits, v, P):
+    spec, perm, codes, books = random_vq_layer(m, n, sizes, bits, v, P, m * n + tokens)
     x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens))
     bias, scales = torch.randn(m), (torch.rand(m) + 0.5).half()
     want = reference.vq_linear(x, codes, books, perm, spec, bias, scales)

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from rsavq.config import ChannelAxis
-
 
 @dataclass
 class LayerFisher:
@@ -61,20 +59,15 @@ def natural_gradient(stats: LayerFisher, alpha: float = 0.01) -> torch.Tensor:
     return (stats.sq_norm * both).float()
 
 
-def channel_sensitivity(
-    stats: LayerFisher, axis: ChannelAxis = ChannelAxis.INPUT, alpha: float = 0.01
-) -> torch.Tensor:
-    """Curvature energy per channel, `I_c = 1/2 g_c^T F_c^-1 g_c`, float64.
+def channel_sensitivity(stats: LayerFisher, alpha: float = 0.01) -> torch.Tensor:
+    """Curvature energy per input channel, `I_c = 1/2 g_c^T F_c^-1 g_c`, float64.
 
     For an input channel c (column of W), `F_c = F_I[c,c] * F_O / sq_norm`, so
-    `I_c = sq_norm / (2 F_I[c,c]) * g_c^T F_O^-1 g_c`; output channels swap the factors.
+    `I_c = sq_norm / (2 F_I[c,c]) * g_c^T F_O^-1 g_c`.
     """
     F_O, F_I, g = damped(stats.F_O, alpha), damped(stats.F_I, alpha), stats.g.double()
-    if axis == ChannelAxis.OUTPUT:
-        F_O, F_I, g = F_I, F_O, g.T
     quad = (g * solve_left(F_O, g)).sum(dim=0)  # g_c^T F_O^-1 g_c for every column c   [n]
-    diag_I = F_I if F_I.dim() == 1 else F_I.diagonal()
-    return 0.5 * stats.sq_norm * quad / diag_I
+    return 0.5 * stats.sq_norm * quad / F_I.diagonal()
 
 
 def fisher_diag_weights(stats: LayerFisher) -> torch.Tensor:

@@ -25,7 +25,6 @@ from rsavq.algorithms.refit import damped, refit
 from rsavq.allocation import plan_groups, split_sizes
 from rsavq.clock import timed
 from rsavq.config import (
-    ChannelAxis,
     ChannelOrder,
     Compensation,
     EdsgSign,
@@ -86,7 +85,7 @@ class QuantizedLayer:
 
 def layer_bits(spec: LayerSpec) -> int:
     """Stored bits of a layer with this spec (codes as int32 words, its own codebooks, perm)."""
-    perm_bits = spec.channels * torch.empty(0, dtype=spec.perm_dtype).element_size() * 8
+    perm_bits = spec.in_features * torch.empty(0, dtype=spec.perm_dtype).element_size() * 8
     total = perm_bits
     for g in range(len(spec.group_bits)):
         rows = spec.block_shape(g)[0]
@@ -113,10 +112,8 @@ def make_plan(
     hessian: torch.Tensor | None = None,
 ) -> tuple[LayerSpec, torch.Tensor]:
     """WCSG: the layer's spec (groups, bits, blocks) and permutation, within the budget."""
-    axis = ChannelAxis(config.channel_axis)
     m, n = W.shape
-    channels = n if axis == ChannelAxis.INPUT else m
-    sensitivity = _sensitivity(stats, config, hessian, channels, axis)
+    sensitivity = _sensitivity(stats, config, hessian, n)
 
     def spec_for(sizes, bits) -> LayerSpec:
         return LayerSpec(
@@ -126,7 +123,6 @@ def make_plan(
             tuple(bits),
             config.vector_length,
             config.sub_vectors,
-            axis.value,
             bias,
             config.row_scales,
             config.codebook_dtype.value,
@@ -134,15 +130,14 @@ def make_plan(
 
     def cost(sizes, bits) -> float:
         if config.budget_includes_overhead:
-            return layer_bits(spec_for(*split_blocks(sizes, bits, rows, config)))
-        return sum(size * rows * b for size, b in zip(sizes, bits, strict=True))
+            return layer_bits(spec_for(*split_blocks(sizes, bits, m, config)))
+        return sum(size * m * b for size, b in zip(sizes, bits, strict=True))
 
-    rows = m if axis == ChannelAxis.INPUT else n
     quantum = group_quantum(config)
     plan = plan_groups(
         sensitivity,
         config.bits,
-        split_sizes(channels, config.groups, quantum),
+        split_sizes(n, config.groups, quantum),
         config.allocation,
         cost,
         budget=config.bits * m * n,
@@ -150,17 +145,17 @@ def make_plan(
         uniform=config.uniform_bits,
         quantum=quantum,
     )
-    return spec_for(*split_blocks(plan.group_sizes, plan.group_bits, rows, config)), plan.perm
+    return spec_for(*split_blocks(plan.group_sizes, plan.group_bits, m, config)), plan.perm
 
 
-def _sensitivity(stats, config: RSAVQConfig, hessian, channels: int, axis) -> torch.Tensor:
+def _sensitivity(stats, config: RSAVQConfig, hessian, channels: int) -> torch.Tensor:
     if config.order == ChannelOrder.HESSIAN:
         if hessian is None:
             raise UsageError("channel order 'hessian' needs input Hessians (X^T X)")
         return torch.diag(hessian).double()
     if stats is None:
         return torch.ones(channels, dtype=torch.float64)
-    return channel_sensitivity(stats, axis, config.damping)
+    return channel_sensitivity(stats, config.damping)
 
 
 def split_blocks(sizes, bits, rows: int, config: RSAVQConfig) -> tuple[list[int], list[int]]:
@@ -228,9 +223,7 @@ def _compensation_hessian(config: RSAVQConfig, stats, hessian) -> torch.Tensor:
 
 def _blocks(X: torch.Tensor, spec: LayerSpec, perm: torch.Tensor) -> list[torch.Tensor]:
     """Group blocks `[rows, cols]` of a `[m, n]` tensor in permuted channel order."""
-    ordered = X[:, perm] if spec.axis == ChannelAxis.INPUT.value else X[perm]
-    dim = 1 if spec.axis == ChannelAxis.INPUT.value else 0
-    return list(torch.split(ordered, list(spec.group_sizes), dim=dim))
+    return list(torch.split(X[:, perm], list(spec.group_sizes), dim=1))
 
 
 def _as_points(block: torch.Tensor, spec: LayerSpec) -> torch.Tensor:

@@ -20,7 +20,6 @@ def add_parser(sub) -> None:
     from rsavq.config import (
         PRESETS,
         Allocation,
-        ChannelAxis,
         ChannelOrder,
         CodebookDtype,
         Compensation,
@@ -165,7 +164,6 @@ def add_parser(sub) -> None:
     g.add_argument("--order", choices=[e.value for e in ChannelOrder], default=None)
     g.add_argument("--metric", choices=[e.value for e in Metric], default=None)
     g.add_argument("--allocation", choices=[e.value for e in Allocation], default=None)
-    g.add_argument("--channel-axis", choices=[e.value for e in ChannelAxis], default=None)
     g.add_argument("--kmeans-iters", type=positive_int, default=None)
     g.add_argument("--kmeans-tol", type=float, default=None)
     g.add_argument(
@@ -233,7 +231,7 @@ def _flag(group, name: str, text: str) -> None:
 OVERRIDES = (
     "lam", "edsg_sign", "groups", "uniform_bits", "vector_length", "sub_vectors",
     "block_size", "codebook_overhead", "codebook_dtype", "row_scales", "refit",
-    "compensation", "order", "metric", "allocation", "channel_axis", "kmeans_iters", "kmeans_tol",
+    "compensation", "order", "metric", "allocation", "kmeans_iters", "kmeans_tol",
     "damping", "sequential", "true_sequential", "group_size", "act_order",
 )  # fmt: skip
 

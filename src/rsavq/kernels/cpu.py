@@ -1,7 +1,7 @@
 """CPU backend, a small C++ extension: lookup-table GEMVs for decode (AQLM's trick) and a
 blockwise dequantize-and-multiply for prefill.
 
-Decode (at most `DECODE_TOKENS` tokens, input-channel groups): the input's sub-vectors are dotted
+Decode (at most `DECODE_TOKENS` tokens): the input's sub-vectors are dotted
 with every codeword once (tables `[T, J, K]`); each output is then a sum of `J` table entries
 picked by the codes.
 - Codes of at most 8 bits (every layout the default writes but the 5-bit key/value layers at 4
@@ -13,11 +13,11 @@ picked by the codes.
 - Other codes: `vq_gemv`, float tables, codes read from the packed int32 words (tables of <= 64
   entries in registers, larger ones looked up with gathers).
 
-Prefill (more tokens): input-channel layers in float32 use `vq_prefill`, which dequantizes the
-weight a block of rows at a time (up to 64 MiB of float32, at least 256 rows, in a per-thread
-buffer kept between calls) and multiplies `x[:, perm]` by each block. Other inputs (bf16,
-autograd, output-channel groups) use `vq_dequantize`: the whole float32 weight once per call
-into a per-thread buffer kept between calls, then one matmul.
+Prefill (more tokens): float32 inputs use `vq_prefill`, which dequantizes the weight a block of
+rows at a time (up to 64 MiB of float32, at least 256 rows, in a per-thread buffer kept between
+calls) and multiplies `x[:, perm]` by each block. Other inputs (bf16, autograd) use
+`vq_dequantize`: the whole float32 weight (columns in the codes' order) once per call into a
+per-thread buffer kept between calls, then one matmul by `x[:, perm]`.
 
 The extension is compiled on first use (g++ and ninja, `-march=native`; cached by torch under
 `~/.cache/torch_extensions`); when that fails, `available()` is False and dispatch uses the
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from rsavq.config import ChannelAxis, LayerSpec
+from rsavq.config import LayerSpec
 from rsavq.kernels.reference import scale_and_shift
 
 logger = logging.getLogger(__name__)
@@ -98,23 +98,21 @@ def _(x, perm, codes, codebooks, sizes, widths, vector_length, rows):
 def vq_dequantize(
     codes: list[torch.Tensor],
     codebooks: list[torch.Tensor],
-    perm: torch.Tensor,
     sizes: list[int],
     widths: list[int],
     vector_length: int,
     out_features: int,
     in_features: int,
-    input_axis: bool,
 ) -> torch.Tensor:
-    """The float32 weight `[out_features, in_features]`: rows in the original order, columns in
-    the codes' permuted order when `input_axis` (`W[:, perm]`, to meet `x[:, perm]`)."""
-    args = (codes, codebooks, perm, sizes, widths, vector_length, out_features, in_features)
-    return extension().vq_dequantize(*args, input_axis, None)
+    """The float32 weight `[out_features, in_features]`, columns in the codes' permuted order
+    (`W[:, perm]`, to meet `x[:, perm]`)."""
+    args = (codes, codebooks, sizes, widths, vector_length, out_features, in_features)
+    return extension().vq_dequantize(*args, None)
 
 
 @vq_dequantize.register_fake
-def _(codes, codebooks, perm, sizes, widths, vector_length, out_features, in_features, input_axis):
-    return perm.new_empty(out_features, in_features, dtype=torch.float32)
+def _(codes, codebooks, sizes, widths, vector_length, out_features, in_features):
+    return codebooks[0].new_empty(out_features, in_features, dtype=torch.float32)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -138,9 +136,9 @@ def _gemv(x, perm, codes, books, spec: LayerSpec) -> torch.Tensor:
     return vq_gemv(*args) if torch.compiler.is_compiling() else extension().vq_gemv(*args)
 
 
-def _dequantize(codes, books, perm, spec: LayerSpec, inputs: bool, reuse: bool) -> torch.Tensor:
+def _dequantize(codes, books, spec: LayerSpec, reuse: bool) -> torch.Tensor:
     """The weight for one matmul; in the shared workspace when `reuse` (autograd saves none)."""
-    args = (codes, books, perm, *_spec_args(spec), spec.out_features, spec.in_features, inputs)
+    args = (codes, books, *_spec_args(spec), spec.out_features, spec.in_features)
     if torch.compiler.is_compiling():
         return vq_dequantize(*args)
     workspace = _workspace(spec.out_features * spec.in_features) if reuse else None
@@ -149,9 +147,8 @@ def _dequantize(codes, books, perm, spec: LayerSpec, inputs: bool, reuse: bool) 
 
 @functools.lru_cache(maxsize=1024)
 def byte_codes(spec: LayerSpec) -> bool:
-    """Whether `vq_gemv16` serves the layer: input-channel groups, codes of <= 8 bits."""
-    inputs = spec.axis == ChannelAxis.INPUT.value
-    return inputs and all(spec.code_bits(g) <= BYTE_CODES for g in range(len(spec.group_sizes)))
+    """Whether `vq_gemv16` serves the layer: codes of <= 8 bits."""
+    return all(spec.code_bits(g) <= BYTE_CODES for g in range(len(spec.group_sizes)))
 
 
 def _key(tensors) -> tuple:
@@ -208,8 +205,7 @@ def vq_linear(
     prefill (`cache`: see `rsavq.kernels.vq_linear`)."""
     lead, n = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, n)
-    inputs = spec.axis == ChannelAxis.INPUT.value
-    decode = x2.shape[0] <= DECODE_TOKENS and inputs
+    decode = x2.shape[0] <= DECODE_TOKENS
     eager = not torch.compiler.is_compiling()
     if eager and decode and byte_codes(spec):
         state = _state(codes, codebooks, perm, spec, cache)  # perm32, packed, books, norms, meta
@@ -218,7 +214,7 @@ def vq_linear(
         return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)
     books = [cb.half().contiguous() for cb in codebooks]
     grad = torch.is_grad_enabled() and x.requires_grad
-    if eager and inputs and not decode and x.dtype == torch.float32 and not grad:
+    if eager and not decode and x.dtype == torch.float32 and not grad:
         args = (*_spec_args(spec), spec.out_features, _half(scales), _float(bias), PREFILL_ROWS)
         out = extension().vq_prefill(
             x2.contiguous(), _perm32(perm, cache), list(codes), books, *args
@@ -227,8 +223,8 @@ def vq_linear(
     if decode:
         out = _gemv(x2.float().contiguous(), perm, list(codes), books, spec)
     else:
-        W = _dequantize(list(codes), books, perm, spec, inputs, reuse=not grad)
-        out = F.linear(x2[:, perm.long()] if inputs else x2, W.to(x.dtype))
+        W = _dequantize(list(codes), books, spec, reuse=not grad)
+        out = F.linear(x2[:, perm.long()], W.to(x.dtype))
     return scale_and_shift(out, scales, bias).to(x.dtype).reshape(*lead, spec.out_features)
 
 

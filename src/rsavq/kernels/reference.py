@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rsavq.config import ChannelAxis, LayerSpec
+from rsavq.config import LayerSpec
 from rsavq.packing import unpack
 
 
@@ -87,15 +87,9 @@ def dequantize_block(codes: torch.Tensor, codebooks: torch.Tensor, spec: LayerSp
 
 def unpermute(blocks: list[torch.Tensor], perm: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     """The weight `[out, in]` in the original channel order from its groups' blocks."""
-    order = perm.long()
-    if spec.axis == ChannelAxis.INPUT.value:
-        permuted = torch.cat(blocks, dim=1)
-        W = torch.empty_like(permuted)
-        W[:, order] = permuted
-    else:
-        permuted = torch.cat(blocks, dim=0)
-        W = torch.empty_like(permuted)
-        W[order] = permuted
+    permuted = torch.cat(blocks, dim=1)
+    W = torch.empty_like(permuted)
+    W[:, perm.long()] = permuted
     return W
 
 

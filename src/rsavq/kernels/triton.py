@@ -3,8 +3,8 @@
 One kernel, `matmul`, dequantizes `[BLOCK_M, BLOCK_K]` tiles of one group's block straight from
 the packed codes and the fp16 codebooks (`dequant_tile`) and never writes the weight to memory:
 launched as the GEMV it reduces them against every token with a broadcast sum, as the GEMM it
-feeds them to `tl.dot`. The channel permutation is applied on the fly: input-axis groups gather
-their columns of `x` through `perm`, output-axis groups scatter their rows of `y` through it.
+feeds them to `tl.dot`. The channel permutation is applied on the fly: each group gathers its
+columns of `x` through `perm`.
 Groups run one launch each, accumulating into one float32 output; the row scales and the bias
 are applied as each tile is stored (no separate pass). Registered as the custom op
 `rsavq::vq_matmul` with a fake implementation, so `torch.compile` and meta-device loading see its
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rsavq.config import ChannelAxis, LayerSpec
+from rsavq.config import LayerSpec
 from rsavq.errors import UsageError
 
 DECODE_TOKENS = 8  # at most this many tokens use the GEMV kernel
@@ -60,11 +60,11 @@ def dequant_tile(
 
 
 @triton.jit
-def load_x(x, perm, t, tmask, k0, cols, n, col0, PERM_COLS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Tokens `t` x the group's columns k0.. of `x` (through `perm` for input groups)."""
+def load_x(x, perm, t, tmask, k0, cols, n, col0, BLOCK_K: tl.constexpr):
+    """Tokens `t` x the group's columns k0.. of `x` (through `perm`)."""
     c = k0 + tl.arange(0, BLOCK_K)
     cmask = c < cols
-    xc = tl.load(perm + col0 + c, mask=cmask, other=0) if PERM_COLS else col0 + c
+    xc = tl.load(perm + col0 + c, mask=cmask, other=0)
     return tl.load(
         x + t[:, None].to(tl.int64) * n + xc[None, :],
         mask=tmask[:, None] & cmask[None, :],
@@ -76,28 +76,24 @@ def load_x(x, perm, t, tmask, k0, cols, n, col0, PERM_COLS: tl.constexpr, BLOCK_
 def store_y(
     out,
     acc,
-    perm,
     scales,
     bias,
     r,
     rmask,
     t,
     tmask,
-    row0,
     out_features,
-    PERM_ROWS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     SCALES: tl.constexpr,
     BIAS: tl.constexpr,
 ):
-    """`acc` `[BLOCK_T, BLOCK_M]` into `out` rows (through `perm` for output groups), times the
-    row scales and plus the bias when asked (the scales distribute over the groups' sums)."""
-    orow = tl.load(perm + row0 + r, mask=rmask, other=0) if PERM_ROWS else r
+    """`acc` `[BLOCK_T, BLOCK_M]` into `out` rows `r`, times the row scales and plus the bias
+    when asked (the scales distribute over the groups' sums)."""
     if SCALES:
-        acc *= tl.load(scales + orow, mask=rmask, other=0.0).to(tl.float32)[None, :]
+        acc *= tl.load(scales + r, mask=rmask, other=0.0).to(tl.float32)[None, :]
     if BIAS:
-        acc += tl.load(bias + orow, mask=rmask, other=0.0).to(tl.float32)[None, :]
-    ptrs = out + t[:, None].to(tl.int64) * out_features + orow[None, :]
+        acc += tl.load(bias + r, mask=rmask, other=0.0).to(tl.float32)[None, :]
+    ptrs = out + t[:, None].to(tl.int64) * out_features + r[None, :]
     mask = tmask[:, None] & rmask[None, :]
     if ACCUMULATE:
         acc += tl.load(ptrs, mask=mask, other=0.0)
@@ -120,14 +116,11 @@ def matmul(
     words,
     K,
     col0,
-    row0,
     out_features,
     width: tl.constexpr,
     V: tl.constexpr,
     P: tl.constexpr,
     D: tl.constexpr,
-    PERM_COLS: tl.constexpr,
-    PERM_ROWS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     SCALES: tl.constexpr,
     BIAS: tl.constexpr,
@@ -144,7 +137,7 @@ def matmul(
     tmask, rmask = t < T, r < m
     acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, cols, BLOCK_K):
-        xt = load_x(x, perm, t, tmask, k0, cols, n, col0, PERM_COLS, BLOCK_K)
+        xt = load_x(x, perm, t, tmask, k0, cols, n, col0, BLOCK_K)
         w = dequant_tile(codes, books, r, rmask, k0, cols, words, K, width, V, P, D, BLOCK_K)
         if not DOT:
             acc += tl.sum(xt.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
@@ -153,27 +146,23 @@ def matmul(
         else:
             acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
     store_y(
-        out, acc, perm, scales, bias, r, rmask, t, tmask, row0, out_features, PERM_ROWS,
-        ACCUMULATE, SCALES, BIAS,
+        out, acc, scales, bias, r, rmask, t, tmask, out_features, ACCUMULATE, SCALES, BIAS,
     )  # fmt: skip
 
 
-def _launch(x, codes, books, perm, scales, bias, out, spec: LayerSpec, g, col0, row0) -> None:
-    """One group's contribution to `out` `[T, out_features]` (stored, or added after group 0),
-    scaled; the bias added once per row (by group 0 of an input-axis layer)."""
+def _launch(x, codes, books, perm, scales, bias, out, spec: LayerSpec, g, col0) -> None:
+    """One group's contribution to `out` `[T, out_features]` (stored by group 0, added by the
+    others), scaled; the bias added once per row (by group 0)."""
     T, n = x.shape
     rows, cols = spec.block_shape(g)
-    inputs = spec.axis == ChannelAxis.INPUT.value
     common = dict(
         width=spec.code_bits(g),
         V=spec.vector_length,
         P=spec.sub_vectors,
         D=spec.sub_dim,
-        PERM_COLS=inputs,
-        PERM_ROWS=not inputs,
-        ACCUMULATE=inputs and g > 0,
+        ACCUMULATE=g > 0,
         SCALES=scales is not None,
-        BIAS=bias is not None and (g == 0 or not inputs),
+        BIAS=bias is not None and g == 0,
     )
     args = (
         x,
@@ -189,7 +178,7 @@ def _launch(x, codes, books, perm, scales, bias, out, spec: LayerSpec, g, col0, 
         cols,
     )
     args += (codes.shape[1], books.shape[1])
-    args += (col0, row0, spec.out_features)
+    args += (col0, spec.out_features)
     ieee = x.dtype == torch.float32
     if T <= DECODE_TOKENS:  # GEMV: one token block, small row blocks
         block_t = max(2, triton.next_power_of_2(T))
@@ -218,9 +207,7 @@ def vq_matmul(
     perm = perm.to(torch.int32)
     offset = 0
     for g, (c, cb) in enumerate(zip(codes, codebooks, strict=True)):
-        inputs = spec.axis == ChannelAxis.INPUT.value
-        at = (offset if inputs else 0, 0 if inputs else offset)
-        _launch(x, c, cb, perm, scales, bias, out, spec, g, *at)
+        _launch(x, c, cb, perm, scales, bias, out, spec, g, offset)
         offset += spec.group_sizes[g]
     return out
 

@@ -32,7 +32,7 @@ class VQLinear(nn.Module):
         self.backend = Backend.AUTO  # or pin one: REFERENCE, CPU, TRITON
         self.in_features, self.out_features = spec.in_features, spec.out_features
         self.register_buffer(
-            "perm", torch.empty(spec.channels, dtype=spec.perm_dtype, device=device)
+            "perm", torch.empty(spec.in_features, dtype=spec.perm_dtype, device=device)
         )
         for g in range(len(spec.group_bits)):
             rows = spec.block_shape(g)[0]
@@ -141,7 +141,7 @@ class VQLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"group_bits={list(self.spec.group_bits)}, axis={self.spec.axis}"
+            f"group_bits={list(self.spec.group_bits)}"
         )
 
 

@@ -509,11 +509,10 @@ struct Block {
 std::vector<Block> blocks_of(const std::vector<torch::Tensor>& codes,
                              const std::vector<torch::Tensor>& books,
                              const std::vector<int64_t>& sizes, const std::vector<int64_t>& widths,
-                             int64_t v, int64_t m, int64_t n, bool input_axis,
-                             std::vector<torch::Tensor>& floats) {
+                             int64_t v, int64_t m, std::vector<torch::Tensor>& floats) {
   std::vector<Block> blocks;
   for (size_t g = 0; g < sizes.size(); ++g) {
-    const int64_t rows = input_axis ? m : sizes[g], cols = input_axis ? sizes[g] : n;
+    const int64_t rows = m, cols = sizes[g];
     floats.push_back(books[g].to(torch::kFloat).contiguous());
     const int64_t P = books[g].size(0);
     blocks.push_back({group_of(codes[g], books[g], cols, widths[g], v, rows),
@@ -540,8 +539,7 @@ void decode_row(const Block& B, int64_t r, int64_t v, float* out) {
   }
 }
 
-// Rows [r0, r1) of an input-axis layer's weight, columns in the codes' permuted order, into dst
-// [r1 - r0, n].
+// Rows [r0, r1) of a layer's weight, columns in the codes' permuted order, into dst [r1 - r0, n].
 void dequantize_rows(const std::vector<Block>& blocks, int64_t v, int64_t n, int64_t r0,
                      int64_t r1, float* dst) {
   at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
@@ -555,36 +553,24 @@ void dequantize_rows(const std::vector<Block>& blocks, int64_t v, int64_t n, int
   });
 }
 
-// The weight [m, n] as float32 (dequantize once, then one dense matmul): rows in the original
-// order (output-axis groups scatter their rows through perm), columns in the permuted order of
-// the codes (input-axis layers: W[:, perm]; multiply x[:, perm], cheaper than scattering the
-// columns of W). Written into `workspace` when given and large enough (a buffer reused across
-// calls: a fresh 64 MiB tensor costs as much in page faults as the dequantization itself).
+// The weight [m, n] as float32 (dequantize once, then one dense matmul), columns in the permuted
+// order of the codes (W[:, perm]; multiply x[:, perm], cheaper than scattering the columns of W).
+// Written into `workspace` when given and large enough (a buffer reused across calls: a fresh
+// 64 MiB tensor costs as much in page faults as the dequantization itself).
 torch::Tensor vq_dequantize(std::vector<torch::Tensor> codes, std::vector<torch::Tensor> books,
-                            torch::Tensor perm, std::vector<int64_t> sizes,
-                            std::vector<int64_t> widths, int64_t v, int64_t m, int64_t n,
-                            bool input_axis, std::optional<torch::Tensor> workspace) {
-  const auto order = perm.to(torch::kInt).contiguous();
-  TORCH_CHECK(order.dim() == 1 && order.size(0) == (input_axis ? n : m), "perm size");  // rows
+                            std::vector<int64_t> sizes, std::vector<int64_t> widths, int64_t v,
+                            int64_t m, int64_t n, std::optional<torch::Tensor> workspace) {
   int64_t total = 0;
   for (int64_t size : sizes) total += size;
-  TORCH_CHECK(total == (input_axis ? n : m), "group sizes must add up to the grouped axis");
-  const int32_t* O = order.data_ptr<int32_t>();
+  TORCH_CHECK(total == n, "group sizes must add up to the input features");
   const bool reuse = workspace && workspace->scalar_type() == torch::kFloat &&
                      workspace->is_contiguous() && workspace->numel() >= m * n;
   auto W = reuse ? workspace->flatten().narrow(0, 0, m * n).view({m, n})
                  : torch::empty({m, n}, torch::kFloat);
   float* out = W.data_ptr<float>();
   std::vector<torch::Tensor> floats;
-  const auto blocks = blocks_of(codes, books, sizes, widths, v, m, n, input_axis, floats);
-  if (input_axis) {
-    dequantize_rows(blocks, v, n, 0, m, out);
-    return W;
-  }
-  for (size_t g = 0, start = 0; g < blocks.size(); start += sizes[g], ++g)
-    at::parallel_for(0, blocks[g].rows, 16, [&](int64_t a, int64_t b) {
-      for (int64_t r = a; r < b; ++r) decode_row(blocks[g], r, v, out + O[start + r] * n);
-    });
+  const auto blocks = blocks_of(codes, books, sizes, widths, v, m, floats);
+  dequantize_rows(blocks, v, n, 0, m, out);
   return W;
 }
 
@@ -594,7 +580,7 @@ torch::Tensor reusable(torch::Tensor& buffer, int64_t numel) {
   return buffer.narrow(0, 0, numel);
 }
 
-// Prefill of an input-axis layer: out [T, m] = x W^T (times the row scales, plus the bias), x
+// Prefill: out [T, m] = x W^T (times the row scales, plus the bias), x
 // float32 [T, n]. The weight is dequantized a block of rows at a time (kPrefillBytes, at least
 // kPrefillRows rows) and each block multiplied by x[:, perm] at once: no whole float32 weight
 // is written or read, and each block is big enough for the matmul to run at full speed.
@@ -611,7 +597,7 @@ torch::Tensor vq_prefill(torch::Tensor x, torch::Tensor perm, std::vector<torch:
   for (int64_t size : sizes) total += size;
   TORCH_CHECK(total == n, "group sizes must add up to the input features");
   std::vector<torch::Tensor> floats;
-  const auto blocks = blocks_of(codes, books, sizes, widths, v, m, n, true, floats);
+  const auto blocks = blocks_of(codes, books, sizes, widths, v, m, floats);
   // buffers kept between calls (fresh ones cost page faults each call: as much as the work)
   static thread_local torch::Tensor xbuf, wbuf;
   const int64_t rows = std::min(
