@@ -6,6 +6,7 @@
     python benchmarks/quality.py --only 'rsavq (default)' --bits 3 # one row (rows may run as
                                                                    # separate processes)
     python benchmarks/quality.py --table-only                      # rewrite BENCHMARKS.md
+    python benchmarks/quality.py --table-only --json J --block B   # J's rows into block B
 
 Rows (same FP model, same C4 calibration windows and seeds; Hessian methods calibrate block by
 block on the already-quantized prefix unless a row says otherwise):
@@ -635,6 +636,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--merge", default="", help="comma-separated result JSONs added to the tables")
     p.add_argument("--table-only", action="store_true", help="only rewrite the tables")
+    p.add_argument(
+        "--block",
+        default="quality",
+        help="the markdown block rewritten: 'quality' (every table) or another name (the rows "
+        "as one ablation table)",
+    )
     return p.parse_args(argv)
 
 
@@ -645,9 +652,14 @@ def main(argv=None) -> None:
     for extra in filter(None, args.merge.split(",")):
         results["rows"].update(load_results(Path(extra))["rows"])
     markdown = args.markdown or ("BENCHMARKS.md" if args.table_only else None)
+    text = (
+        render(results)
+        if args.block == "quality"
+        else ablation_table(list(results["rows"].values()))
+    )
     if markdown:
-        rewrite_block(markdown, "quality", render(results))
-    print(render(results))
+        rewrite_block(markdown, args.block, text)
+    print(text)
 
 
 if __name__ == "__main__":

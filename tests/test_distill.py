@@ -68,6 +68,8 @@ def test_distillation_lowers_the_kl_deterministically_and_resumes(tmp_path):
     assert mean_kl(model, windows(), teacher) < before
     assert report["loss_last"] < report["loss_first"] and report["steps"] == 6
     assert report["heldout_after"] < report["heldout_before"] and report["kept"]
+    last_step, last = report["heldout_scores"][-1]  # ran to the end: the last state is kept
+    assert report["kept_step"] == last_step == 6 and report["heldout_after"] == last
     assert model.model.layers[0].mlp.down_proj.codebooks_0.dtype == torch.float16
     assert len(snapshots) == 3 and len(snapshots[0][0]["losses"]) == 2
     trained = {k: v.clone() for k, v in model.state_dict().items()}
@@ -92,7 +94,7 @@ def test_a_distillation_that_raises_the_heldout_kl_is_undone(tmp_path):
     assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
     steps = len(options.schedule(len(windows()), windows().shape[1]))
     every = math.ceil(steps / options.checks)  # stopped after `patience` scores past the best
-    assert report["steps"] == every * options.patience < steps and report["best_step"] == 0
+    assert report["steps"] == every * options.patience < steps and report["kept_step"] == 0
     assert [s for s, _ in report["heldout_scores"]] == [0, every, 2 * every]
 
 

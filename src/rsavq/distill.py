@@ -217,7 +217,7 @@ def distill(
             if save is not None and (due or watch.stopped(options.patience)):
                 save(_snapshot(params, optimizer, losses, watch))
         bar.close()
-        watch.restore_best()
+        watch.finish(stopped=len(losses) < len(schedule))
     run = len(losses)
     tenth = max(1, run // 10)
     report = dict(
@@ -227,7 +227,7 @@ def distill(
         windows=len(windows),
         tokens=sum(len(r) for r in schedule[:run]) * windows.shape[1],
         seconds=time.perf_counter() - start_time,
-        kept=watch.best_step > 0,
+        kept=watch.kept_step > 0,
         **watch.report(),
     )
     if not report["kept"]:
@@ -244,6 +244,7 @@ class _Watch:
         self.scores: list[tuple[int, float]] = []  # (step, held-out KL), step 0 first
         self.best: list[torch.Tensor] | None = None
         self.best_step = -1  # -1: nothing scored (no held-out windows: the last state is kept)
+        self.kept_step = -1  # the state the run ends with (`finish`)
         if heldout is not None:
             self.score(0)
 
@@ -266,21 +267,28 @@ class _Watch:
     def _best_index(self) -> int:
         return next(i for i, (step, _) in enumerate(self.scores) if step == self.best_step)
 
-    def restore_best(self) -> None:
-        if self.best is None or self.best_step == self.scores[-1][0]:
+    def finish(self, stopped: bool) -> None:
+        """Keep the last state when training ran to the end and lowered the held-out KL (or
+        nothing was scored), else go back to the best-scoring one."""
+        self.kept_step = self.best_step
+        if not self.scores:
             return
-        with torch.no_grad():
-            for p, b in zip(self.params, self.best, strict=True):
-                p.copy_(b)
+        last_step, last = self.scores[-1]
+        if not stopped and last < self.scores[0][1]:
+            self.kept_step = last_step
+        elif self.best_step != last_step:
+            with torch.no_grad():
+                for p, b in zip(self.params, self.best, strict=True):
+                    p.copy_(b)
 
     def report(self) -> dict:
         if not self.scores:
             return {}
         return {
             "heldout_before": self.scores[0][1],
-            "heldout_after": self.scores[self._best_index()][1],
+            "heldout_after": dict(self.scores)[self.kept_step],
             "heldout_scores": [list(s) for s in self.scores],
-            "best_step": self.best_step,
+            "kept_step": self.kept_step,
         }
 
 
