@@ -56,7 +56,7 @@ def test_schedule_covers_epochs_and_budgets():
 
 def test_distillation_lowers_the_kl_deterministically_and_resumes(tmp_path):
     fp, model = quantized(tmp_path)
-    options = Distillation(epochs=3, lr=3e-3, micro_batch=2, save_every=2, bf16=False)
+    options = Distillation(epochs=3, lr=3e-3, micro_batch=2, save_every=2, bf16=False, min_delta=0)
     teacher = teacher_targets(fp, windows(), options.top_k)
     held = windows(2, seed=5)
     heldout = (held, teacher_targets(fp, held, options.top_k))
@@ -96,6 +96,21 @@ def test_a_distillation_that_raises_the_heldout_kl_is_undone(tmp_path):
     every = math.ceil(steps / options.checks)  # stopped after `patience` scores past the best
     assert report["steps"] == every * options.patience < steps and report["kept_step"] == 0
     assert [s for s, _ in report["heldout_scores"]] == [0, every, 2 * every]
+
+
+def test_gains_below_min_delta_are_not_a_new_best(tmp_path):
+    """Held-out gains smaller than `min_delta` (relative) do not count: the run stops after
+    `patience` scores and returns to the state before training, as when the KL rises."""
+    fp, model = quantized(tmp_path)
+    options = Distillation(epochs=3, lr=3e-3, micro_batch=2, bf16=False, min_delta=0.99)
+    teacher = teacher_targets(fp, windows(), options.top_k)
+    held = windows(2, seed=5)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    report = distill(model, windows(), teacher, options, progress=False,
+                     heldout=(held, teacher_targets(fp, held, options.top_k)))  # fmt: skip
+    assert report["steps"] == options.patience and not report["kept"]
+    assert report["heldout_scores"][1][1] < report["heldout_before"]  # a gain, below min_delta
+    assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("config", [CONFIG, INT8], ids=["fp16", "int8"])

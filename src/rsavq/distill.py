@@ -57,9 +57,13 @@ class Distillation:
     save_every: int = 16  # optimizer steps between resumable snapshots
     # early stop on the held-out windows: their KL is measured this many times over the run
     # (evenly spaced, the last at the end); training stops after `patience` measurements in a
-    # row without a new best, and the best state is kept (the state before training counts)
+    # row without a new best (a KL at least `min_delta` below the best so far, relatively) and
+    # returns to the best state (the state before training counts). At 4 bits on SmolLM2-135M
+    # a 0.7% lower held-out KL came with a 1.5% higher WikiText-2 perplexity (BENCHMARKS.md,
+    # Cost): 4 windows do not rank states closer than that
     checks: int = 8
     patience: int = 2
+    min_delta: float = 0.01
     # calibration windows to distill on: this many drawn like the calibration's (more text: 256
     # beat 64 at 3 bits, BENCHMARKS.md Quality II; 128 by default: Cost), or None for those
     # the quantizer calibrates on; the default falls back to those when the corpus is too small
@@ -70,13 +74,13 @@ class Distillation:
         budget = self.tokens is None or self.tokens >= 1
         budget = budget and (self.windows is None or self.windows >= 1)
         counts = min(self.heldout + 1, self.save_every, self.checks, self.patience) >= 1
-        if not ok or not budget or not counts:
+        if not ok or not budget or not counts or not 0 <= self.min_delta < 1:
             raise UsageError(
                 "distillation needs epochs >= 1, lr > 0, micro_batch >= 1, top_k >= 1, "
-                "heldout >= 0, save_every, checks and patience >= 1, a positive token budget "
-                f"and window count; got {self.epochs}, {self.lr}, {self.micro_batch}, "
-                f"{self.top_k}, {self.heldout}, {self.save_every}, {self.checks}, "
-                f"{self.patience}, {self.tokens}, {self.windows}"
+                "heldout >= 0, save_every, checks and patience >= 1, 0 <= min_delta < 1, a "
+                f"positive token budget and window count; got {self.epochs}, {self.lr}, "
+                f"{self.micro_batch}, {self.top_k}, {self.heldout}, {self.save_every}, "
+                f"{self.checks}, {self.patience}, {self.min_delta}, {self.tokens}, {self.windows}"
             )
 
     def to_dict(self) -> dict:
@@ -256,7 +260,8 @@ class _Watch:
         with torch.autocast(device_type, torch.bfloat16, enabled=self.options.bf16):
             kl = mean_kl(self.model, *self.heldout)
         self.scores.append((step, kl))
-        if self.best is None or kl < min(k for _, k in self.scores[:-1]):
+        best = dict(self.scores).get(self.best_step)
+        if best is None or kl < best * (1 - self.options.min_delta):
             self.best = [p.detach().clone() for p in self.params]
             self.best_step = step
 
