@@ -136,13 +136,13 @@ def test_finetune_windows_hold_out_past_the_distillation_windows(tiny_tokenizer,
 
 
 def test_calibration_resolves_the_default_counts_by_width():
-    """Counts not given take the default's at the width (Fisher statistics at 64 windows at
-    every width); a given `nsamples` serves the Fisher statistics too unless they have their own."""
+    """Counts not given take the default's at the width; a given `nsamples` serves the Fisher
+    statistics too unless they have their own."""
     from rsavq.api import Calibration
     from rsavq.data import Corpus
 
     two, three = Calibration().resolved(2), Calibration().resolved(3)
-    assert (two.fisher_nsamples, two.nsamples) == (64, 128)
+    assert (two.fisher_nsamples, two.nsamples) == (128, 128)
     assert (three.fisher_nsamples, three.nsamples) == (64, 64)
     assert Calibration(nsamples=32).resolved(2).fisher_nsamples == 32
     own = Calibration(nsamples=32, fisher_nsamples=8).resolved(2)

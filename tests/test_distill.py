@@ -228,7 +228,7 @@ def test_default_windows_by_width():
     from rsavq.config import default_windows
     from rsavq.distill import is_default_count
 
-    assert default_windows(2) == default_windows(2.25) == (64, 128, 256)
+    assert default_windows(2) == default_windows(2.25) == (128, 128, 256)
     assert default_windows(3) == default_windows(4) == (64, 64, 128)
     assert Distillation().windows == 128
     assert is_default_count(256) and is_default_count(128) and not is_default_count(100)

@@ -380,9 +380,8 @@ class ScalarConfig:
 
 PRESETS = ("default", "paper", "kmeans")
 
-# the default's text budget: Fisher statistics, calibration windows (Hessians, block
-# fine-tuning) and distillation windows at 3 and 4 bits; below 2.5 bits the calibration and
-# distillation windows are twice as many, the Fisher statistics the same (`default_windows`)
+# the default's text budget: calibration windows (Fisher statistics, Hessians, block fine-tuning)
+# and distillation windows at 3 and 4 bits; twice both below 2.5 bits (`default_windows`)
 CALIBRATION_WINDOWS = 64
 DISTILL_WINDOWS = 128
 
@@ -398,12 +397,12 @@ class TextBudget(NamedTuple):
 def default_windows(bits: float) -> TextBudget:
     """The default's windows at `bits`. On SmolLM2-135M (16 windows bf16; BENCHMARKS.md, Cost)
     halving all from 128 and 256 kept 3 and 4 bits within 3% at 0.6x the time, but 2 bits is
-    data-bound (47.59 with 128 and 256, 50.01 with 64 and 256, 53.66 with 64 and 128), so below
-    2.5 bits the calibration and distillation windows stay at 128 and 256; the Fisher
-    statistics, which only sort channels and set the EDSG step, stay at 64 at every width (so
-    all widths share one cache entry)."""
+    data-bound (47.59 with 128 and 256, 50.01 with 64 and 256, 53.66 with 64 and 128; 49.60
+    with the Fisher statistics alone on 64, and the distilled state of step 224 of 256 kept by
+    the held-out score), so below 2.5 bits every count stays at 128 and 256."""
     scale = 2 if bits < 2.5 else 1
-    return TextBudget(CALIBRATION_WINDOWS, scale * CALIBRATION_WINDOWS, scale * DISTILL_WINDOWS)
+    calibration = scale * CALIBRATION_WINDOWS
+    return TextBudget(calibration, calibration, scale * DISTILL_WINDOWS)
 
 
 def default_widths(bits: float) -> dict:

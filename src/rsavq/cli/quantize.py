@@ -75,8 +75,7 @@ def add_parser(sub) -> None:
         type=positive_int,
         default=None,
         help="calibration windows for the Fisher statistics, input Hessians and block "
-        f"fine-tuning (default {CALIBRATION_WINDOWS}; below 2.5 bits {2 * CALIBRATION_WINDOWS} "
-        f"for the Hessians and fine-tuning, {CALIBRATION_WINDOWS} for the Fisher statistics)",
+        f"fine-tuning (default {CALIBRATION_WINDOWS}, {2 * CALIBRATION_WINDOWS} below 2.5 bits)",
     )
     c.add_argument("--seqlen", type=positive_int, default=Calibration.seqlen)
     c.add_argument("--seed", type=int, default=Calibration.seed)
