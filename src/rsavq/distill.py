@@ -197,7 +197,7 @@ def distill(
     start_time = time.perf_counter()
     with trainable(model) as params, torch.enable_grad():
         optimizer = torch.optim.Adam(params, lr=options.lr, betas=(0.9, 0.95))
-        watch = _Watch(model, heldout, options, params)
+        watch = _Watch(model, heldout, options, params, score_start=resume is None)
         losses = _restore(resume, params, optimizer, watch) if resume is not None else []
         bar = tqdm(total=len(schedule), initial=len(losses), desc="distill", unit="step",
                    disable=not progress)  # fmt: skip
@@ -243,13 +243,13 @@ def distill(
 class _Watch:
     """The held-out scores of a distillation run and its best state so far."""
 
-    def __init__(self, model: nn.Module, heldout, options: Distillation, params) -> None:
+    def __init__(self, model, heldout, options: Distillation, params, score_start: bool) -> None:
         self.model, self.heldout, self.options, self.params = model, heldout, options, params
         self.scores: list[tuple[int, float]] = []  # (step, held-out KL), step 0 first
         self.best: list[torch.Tensor] | None = None
         self.best_step = -1  # -1: nothing scored (no held-out windows: the last state is kept)
         self.kept_step = -1  # the state the run ends with (`finish`)
-        if heldout is not None:
+        if heldout is not None and score_start:  # (a resumed run reads its scores instead)
             self.score(0)
 
     def score(self, step: int) -> None:
@@ -267,10 +267,7 @@ class _Watch:
 
     def stopped(self, patience: int) -> bool:
         """Whether the last `patience` scores came after the best one."""
-        return self.best is not None and len(self.scores) - 1 - self._best_index() >= patience
-
-    def _best_index(self) -> int:
-        return next(i for i, (step, _) in enumerate(self.scores) if step == self.best_step)
+        return sum(step > self.best_step for step, _ in self.scores) >= patience
 
     def finish(self, stopped: bool) -> None:
         """Keep the last state when training ran to the end and lowered the held-out KL (or
@@ -312,7 +309,7 @@ def _restore(snapshot: Snapshot, params, optimizer, watch: _Watch) -> list[float
     """Parameters, optimizer state and held-out scores from a snapshot; returns the losses so
     far."""
     tensors, meta = snapshot
-    if int(meta["params"]) != len(params) or ("scores" in tensors) != bool(watch.scores):
+    if int(meta["params"]) != len(params) or ("scores" in tensors) != (watch.heldout is not None):
         raise UsageError("the distillation snapshot does not match this run; start over")
     with torch.no_grad():
         for i, p in enumerate(params):
