@@ -6,7 +6,7 @@ DATA_DIR ?= $(abspath ../shared/data)
 export RSAVQ_DATA_DIR ?= $(DATA_DIR)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint demo eval-fp clean
+.PHONY: setup test lint demo results clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,16 @@ demo: setup
 	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/rsavq quantize --model smollm2-135m --bits 3 $(DEMO_ARGS) --save-dtype bfloat16 \
 		--out $(DEMO_OUT) --eval wikitext2 --eval-limit 8
+
+# The results table (benchmarks/results.py): FP, RTN g128, GPTQ g128, the paper's configuration
+# and the default at 2, 3 and 4 bits on SmolLM2-135M, WikiText-2 and C4 perplexity and zero-shot
+# accuracy; each row runs its own processes and the run resumes where it stopped. FAST=1: the
+# 16-window development protocol with the 3-bit default over three seeds. RESULTS_ARGS adds
+# options (e.g. --bits 3 --only 'rsavq (default)').
+FAST ?=
+RESULTS_ARGS ?=
+results: setup
+	$(PY) benchmarks/results.py $(if $(FAST),--fast) $(RESULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

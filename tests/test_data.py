@@ -164,3 +164,17 @@ def test_heldout_windows_come_from_documents_calibration_never_reads(tiny_tokeni
     assert seen(held) and not seen(held) & seen(calib)
     with pytest.raises(DataError, match="held-out windows"):
         heldout_windows(tiny_tokenizer, corpus, 4, 16, seed=3, count=500)
+
+
+def test_unread_documents_skip_what_a_calibration_of_that_size_reads(tiny_tokenizer):
+    from helpers import WORDS
+    from rsavq.data import Corpus, calibration_windows, unread_documents
+
+    words = sorted(set(WORDS))
+    corpus = Corpus("docs", tuple(" ".join([w] * 30) for w in words), shuffle=True)
+    rest = unread_documents(tiny_tokenizer, corpus, 4 * 16, seed=3)
+    assert 0 < len(rest) < len(words)
+    calib = calibration_windows(tiny_tokenizer, corpus, 4, 16, seed=3)
+    read = {w for x in calib for w in tiny_tokenizer.decode(x).split()}
+    assert not read & {doc.split()[0] for doc in rest}
+    assert unread_documents(tiny_tokenizer, corpus, 10**6, seed=3) == []

@@ -291,10 +291,7 @@ def heldout_windows(
 ) -> torch.Tensor:
     """`count` windows `[count, seqlen]` from documents that `calibration_windows` with the same
     arguments never reads (the next ones in its seeded order): text to measure over-fitting on."""
-    generator = torch.Generator().manual_seed(seed)
-    documents = _ordered(corpus, generator)
-    taken, _ = _enough(tokenizer, corpus, documents, nsamples * seqlen)
-    rest = documents[len(taken) :]
+    rest = unread_documents(tokenizer, corpus, nsamples * seqlen, seed)
     _, ids = _enough(tokenizer, corpus, rest, count * seqlen)
     if ids.numel() < count * seqlen:
         raise DataError(
@@ -302,6 +299,15 @@ def heldout_windows(
             f"{count} held-out windows of {seqlen}; lower the count or use a larger source"
         )
     return ids[: count * seqlen].view(count, seqlen)
+
+
+def unread_documents(tokenizer, corpus: Corpus, tokens: int, seed: int = 0) -> list[str]:
+    """The documents, in the seeded order `calibration_windows` reads them, after the leading
+    ones that hold `tokens` tokens: text that no calibration of at most `tokens` tokens with
+    this seed reads."""
+    documents = _ordered(corpus, torch.Generator().manual_seed(seed))
+    taken, _ = _enough(tokenizer, corpus, documents, tokens)
+    return documents[len(taken) :]
 
 
 def _ordered(corpus: Corpus, generator: torch.Generator) -> list[str]:
