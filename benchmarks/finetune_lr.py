@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ def main() -> None:
     p.add_argument("--lrs", default="1e-4,1e-3,3e-3,1e-2")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast while training")
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument("--data-dir", default=os.environ.get("RSAVQ_DATA_DIR") or str(DEFAULT_DATA))
     p.add_argument("--json", default="benchmarks/results/finetune-lr.json")
     args = p.parse_args()
     torch.manual_seed(0)

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -613,7 +614,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--tasks", default=",".join(TASKS), help="'' for no zero-shot")
     p.add_argument("--tasks-limit", type=int, default=None)
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument("--data-dir", default=os.environ.get("RSAVQ_DATA_DIR") or str(DEFAULT_DATA))
     p.add_argument(
         "--work",
         default="runs/quality",

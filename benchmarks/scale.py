@@ -228,7 +228,7 @@ def parser(doc: str, name: str, blocks: int) -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=64)
     p.add_argument("--memory-budget", default="1.5GiB")
     p.add_argument("--bits", default="2")
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument("--data-dir", default=os.environ.get("RSAVQ_DATA_DIR") or str(DEFAULT_DATA))
     p.add_argument("--json", default=f"benchmarks/results/{name}.json")
     p.add_argument("--table-only", action="store_true", help="rewrite the tables from --json")
     p.add_argument("--markdown", default="BENCHMARKS.md")
