@@ -6,7 +6,7 @@ the FP model's inputs, then the WikiText-2 perplexity with parts of the FP model
 
 CHECKPOINT: an rsavq checkpoint of SmolLM2-135M, e.g. from
 `rsavq quantize --model smollm2-135m --bits 3 --calib c4 --nsamples 64 --seqlen 512
---finetune none --out q3` (the Quality I default). Block errors: `||block_q(x) - block(x)||^2 /
+--finetune none --out q3` (no fine-tuning). Block errors: `||block_q(x) - block(x)||^2 /
 ||block(x) - x||^2` summed over 4 C4 calibration windows of 512 tokens (x: the FP model's input
 to the block); the per-linear errors of `block` swap one quantized linear into the FP block.
 Perplexity: WikiText-2, the first `windows` windows of 2048, bf16 (the fast protocol). Writes

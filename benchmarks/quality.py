@@ -11,7 +11,7 @@
 Rows (same FP model, same C4 calibration windows and seeds; Hessian methods calibrate block by
 block on the already-quantized prefix unless a row says otherwise):
 - main, per width: FP | RTN g128 | GPTQ g128 act-order | k-means VQ | RSAVQ (paper) |
-  rsavq without fine-tuning (the Quality I default) | rsavq (default: block fine-tuning, then
+  rsavq without fine-tuning | rsavq (default: block fine-tuning, then
   end-to-end distillation; rows measured before distillation joined the default are shown as
   block fine-tuning only);
 - buildup, per width: k-means VQ, then one mechanism added per row up to the default;
@@ -100,15 +100,29 @@ BLOCK_ONLY = "rsavq, block fine-tuning only (Quality II part 1 default)"
 
 
 def shown_label(row: dict) -> str:
-    """A row's label in the tables: rows measured as `rsavq (default)` before distillation
-    joined the default (their JSON records no distillation), before the default widened the
-    key and value projections (no `layer_bits`; also the fine-tuning rows, which start from the
-    default) or before it distilled on 256 windows (no `windows`) are shown for what they ran
-    (`superseded`)."""
-    label = row["label"]
-    if label == DEFAULT and row.get("tuning") and not row.get("distillation"):
-        label = BLOCK_ONLY
-    bits = row.get("bits")
+    """A row's label in the tables, with what it ran where that differs from today's default
+    (`_earlier`)."""
+    label = _label(row)
+    earlier = _earlier(row)
+    label = {NO_TUNING: "rsavq, no fine-tuning", BLOCK_ONLY: "rsavq, block fine-tuning only"}.get(
+        label, label
+    )
+    return f"{label}, {' and '.join(earlier)}" if earlier else label
+
+
+def _label(row: dict) -> str:
+    """Rows measured as `rsavq (default)` before distillation joined the default (their JSON
+    records no distillation) count as block fine-tuning only."""
+    if row["label"] == DEFAULT and row.get("tuning") and not row.get("distillation"):
+        return BLOCK_ONLY
+    return row["label"]
+
+
+def _earlier(row: dict) -> list[str]:
+    """What a default's row (or a fine-tuning row, which starts from the default) ran that the
+    default no longer does: k/v at the common width (no `layer_bits`), distillation on the
+    calibration's windows (no `windows`)."""
+    label, bits = _label(row), row.get("bits")
     widened = bits and "layer_bits" in default_widths(bits)
     on_default = label in (NO_TUNING, DEFAULT, BLOCK_ONLY) or row.get("section") == "finetune"
     earlier = []
@@ -116,13 +130,15 @@ def shown_label(row: dict) -> str:
         earlier.append(f"k/v at {bits} bits")
     if label == DEFAULT and "windows" not in (row.get("distillation") or {"windows": 0}):
         earlier.append("distilled on the calibration's windows")
-    return f"{label}, {' and '.join(earlier)}" if earlier else label
+    return earlier
 
 
 def superseded(row: dict) -> bool:
     """A default's row measured before the default changed (the headline table leaves it out;
     the sections that measured it keep it, labelled by what it ran)."""
-    return row["label"] in (NO_TUNING, DEFAULT) and shown_label(row) != row["label"]
+    return row["label"] in (NO_TUNING, DEFAULT) and (
+        _label(row) != row["label"] or bool(_earlier(row))
+    )
 
 
 def main_rows(bits: int) -> list[Row]:

@@ -409,7 +409,7 @@ def default_widths(bits: float) -> dict:
     """The default's settings that depend on the width: at 3 and 4 bits `k_proj` and `v_proj`
     take one bit more. On SmolLM2-135M they are 6.25% of the weights and cost 5-18x more
     perplexity per weight than the other roles; one more bit on them took the 3-bit model from
-    38.93 to 29.97 (16 windows) at 3.150 bits/weight (BENCHMARKS.md, Quality I, "Where the error
+    38.93 to 29.97 (16 windows) at 3.150 bits/weight (BENCHMARKS.md, "Where the error
     costs perplexity"). At 4 bits a 5-bit codebook cannot be spread over less than a whole k/v
     layer, so the other layers' codebooks are halved to fit under 4.15 (`codebook_overhead`
     0.02: 4.1455 bits/weight, 23.40 -> 22.48 over 16 windows). At 2 bits the wider k/v do not fit

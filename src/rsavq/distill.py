@@ -52,7 +52,7 @@ class Distillation:
     seed: int = 0
     heldout: int = 4  # calibration-length windows from unseen documents, to watch over-fitting
     # bfloat16 autocast for the teacher's pass and the training steps: the same perplexity as
-    # float32 at 1.8x the speed per step (BENCHMARKS.md, Quality II part 2)
+    # float32 at 1.8x the speed per step (BENCHMARKS.md, "Fine-tuning and distillation settings")
     bf16: bool = True
     save_every: int = 16  # optimizer steps between resumable snapshots
     # early stop on the held-out windows: their KL is measured this many times over the run
@@ -65,7 +65,7 @@ class Distillation:
     patience: int = 2
     min_delta: float = 0.01
     # calibration windows to distill on: this many drawn like the calibration's (more text: 256
-    # beat 64 at 3 bits, BENCHMARKS.md Quality II; 128 by default: Cost), or None for those
+    # beat 64 at 3 bits, BENCHMARKS.md, Ablations; 128 by default: Cost), or None for those
     # the quantizer calibrates on; the default falls back to those when the corpus is too small
     windows: int | None = DISTILL_WINDOWS
 

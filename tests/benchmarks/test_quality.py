@@ -110,7 +110,8 @@ def test_tables_from_cached_json(quality, tmp_path):
     quality.main(["--table-only", "--json", str(path), "--markdown", str(md)])
     assert md.read_text() == text  # the block is replaced, not appended again
     old = {"label": "rsavq (default)", "tuning": {"epochs": 2}}
-    assert quality.shown_label(old) == quality.BLOCK_ONLY
+    assert quality.shown_label(old) == "rsavq, block fine-tuning only"
+    assert quality.superseded(old)
     assert quality.shown_label({**old, "distillation": {"windows": 256}}) == "rsavq (default)"
     earlier = quality.shown_label({**old, "distillation": {"epochs": 1}})
     assert earlier.endswith(", distilled on the calibration's windows")
@@ -123,6 +124,9 @@ def test_rows_measured_before_the_default_widened_k_and_v_are_shown_for_what_the
     assert quality.shown_label(old) == f"{quality.DEFAULT}, k/v at 3 bits"
     assert quality.superseded(old) and not quality.superseded(now)
     assert quality.shown_label(dict(old, bits=2)) == quality.DEFAULT  # 2 bits: nothing widened
+    no_tuning = dict(now, label=quality.NO_TUNING)
+    assert quality.shown_label(no_tuning) == "rsavq, no fine-tuning"
+    assert not quality.superseded(no_tuning)
     tuned = dict(old, section="finetune", label="+ distillation on 256 windows (bf16 autocast)")
     assert quality.shown_label(tuned).endswith(", k/v at 3 bits")
     assert quality.shown_label(dict(tuned, config=now["config"])) == tuned["label"]
