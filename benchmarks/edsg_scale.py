@@ -16,7 +16,7 @@ import json
 import torch
 
 from rsavq.algorithms.natural_gradient import natural_gradient
-from rsavq.api import Calibration, _fisher
+from rsavq.api import Calibration, fisher_statistics
 from rsavq.config import preset
 from rsavq.models import load_model
 
@@ -29,8 +29,7 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     config = preset("default", 3)
     calibration = Calibration().resolved(config.bits)
-    stats = _fisher(model, tokenizer, calibration.corpus(), calibration, None, args.model,
-                    config, progress=True)  # fmt: skip
+    stats = fisher_statistics(model, tokenizer, calibration, bits=config.bits, model_id=args.model)
     modules = dict(model.named_modules())
     ratios = []
     for name in stats.layer_names:

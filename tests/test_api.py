@@ -149,3 +149,15 @@ def test_calibration_resolves_the_default_counts_by_width():
     assert (own.fisher_nsamples, own.nsamples) == (8, 32)
     assert Calibration(fisher_nsamples=8).resolved(2).nsamples == 128
     assert own.fisher_spec(Corpus("c4", ("x",))).nsamples == 8
+
+
+def test_fisher_statistics_collect_then_reuse(tmp_path, tiny_tokenizer, text_file):
+    model = build_tiny_llama(len(tiny_tokenizer))
+    calibration = rsavq.Calibration(str(text_file), nsamples=3, seqlen=16)
+    stats = rsavq.fisher_statistics(model, tiny_tokenizer, calibration, tmp_path / "s", bits=2)
+    assert len(stats.layer_names) == 14 and (tmp_path / "s" / "manifest.json").exists()
+    again = rsavq.fisher_statistics(model, None, None, tmp_path / "s")  # no text needed
+    name = stats.layer_names[0]
+    torch.testing.assert_close(again.layer(name).F_I, stats.layer(name).F_I)
+    with pytest.raises(rsavq.UsageError, match="pass tokenizer="):
+        rsavq.fisher_statistics(model, None, calibration, tmp_path / "other")

@@ -129,8 +129,8 @@ def _quantize(
     fisher = None
     if FISHER in needs:
         with timed("fisher"):
-            fisher = _fisher(model, tokenizer, corpus, calibration, stats, model_id, config,
-                             progress)  # fmt: skip
+            fisher = _fisher(model, tokenizer, corpus, calibration, stats, model_id,
+                             config.skip, progress)  # fmt: skip
     c, windows = calibration, None
     if needs_windows:
         windows = calibration_windows(tokenizer, corpus, c.nsamples, c.seqlen, c.seed)
@@ -217,15 +217,42 @@ def _complete(stats) -> bool:
     return stats is not None and (Path(stats) / MANIFEST).exists()
 
 
-def _fisher(model, tokenizer, corpus, calibration, stats, model_id, config, progress):
+def fisher_statistics(
+    model: nn.Module,
+    tokenizer=None,
+    calibration: Calibration | None = None,
+    stats: str | Path | FisherStats | None = None,
+    *,
+    bits: float = 3,
+    model_id: str = "model",
+    skip: tuple[str, ...] | None = None,
+    progress: bool = True,
+) -> FisherStats:
+    """The Fisher statistics `quantize` would use at `bits`: `stats` when given, a complete
+    directory reused, else collected from `calibration` (resolved for `bits`) into `stats` or the
+    cache entry keyed by model and calibration. `skip`: layers left out (default: the default
+    preset's)."""
+    calibration = (calibration or Calibration()).resolved(bits)
+    given = isinstance(stats, FisherStats) or _complete(stats)
+    corpus = None if given else calibration.corpus()
+    skip = preset("default", bits).skip if skip is None else skip
+    return _fisher(model, tokenizer, corpus, calibration, stats, model_id, skip, progress)
+
+
+def _fisher(model, tokenizer, corpus, calibration, stats, model_id, skip, progress):
     """The Fisher statistics: given, reused when complete, else collected."""
     if isinstance(stats, FisherStats):
         return stats
+    if stats is not None and (Path(stats) / MANIFEST).exists():
+        logger.info("reusing Fisher statistics in %s", stats)
+        return load_stats(Path(stats))
     spec = calibration.fisher_spec(corpus)
     root = Path(stats) if stats is not None else default_stats_dir(model, spec)
     if (root / MANIFEST).exists():
         logger.info("reusing Fisher statistics in %s", root)
         return load_stats(root)
+    if tokenizer is None:
+        raise UsageError("collecting Fisher statistics tokenizes calibration text: pass tokenizer=")
     logger.info("collecting Fisher statistics into %s", root)
     options = CollectOptions(checkpoint_every=16, progress=progress)
-    return collect_model_stats(model, tokenizer, model_id, corpus, spec, root, options, config.skip)
+    return collect_model_stats(model, tokenizer, model_id, corpus, spec, root, options, skip)
