@@ -151,7 +151,18 @@ def quantize_step(row: Row, model: str, out: Path, args: argparse.Namespace) -> 
         "checkpoint_mib": checkpoint_mib(out),
         "threads": args.threads,
         "parallel": args.parallel,
+        "commit": _commit(),
     }
+
+
+def _commit() -> str | None:
+    """The commit of the code measured (the checkout this script runs from), when known."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip()
 
 
 def checkpoint_mib(path: Path) -> float:
