@@ -14,7 +14,8 @@ ARC-Challenge, PIQA and WinoGrande through lm-eval, the first 500 examples of ea
 over calibration seeds 0, 1 and 2 (the spread a difference has to beat).
 
 Each row runs `rsavq quantize --bits B` with the method's options (nothing else: the shipped
-defaults; embeddings and norms saved in bfloat16 as `make demo` does) and then `rsavq eval` once
+defaults; embeddings and norms saved in bfloat16 as `make demo` does; Fisher statistics
+collected into the row's own directory, so the time is a cold cache's) and then `rsavq eval` once
 per evaluation, each a process of its own. Every finished step (the quantization, each
 evaluation) is written to the JSON at once, so an interrupted run resumes at the next step (an
 interrupted quantization resumes from its checkpoint's partial directory). Rows may run as
@@ -135,7 +136,8 @@ def quantize_step(row: Row, model: str, out: Path, args: argparse.Namespace) -> 
     """`rsavq quantize` for one row (resumes a partial checkpoint): what it cost and made."""
     command = [
         sys.executable, "-m", "rsavq.cli", "quantize", "--model", model, "--bits", str(row.bits),
-        "--seed", str(row.seed), "--out", str(out), "--save-dtype", "bfloat16",
+        "--seed", str(row.seed), "--out", str(out), "--stats", f"{out}.stats",
+        "--save-dtype", "bfloat16",
         "--threads", str(args.threads), *METHODS[row.method], *shlex.split(args.quantize_args),
     ]  # fmt: skip
     if args.data_dir:
