@@ -72,6 +72,7 @@ def run_width(bits: int, threads: int, extra: list[str], windows: int, keep: Pat
             "calibration": report.get("calibration", {}).get("windows")
             or _option(extra, "--nsamples", default_windows(bits).calibration),
             "distill": (report.get("distill") or {}).get("windows"),
+            "block_epochs": _option(extra, "--finetune-epochs", default_windows(bits).block_epochs),
         },
         "checkpoint_mib": size / 2**20,
         "ppl": {
@@ -117,17 +118,18 @@ def summary(results: dict) -> str:
 
 def work(row: dict) -> dict[str, float]:
     """The units each stage's time grows with: Fisher windows, calibration windows (calibration
-    passes, block fine-tuning), teacher windows (the distillation's and 4 held-out), distillation
-    windows, and layers (quantize, refit). Rows record their window counts (Fisher the
-    calibration's when not recorded); older rows ran 128 and 256 unless their options said
-    otherwise."""
+    passes), calibration windows times block fine-tuning epochs, teacher windows (the
+    distillation's and 4 held-out), distillation windows, and layers (quantize, refit). Rows
+    record their window counts and epochs (Fisher the calibration's when not recorded); older
+    rows ran 128 and 256 windows and 2 epochs unless their options said otherwise."""
     options = row.get("extra", "").split()
     counted = row.get("windows", {})
     calib = counted.get("calibration") or _option(options, "--nsamples", 128)
     distill = counted.get("distill") or _option(options, "--distill-windows", 256)
     fisher, layers = counted.get("fisher") or calib, row.get("layers", 210)
+    epochs = counted.get("block_epochs") or _option(options, "--finetune-epochs", 2)
     return {"fisher": fisher, "teacher": distill + 4, "hessians": calib, "quantize": layers,
-            "refit": layers, "finetune": calib, "distill": distill}  # fmt: skip
+            "refit": layers, "finetune": calib * epochs, "distill": distill}  # fmt: skip
 
 
 def _option(options: list[str], name: str, default: int) -> int:
@@ -135,7 +137,7 @@ def _option(options: list[str], name: str, default: int) -> int:
 
 
 UNITS = {"fisher": "s / window", "teacher": "s / window", "hessians": "s / window",
-         "quantize": "s / layer", "refit": "s / layer", "finetune": "s / window (2 epochs)",
+         "quantize": "s / layer", "refit": "s / layer", "finetune": "s / window and epoch",
          "distill": "s / window (1 step)"}  # fmt: skip
 
 

@@ -161,3 +161,11 @@ def test_fisher_statistics_collect_then_reuse(tmp_path, tiny_tokenizer, text_fil
     torch.testing.assert_close(again.layer(name).F_I, stats.layer(name).F_I)
     with pytest.raises(rsavq.UsageError, match="pass tokenizer="):
         rsavq.fisher_statistics(model, None, calibration, tmp_path / "other")
+
+
+def test_default_block_fine_tuning_takes_the_same_steps_at_every_width():
+    from rsavq.api import finetune_stages
+
+    two, _ = finetune_stages("both", rsavq.preset("default", bits=2))
+    three, _ = finetune_stages("auto", rsavq.preset("default", bits=3))
+    assert (two.epochs, three.epochs) == (1, 2)  # 1 pass over 128 windows, 2 over 64

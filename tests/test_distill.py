@@ -177,9 +177,10 @@ def test_distilling_a_saved_checkpoint_equals_the_pipeline(tmp_path):
 
 def test_stages_by_name_and_refusals():
     default, e2e = preset("default", 2), Distillation(windows=256)  # 2 bits: 256 windows
-    assert finetune_stages("auto", default) == (BlockTuning(), e2e)
-    assert finetune_stages("block", default) == (BlockTuning(), None)
-    assert finetune_stages("both", default) == (BlockTuning(), e2e)
+    block = BlockTuning(epochs=1)  # 2 bits: one epoch over twice the windows
+    assert finetune_stages("auto", default) == (block, e2e)
+    assert finetune_stages("block", default) == (block, None)
+    assert finetune_stages("both", default) == (block, e2e)
     assert finetune_stages("e2e", default) == (None, e2e)
     assert finetune_stages("e2e", preset("default", 3)) == (None, Distillation())
     assert finetune_stages(None, default) == (None, None)
@@ -228,8 +229,8 @@ def test_default_windows_by_width():
     from rsavq.config import default_windows
     from rsavq.distill import is_default_count
 
-    assert default_windows(2) == default_windows(2.25) == (128, 128, 256)
-    assert default_windows(3) == default_windows(4) == (64, 64, 128)
+    assert default_windows(2) == default_windows(2.25) == (128, 128, 256, 1)
+    assert default_windows(3) == default_windows(4) == (64, 64, 128, 2)
     assert Distillation().windows == 128
     assert is_default_count(256) and is_default_count(128) and not is_default_count(100)
     assert not is_default_count(None)

@@ -157,8 +157,9 @@ def finetune_stages(finetune: Finetune, config) -> tuple[BlockTuning | None, Dis
             raise UsageError(f"finetune={finetune!r}: use one of {', '.join(STAGES)}")
         if finetune == "auto":
             finetune = "both" if supports_tuning(config) else "none"
-        block = BlockTuning() if finetune in ("block", "both") else None
-        e2e = Distillation(windows=default_windows(config.bits).distillation)
+        budget = default_windows(config.bits)
+        block = BlockTuning(epochs=budget.block_epochs) if finetune in ("block", "both") else None
+        e2e = Distillation(windows=budget.distillation)
         finetune = (block, e2e if finetune in ("e2e", "both") else None)
     stages = finetune if isinstance(finetune, tuple) else (finetune,)
     tuning = next((s for s in stages if isinstance(s, BlockTuning)), None)

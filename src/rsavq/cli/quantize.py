@@ -190,7 +190,10 @@ def add_parser(sub) -> None:
         "block-sequential VQ pass, else none",
     )
     t.add_argument(
-        "--finetune-epochs", type=positive_int, default=BlockTuning.epochs, help="block stage"
+        "--finetune-epochs",
+        type=positive_int,
+        default=None,
+        help="block stage: passes over the calibration windows (default 2, 1 below 2.5 bits)",
     )
     t.add_argument("--finetune-lr", type=float, default=BlockTuning.lr, help="block stage")
     t.add_argument(
@@ -273,7 +276,7 @@ def _tuning(args: argparse.Namespace, config):
     bf16 = BlockTuning.bf16 if args.finetune_bf16 is None else args.finetune_bf16
     if block is not None:
         block = BlockTuning(
-            epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed,
+            epochs=args.finetune_epochs or block.epochs, lr=args.finetune_lr, seed=args.seed,
             bf16=bf16,
         )  # fmt: skip
     if e2e is not None:
@@ -397,10 +400,10 @@ def _say_what_runs(model, config, calibration, args, tuning) -> None:
     block, e2e = tuning
     if block is not None:
         print(
-            f"block fine-tuning after each decoder block: {block.epochs} epochs, lr "
+            f"block fine-tuning after each decoder block: {block.epochs} epoch(s), lr "
             f"{block.lr:g} (--finetune none skips it)"
         )
     if e2e is not None:
-        budget = f"{e2e.tokens} tokens" if e2e.tokens else f"{e2e.epochs} epochs"
+        budget = f"{e2e.tokens} tokens" if e2e.tokens else f"{e2e.epochs} epoch(s)"
         budget += f" over {e2e.windows or calibration.nsamples} windows"
         print(f"end-to-end distillation from the FP model: {budget}, lr {e2e.lr:g}")
