@@ -183,6 +183,7 @@ def evaluations(protocol: Protocol, c4_file: Path) -> dict[str, list[str]]:
     }
     if protocol.tasks:
         steps["zero_shot"] = common + ["--ppl", "", "--tasks", ",".join(protocol.tasks)]
+        steps["zero_shot"] += ["--batch-size", "16"]
         if protocol.tasks_limit:
             steps["zero_shot"] += ["--tasks-limit", str(protocol.tasks_limit)]
     return steps
