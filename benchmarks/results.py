@@ -117,19 +117,23 @@ class Results:
         with self._locked():
             return self.read()["rows"].get(row.key, {})
 
-    def update_machine(self, threads: int) -> None:
+    @contextlib.contextmanager
+    def _editing(self):
+        """The JSON's data to change in place, written back atomically, all under the lock."""
         with self._locked():
             data = self.read()
-            data["machine"] = {"cpus": os.cpu_count(), "threads": threads,
-                               "processor": platform.processor() or platform.machine()}  # fmt: skip
+            yield data
             atomic_write_json(self.path, data)
 
+    def update_machine(self, threads: int) -> None:
+        with self._editing() as data:
+            data["machine"] = {"cpus": os.cpu_count(), "threads": threads,
+                               "processor": platform.processor() or platform.machine()}  # fmt: skip
+
     def update(self, row: Row, **fields) -> None:
-        with self._locked():
-            data = self.read()
+        with self._editing() as data:
             entry = data["rows"].setdefault(row.key, {**asdict(row), "steps": {}})
             entry["steps"].update(fields)
-            atomic_write_json(self.path, data)
 
 
 def quantize_step(row: Row, model: str, out: Path, args: argparse.Namespace) -> dict:

@@ -244,11 +244,10 @@ def _fisher(model, tokenizer, corpus, calibration, stats, model_id, skip, progre
     """The Fisher statistics: given, reused when complete, else collected."""
     if isinstance(stats, FisherStats):
         return stats
-    if stats is not None and (Path(stats) / MANIFEST).exists():
-        logger.info("reusing Fisher statistics in %s", stats)
-        return load_stats(Path(stats))
-    spec = calibration.fisher_spec(corpus)
-    root = Path(stats) if stats is not None else default_stats_dir(model, spec)
+    if stats is None:
+        root = default_stats_dir(model, calibration.fisher_spec(corpus))
+    else:
+        root = Path(stats)  # (reused without text when complete)
     if (root / MANIFEST).exists():
         logger.info("reusing Fisher statistics in %s", root)
         return load_stats(root)
@@ -256,4 +255,5 @@ def _fisher(model, tokenizer, corpus, calibration, stats, model_id, skip, progre
         raise UsageError("collecting Fisher statistics tokenizes calibration text: pass tokenizer=")
     logger.info("collecting Fisher statistics into %s", root)
     options = CollectOptions(checkpoint_every=16, progress=progress)
+    spec = calibration.fisher_spec(corpus)
     return collect_model_stats(model, tokenizer, model_id, corpus, spec, root, options, skip)
