@@ -32,11 +32,17 @@ def test_cpu_matches_reference(tokens, m, n, sizes, bits, v, P):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
 
 
-@pytest.mark.parametrize("rows", [16, 48])
-def test_prefill_in_blocks_of_rows_matches_reference(monkeypatch, rows):
-    monkeypatch.setattr(cpu, "PREFILL_ROWS", rows)
-    spec, perm, codes, books = random_layer(130, 200, (136, 64), (2, 2), 4, 1)
-    x, scales, bias = torch.randn(20, 200), (torch.rand(130) + 0.5).half(), torch.randn(130)
+@pytest.mark.parametrize("columns", [8, 24])
+@pytest.mark.parametrize(("m", "n", "sizes", "bits", "v", "P"), KERNEL_SHAPES)
+def test_prefill_in_chunks_of_columns_matches_reference(
+    monkeypatch, columns, m, n, sizes, bits, v, P
+):
+    """Several chunks (partial sums kept between them), tokens past a panel of 32, rows past a
+    tile of 12, a chunk edge inside a block of columns."""
+    monkeypatch.setattr(cpu, "PREFILL_COLUMNS", columns)
+    spec, perm, codes, books = random_layer(m, n, sizes, bits, v, P, m + n + columns)
+    x = torch.randn(45, n, generator=torch.Generator().manual_seed(columns))
+    bias, scales = torch.randn(m), (torch.rand(m) + 0.5).half()
     want = reference.vq_linear(x, codes, books, perm, spec, bias, scales)
     got = cpu.vq_linear(x, codes, books, perm, spec, bias, scales)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

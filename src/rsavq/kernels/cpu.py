@@ -13,11 +13,15 @@ picked by the codes.
 - Other codes: `vq_gemv`, float tables, codes read from the packed int32 words (tables of <= 64
   entries in registers, larger ones looked up with gathers).
 
-Prefill (more tokens): float32 inputs use `vq_prefill`, which dequantizes the weight a block of
-rows at a time (up to 64 MiB of float32, at least 256 rows, in a per-thread buffer kept between
-calls) and multiplies `x[:, perm]` by each block. Other inputs (bf16, autograd) use
-`vq_dequantize`: the whole float32 weight (columns in the codes' order) once per call into a
-per-thread buffer kept between calls, then one matmul by `x[:, perm]`.
+Prefill (more tokens): float32 inputs use `vq_prefill`. With AVX-512 it is a GEMM of its own
+that never writes the weight out: per chunk of about 512 columns (in the codes' order), x[:, perm]
+is packed once into panels of 32 tokens, and each thread decodes 12 rows of the chunk at a time
+into an L1 buffer and multiplies them by every panel (12 x 32 accumulators in registers); row
+scales and bias are applied as the last chunk is written. Memory: per thread, the packed x and
+the partial sums (4 bytes x tokens x (in + out features)), kept between calls. Without AVX-512
+the weight is dequantized a block of rows at a time and each block multiplied. Other inputs
+(bf16, autograd) use `vq_dequantize`: the whole float32 weight (columns in the codes' order)
+once per call into a per-thread buffer kept between calls, then one matmul by `x[:, perm]`.
 
 The extension is compiled on first use (g++ and ninja, `-march=native`; cached by torch under
 `~/.cache/torch_extensions`); when that fails, `available()` is False and dispatch uses the
@@ -42,7 +46,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "lut_gemv.cpp"
 DECODE_TOKENS = 8  # at most this many tokens per call use the LUT GEMV
 BYTE_CODES = 8  # codes of at most this many bits decode with int16 tables (`vq_gemv16`)
-PREFILL_ROWS = 0  # rows per block of `vq_prefill` (0: its own choice; tests set a few)
+PREFILL_COLUMNS = 0  # columns per chunk of `vq_prefill` (0: its own choice; tests set a few)
 _extension = None
 _failed = False
 _local = threading.local()
@@ -190,6 +194,16 @@ def _state(codes, codebooks, perm, spec: LayerSpec, cache) -> tuple:
     return cache.get("cpu") or cache.setdefault("cpu", prepare(codes, codebooks, perm, spec))
 
 
+def _books32(codebooks, cache) -> list[torch.Tensor]:
+    """The codebooks as float32 (fp16 values, as every kernel reads them), kept in `cache`."""
+    if cache is not None and "books32" in cache:
+        return cache["books32"]
+    books = [cb.half().float().contiguous() for cb in codebooks]
+    if cache is not None:
+        cache["books32"] = books
+    return books
+
+
 def _perm32(perm: torch.Tensor, cache) -> torch.Tensor:
     if cache is None:
         return perm.int().contiguous()
@@ -212,14 +226,15 @@ def vq_linear(
         args = (spec.vector_length, spec.out_features, _half(scales), _float(bias))
         out = extension().vq_gemv16(_float(x2), *state, *args)
         return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)
-    books = [cb.half().contiguous() for cb in codebooks]
     grad = torch.is_grad_enabled() and x.requires_grad
     if eager and not decode and x.dtype == torch.float32 and not grad:
-        args = (*_spec_args(spec), spec.out_features, _half(scales), _float(bias), PREFILL_ROWS)
+        args = (*_spec_args(spec), spec.out_features, _half(scales), _float(bias), PREFILL_COLUMNS)
+        books32 = _books32(codebooks, cache)
         out = extension().vq_prefill(
-            x2.contiguous(), _perm32(perm, cache), list(codes), books, *args
+            x2.contiguous(), _perm32(perm, cache), list(codes), books32, *args
         )
         return out.reshape(*lead, spec.out_features)
+    books = [cb.half().contiguous() for cb in codebooks]
     if decode:
         out = _gemv(x2.float().contiguous(), perm, list(codes), books, spec)
     else:

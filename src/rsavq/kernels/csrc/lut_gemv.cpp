@@ -1,5 +1,5 @@
-// CPU kernels for RSAVQ codes: a lookup-table GEMV for decode (a few tokens) and a dequantizer
-// for prefill (dequantize once per call, then one dense matmul).
+// CPU kernels for RSAVQ codes: a lookup-table GEMV for decode (a few tokens), a GEMM that decodes
+// the weight as it multiplies for prefill, and a dequantizer (bf16 inputs, autograd).
 //
 // x      [T, n]        float32 inputs in the original channel order.
 // perm   [n]           int16/int32: permuted column i of the codes is input channel perm[i].
@@ -255,7 +255,9 @@ void gather_sum(const std::vector<float>& lut, int64_t T, const Group& G, float*
 
 Group group_of(const torch::Tensor& codes, const torch::Tensor& book, int64_t size, int64_t width,
                int64_t v, int64_t m) {
-  TORCH_CHECK(book.scalar_type() == torch::kHalf && book.is_contiguous(), "fp16 codebooks");
+  TORCH_CHECK((book.scalar_type() == torch::kHalf || book.scalar_type() == torch::kFloat) &&
+                  book.is_contiguous(),
+              "fp16 or float32 codebooks");
   TORCH_CHECK(codes.scalar_type() == torch::kInt && codes.is_contiguous(), "int32 codes");
   const int64_t P = book.size(0), K = book.size(1), d = book.size(2);
   TORCH_CHECK(d * P == v && K == (int64_t{1} << width) && width <= 16, "codebook shape");
@@ -457,6 +459,7 @@ torch::Tensor vq_gemv(torch::Tensor x, torch::Tensor perm, std::vector<torch::Te
   const int64_t T = x.size(0), n = x.size(1);
   TORCH_CHECK(perm.dim() == 1 && perm.size(0) == n, "perm must have one entry per input");
   const auto order = perm.to(torch::kInt).contiguous();
+  for (const auto& book : books) TORCH_CHECK(book.scalar_type() == torch::kHalf, "fp16 codebooks");
   auto out = torch::zeros({T, m}, x.options());
   static thread_local std::vector<float> lut;  // kept between calls: no page faults per call
   int64_t start = 0;
@@ -580,16 +583,244 @@ torch::Tensor reusable(torch::Tensor& buffer, int64_t numel) {
   return buffer.narrow(0, 0, numel);
 }
 
-// Prefill: out [T, m] = x W^T (times the row scales, plus the bias), x
-// float32 [T, n]. The weight is dequantized a block of rows at a time (kPrefillBytes, at least
-// kPrefillRows rows) and each block multiplied by x[:, perm] at once: no whole float32 weight
-// is written or read, and each block is big enough for the matmul to run at full speed.
-// block_rows > 0 sets the block (tests).
+#if defined(__AVX512F__)
+// ---- Prefill on AVX-512: the weight decoded 12 rows at a time straight into the multiply ----
+// out [T, m] = x W^T as a GEMM whose weight side is never written out whole: the columns (in the
+// codes' order) are cut into chunks of about kChunkCols; per chunk, x[:, perm] is packed once as
+// panels of 32 tokens [k][32] (the vector side, L2-resident), and each thread decodes 12 rows of
+// the chunk at a time into an L1 buffer (the broadcast side) and multiplies them by every token
+// panel, 12 x 32 accumulators in registers. Partial sums between chunks go to out^T [m, T]; the
+// last chunk applies row scales and bias and writes out [T, m].
+constexpr int kPanelTokens = 32;    // tokens per micro-tile (two registers)
+constexpr int kPanelRows = 12;      // weight rows per micro-tile
+constexpr int64_t kChunkCols = 512;  // columns per chunk, about (a token panel 64 KiB, all 1 MiB)
+
+// Whole vectors [a, b) of block `block`, columns from `col` within the chunk.
+struct Segment {
+  int64_t block, a, b, col, cols;
+};
+struct Chunk {
+  int64_t c0, cols;
+  std::vector<Segment> segments;
+};
+
+// The chunks of a layer: each block's vectors in order, at most `width` columns per chunk (at
+// least one vector).
+std::vector<Chunk> chunks_of(const std::vector<Block>& blocks, int64_t v, int64_t width) {
+  std::vector<Chunk> chunks(1, Chunk{0, 0, {}});
+  for (int64_t g = 0; g < static_cast<int64_t>(blocks.size()); ++g) {
+    const int64_t vectors = (blocks[g].cols + v - 1) / v;
+    for (int64_t a = 0; a < vectors;) {
+      Chunk* c = &chunks.back();
+      if (c->cols > 0 && c->cols + v > width) {
+        chunks.push_back(Chunk{c->c0 + c->cols, 0, {}});
+        c = &chunks.back();
+      }
+      const int64_t b = std::min(vectors, a + std::max<int64_t>(1, (width - c->cols) / v));
+      const int64_t cols = std::min(b * v, blocks[g].cols) - a * v;
+      c->segments.push_back({g, a, b, c->cols, cols});
+      c->cols += cols;
+      a = b;
+    }
+  }
+  return chunks;
+}
+
+// Codes [j, end) of a row, vectors of D floats (one code each) to out + j * D, eight codes
+// (one 8-byte read, widths <= 8 bits, j a multiple of 8) per gather; returns where it stopped.
+template <int D>
+int64_t gather_vectors(const uint8_t* bytes, int64_t readable, int64_t width, int64_t j,
+                       int64_t end, const float* C, float* out) {
+  const __m512i shifts = _mm512_setr_epi64(0, width, 2 * width, 3 * width, 4 * width,
+                                           5 * width, 6 * width, 7 * width);
+  const __m512i mask = _mm512_set1_epi64((int64_t{1} << width) - 1);
+  const auto* book = reinterpret_cast<const long long*>(C);
+  for (; j + 8 <= end && ((j * width) >> 3) + 8 <= readable; j += 8) {
+    uint64_t bits;
+    std::memcpy(&bits, bytes + ((j * width) >> 3), 8);
+    const __m512i c = _mm512_and_si512(
+        _mm512_srlv_epi64(_mm512_set1_epi64(static_cast<int64_t>(bits)), shifts), mask);
+    if constexpr (D == 2) {  // a codeword is one 8-byte word
+      _mm512_storeu_si512(out + j * 2, _mm512_i32gather_epi64(_mm512_cvtepi64_epi32(c), book, 8));
+    } else {  // D == 4: two words per codeword, four codewords per gather
+      const __m512i c2 = _mm512_slli_epi64(c, 1), odd = _mm512_setr_epi64(0, 1, 0, 1, 0, 1, 0, 1);
+      const __m512i lo = _mm512_add_epi64(
+          _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3), c2), odd);
+      const __m512i hi = _mm512_add_epi64(
+          _mm512_permutexvar_epi64(_mm512_setr_epi64(4, 4, 5, 5, 6, 6, 7, 7), c2), odd);
+      _mm512_storeu_si512(out + j * 4, _mm512_i64gather_epi64(lo, book, 8));
+      _mm512_storeu_si512(out + j * 4 + 16, _mm512_i64gather_epi64(hi, book, 8));
+    }
+  }
+  return j;
+}
+
+// Rows [r0, r0 + rows) of a segment's columns into W (row i at W + i * ldw + s.col).
+void decode_rows(const Block& B, const Segment& s, int64_t r0, int64_t rows, int64_t v,
+                 float* W, int64_t ldw) {
+  const Group& G = B.G;
+  const uint64_t mask = (uint64_t{1} << G.width) - 1;
+  const bool fast = B.P == 1 && (B.d == 2 || B.d == 4) && G.width <= 8;
+  const int64_t whole = std::min(s.b, B.cols / v);  // vectors all inside the block (P == 1)
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t r = r0 + i;
+    const uint32_t* row = G.codes + r * G.W;
+    float* out = W + i * ldw + s.col - s.a * v;  // column c of the block at out + c
+    int64_t j = s.a * B.P;
+    if (fast) {
+      for (; j < whole && (j & 7); ++j)
+        std::memcpy(out + j * B.d, B.C + code_at(row, j * G.width, G.width, mask) * B.d,
+                    B.d * sizeof(float));
+      const auto* bytes = reinterpret_cast<const uint8_t*>(row);
+      const int64_t readable = (B.rows - r) * G.W * 4;
+      j = B.d == 2 ? gather_vectors<2>(bytes, readable, G.width, j, whole, B.C, out)
+                   : gather_vectors<4>(bytes, readable, G.width, j, whole, B.C, out);
+    }
+    for (; j < s.b * B.P; ++j) {  // any layout: each code read from the packed words
+      const int64_t p = j % B.P, c0 = (j / B.P) * v + p * B.d;
+      const int64_t c1 = std::min(c0 + B.d, B.cols);
+      const float* w = B.C + (p * G.K + code_at(row, j * G.width, G.width, mask)) * B.d;
+      for (int64_t c = c0; c < c1; ++c) out[c] = w[c - c0];
+    }
+  }
+}
+
+// acc[i] (+)= sum over k of W[i, k] * X[k, 32 tokens] for R rows; then either kept in Ct (rows
+// of out^T, stride ldc) or, on the last chunk, scaled, shifted and written to out [T, m].
+template <int R>
+void micro_tile(const float* X, const float* W, int64_t ldw, int64_t kc, float* Ct, int64_t ldc,
+                bool load, __mmask16 m0, __mmask16 m1, float* out, int64_t m, int64_t tokens,
+                const float* scale, const float* shift) {
+  __m512 c0[R], c1[R];
+  for (int i = 0; i < R; ++i) {
+    c0[i] = load ? _mm512_maskz_loadu_ps(m0, Ct + i * ldc) : _mm512_setzero_ps();
+    c1[i] = load ? _mm512_maskz_loadu_ps(m1, Ct + i * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 x0 = _mm512_loadu_ps(X + k * kPanelTokens);
+    const __m512 x1 = _mm512_loadu_ps(X + k * kPanelTokens + 16);
+    _mm_prefetch(reinterpret_cast<const char*>(X + (k + 8) * kPanelTokens), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(X + (k + 8) * kPanelTokens + 16), _MM_HINT_T0);
+#pragma GCC unroll 12
+    for (int i = 0; i < R; ++i) {
+      const __m512 w = _mm512_set1_ps(W[i * ldw + k]);
+      c0[i] = _mm512_fmadd_ps(w, x0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(w, x1, c1[i]);
+    }
+  }
+  if (!out) {
+    for (int i = 0; i < R; ++i) {
+      _mm512_mask_storeu_ps(Ct + i * ldc, m0, c0[i]);
+      _mm512_mask_storeu_ps(Ct + i * ldc + 16, m1, c1[i]);
+    }
+    return;
+  }
+  alignas(64) float tile[R][kPanelTokens];
+  for (int i = 0; i < R; ++i) {
+    const __m512 s = _mm512_set1_ps(scale ? scale[i] : 1.f);
+    const __m512 b = _mm512_set1_ps(shift ? shift[i] : 0.f);
+    _mm512_store_ps(tile[i], _mm512_fmadd_ps(c0[i], s, b));
+    _mm512_store_ps(tile[i] + 16, _mm512_fmadd_ps(c1[i], s, b));
+  }
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int i = 0; i < R; ++i) out[t * m + i] = tile[i][t];
+}
+
+template <int R = kPanelRows>
+void micro_rows(int rows, const float* X, const float* W, int64_t ldw, int64_t kc, float* Ct,
+                int64_t ldc,
+                bool load, __mmask16 m0, __mmask16 m1, float* out, int64_t m, int64_t tokens,
+                const float* scale, const float* shift) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      micro_tile<R>(X, W, ldw, kc, Ct, ldc, load, m0, m1, out, m, tokens, scale, shift);
+    else
+      micro_rows<R - 1>(rows, X, W, ldw, kc, Ct, ldc, load, m0, m1, out, m, tokens, scale, shift);
+  }
+}
+
+// x[t, perm[c]] for every chunk as panels of 32 tokens: chunk c's panel p [c.cols][32] at
+// dst + c.c0 * ldc + p * c.cols * 32 (ldc: T rounded up to 32; tokens past T zero). Each panel's
+// 32 rows of x stay in L2 while their columns are gathered.
+void pack_tokens(const float* X, const int32_t* O, int64_t T, int64_t n,
+                 const std::vector<Chunk>& chunks, int64_t ldc, float* dst) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i rows = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(n)));
+  at::parallel_for(0, ldc / kPanelTokens, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t t0 = p * kPanelTokens, tokens = std::min<int64_t>(kPanelTokens, T - t0);
+      const __mmask16 m0 = tokens >= 16 ? 0xFFFF : (__mmask16)((1u << tokens) - 1);
+      const __mmask16 m1 = tokens >= 32 ? 0xFFFF
+                           : tokens <= 16 ? 0 : (__mmask16)((1u << (tokens - 16)) - 1);
+      const float* x0 = X + t0 * n;  // tokens t0..t0 + 15 (lanes past T masked, never read)
+      const float* x1 = x0 + 16 * n;
+      const __m512 zero = _mm512_setzero_ps();
+      for (const Chunk& c : chunks) {
+        float* panel = dst + c.c0 * ldc + p * c.cols * kPanelTokens;
+        for (int64_t k = 0; k < c.cols; ++k) {
+          const __m512i at = _mm512_add_epi32(rows, _mm512_set1_epi32(O[c.c0 + k]));
+          _mm512_storeu_ps(panel + k * kPanelTokens, _mm512_mask_i32gather_ps(zero, m0, at, x0, 4));
+          _mm512_storeu_ps(panel + k * kPanelTokens + 16,
+                           m1 ? _mm512_mask_i32gather_ps(zero, m1, at, x1, 4) : zero);
+        }
+      }
+    }
+  });
+}
+
+torch::Tensor prefill_gemm(const float* X, const int32_t* O, int64_t T, int64_t n, int64_t m,
+                           const std::vector<Block>& blocks, int64_t v, int64_t width,
+                           const float* scale, const float* shift,
+                           const torch::TensorOptions& options) {
+  const int64_t count = std::max<int64_t>(1, (n + width / 2) / width);  // chunks of equal width
+  const auto chunks = chunks_of(blocks, v, ((n + count - 1) / count + v - 1) / v * v);
+  int64_t ldw = 0;  // the decoded rows' stride: the widest chunk and 16 (no 4 KiB aliasing)
+  for (const Chunk& c : chunks) ldw = std::max(ldw, c.cols + 16);
+  const int64_t panels = (T + kPanelTokens - 1) / kPanelTokens, ldc = panels * kPanelTokens;
+  static thread_local torch::Tensor xbuf, cbuf;
+  float* XP = reusable(xbuf, ldc * n).data_ptr<float>();
+  float* Ct = chunks.size() > 1 ? reusable(cbuf, m * ldc).data_ptr<float>() : nullptr;
+  pack_tokens(X, O, T, n, chunks, ldc, XP);
+  auto out = torch::empty({T, m}, options);
+  float* Y = out.data_ptr<float>();
+  const int64_t tiles = (m + kPanelRows - 1) / kPanelRows;
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    const Chunk& c = chunks[ci];
+    const bool first = ci == 0, last = ci + 1 == chunks.size();
+    at::parallel_for(0, tiles, 4, [&](int64_t a, int64_t b) {
+      static thread_local std::vector<float> rows_buffer;
+      rows_buffer.resize(kPanelRows * ldw);
+      float* W = rows_buffer.data();
+      for (int64_t tile = a; tile < b; ++tile) {
+        const int64_t r0 = tile * kPanelRows, rows = std::min<int64_t>(kPanelRows, m - r0);
+        for (const Segment& s : c.segments) decode_rows(blocks[s.block], s, r0, rows, v, W, ldw);
+        for (int64_t p = 0; p < panels; ++p) {
+          const int64_t t0 = p * kPanelTokens, tokens = std::min<int64_t>(kPanelTokens, T - t0);
+          const __mmask16 m0 = tokens >= 16 ? 0xFFFF : (__mmask16)((1u << tokens) - 1);
+          const __mmask16 m1 = tokens >= 32 ? 0xFFFF
+                               : tokens <= 16 ? 0 : (__mmask16)((1u << (tokens - 16)) - 1);
+          const float* panel = XP + c.c0 * ldc + p * c.cols * kPanelTokens;
+          micro_rows(static_cast<int>(rows), panel, W, ldw, c.cols,
+                     Ct ? Ct + r0 * ldc + t0 : nullptr, ldc, !first, m0, m1,
+                     last ? Y + t0 * m + r0 : nullptr, m, tokens,
+                     scale ? scale + r0 : nullptr, shift ? shift + r0 : nullptr);
+        }
+      }
+    });
+  }
+  return out;
+}
+#endif
+
+// Prefill: out [T, m] = x W^T (times the row scales, plus the bias), x float32 [T, n]. With
+// AVX-512, prefill_gemm (the weight decoded into the multiply; `block` > 0: columns per chunk,
+// tests). Elsewhere the weight is dequantized a block of rows at a time (kPrefillBytes, at least
+// kPrefillRows rows; `block` > 0: rows per block) and each block multiplied by x[:, perm].
 torch::Tensor vq_prefill(torch::Tensor x, torch::Tensor perm, std::vector<torch::Tensor> codes,
                          std::vector<torch::Tensor> books, std::vector<int64_t> sizes,
                          std::vector<int64_t> widths, int64_t v, int64_t m,
                          std::optional<torch::Tensor> scales, std::optional<torch::Tensor> bias,
-                         int64_t block_rows) {
+                         int64_t block) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x");
   TORCH_CHECK(perm.scalar_type() == torch::kInt && perm.numel() == x.size(1), "int32 perm");
   const int64_t T = x.size(0), n = x.size(1);
@@ -598,10 +829,18 @@ torch::Tensor vq_prefill(torch::Tensor x, torch::Tensor perm, std::vector<torch:
   TORCH_CHECK(total == n, "group sizes must add up to the input features");
   std::vector<torch::Tensor> floats;
   const auto blocks = blocks_of(codes, books, sizes, widths, v, m, floats);
+#if defined(__AVX512F__)
+  torch::Tensor scale32 = scales ? scales->to(torch::kFloat).contiguous() : torch::Tensor();
+  torch::Tensor shift32 = bias ? bias->to(torch::kFloat).contiguous() : torch::Tensor();
+  return prefill_gemm(x.data_ptr<float>(), perm.data_ptr<int32_t>(), T, n, m, blocks, v,
+                      block > 0 ? block : kChunkCols,
+                      scales ? scale32.data_ptr<float>() : nullptr,
+                      bias ? shift32.data_ptr<float>() : nullptr, x.options());
+#else
   // buffers kept between calls (fresh ones cost page faults each call: as much as the work)
   static thread_local torch::Tensor xbuf, wbuf;
   const int64_t rows = std::min(
-      m, block_rows > 0 ? block_rows : std::max<int64_t>(kPrefillRows, kPrefillBytes / (4 * n)));
+      m, block > 0 ? block : std::max<int64_t>(kPrefillRows, kPrefillBytes / (4 * n)));
   auto xp = reusable(xbuf, T * n).view({T, n});  // x[:, perm]
   auto block = reusable(wbuf, rows * n).view({rows, n});
   const float* X = x.data_ptr<float>();
@@ -621,6 +860,7 @@ torch::Tensor vq_prefill(torch::Tensor x, torch::Tensor perm, std::vector<torch:
   if (scales) out.mul_(scales->to(torch::kFloat));
   if (bias) out.add_(*bias);
   return out;
+#endif
 }
 
 // A layer's codes of <= 8 bits repacked for vq_gemv16, the groups' codes one after another along
