@@ -126,7 +126,7 @@ def layer_rows(bits_list, tokens_list, groups: int, codebooks: str, bandwidth: f
             stored = layer_bytes(module)
             for tokens in tokens_list:
                 x = torch.randn(tokens, n)
-                repeats = 5 if tokens > 1 or n * m > 10**7 else 20
+                repeats = 15 if tokens > 1 else (5 if n * m > 10**7 else 20)
                 fns = {
                     "dense": lambda x=x, W=W: F.linear(x, W),
                     "vq": lambda x=x, m=module: m(x),

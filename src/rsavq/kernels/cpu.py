@@ -204,6 +204,16 @@ def _books32(codebooks, cache) -> list[torch.Tensor]:
     return books
 
 
+def _decode_args(codes, codebooks, perm, spec: LayerSpec, bias, scales, cache) -> tuple:
+    """`vq_gemv16`'s arguments after x, kept in `cache` (a decode call is short: the Python
+    around it counts)."""
+    state = _state(codes, codebooks, perm, spec, cache)  # perm32, packed, books, norms, meta
+    args = (*state, spec.vector_length, spec.out_features, _half(scales), _float(bias))
+    if cache is not None:
+        cache["gemv16"] = args
+    return args
+
+
 def _perm32(perm: torch.Tensor, cache) -> torch.Tensor:
     if cache is None:
         return perm.int().contiguous()
@@ -221,10 +231,10 @@ def vq_linear(
     x2 = x.reshape(-1, n)
     decode = x2.shape[0] <= DECODE_TOKENS
     eager = not torch.compiler.is_compiling()
-    if eager and decode and byte_codes(spec):
-        state = _state(codes, codebooks, perm, spec, cache)  # perm32, packed, books, norms, meta
-        args = (spec.vector_length, spec.out_features, _half(scales), _float(bias))
-        out = extension().vq_gemv16(_float(x2), *state, *args)
+    kept = cache.get("gemv16") if cache is not None else None
+    if eager and decode and (kept is not None or byte_codes(spec)):
+        args = kept or _decode_args(codes, codebooks, perm, spec, bias, scales, cache)
+        out = extension().vq_gemv16(_float(x2), *args)
         return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)
     grad = torch.is_grad_enabled() and x.requires_grad
     if eager and not decode and x.dtype == torch.float32 and not grad:
