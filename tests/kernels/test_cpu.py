@@ -131,3 +131,13 @@ def test_prefill_workspace_is_not_shared_with_autograd():
     y.sum().backward()
     W = reference.dequantize(codes, books, perm, spec)
     torch.testing.assert_close(x.grad, W.sum(0).expand(12, -1), rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_over_more_tokens_than_one_block_of_panels_matches_reference():
+    """1100 tokens x 400 columns: the token panels are multiplied in two blocks (each decodes the
+    rows again)."""
+    spec, perm, codes, books = random_layer(30, 400, (200, 200), (3, 2), 2, 1)
+    x, scales = torch.randn(1100, 400), (torch.rand(30) + 0.5).half()
+    want = reference.vq_linear(x, codes, books, perm, spec, None, scales)
+    got = cpu.vq_linear(x, codes, books, perm, spec, None, scales)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

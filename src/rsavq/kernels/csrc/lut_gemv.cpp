@@ -593,7 +593,8 @@ torch::Tensor reusable(torch::Tensor& buffer, int64_t numel) {
 // last chunk applies row scales and bias and writes out [T, m].
 constexpr int kPanelTokens = 32;    // tokens per micro-tile (two registers)
 constexpr int kPanelRows = 12;      // weight rows per micro-tile
-constexpr int64_t kChunkCols = 512;  // columns per chunk, about (a token panel 64 KiB, all 1 MiB)
+constexpr int64_t kChunkCols = 768;  // columns per chunk, about
+constexpr int64_t kPanelBytes = 3 << 19;  // token panels multiplied per decode (1.5 MiB, L2)
 
 // Whole vectors [a, b) of block `block`, columns from `col` within the chunk.
 struct Segment {
@@ -784,30 +785,37 @@ torch::Tensor prefill_gemm(const float* X, const int32_t* O, int64_t T, int64_t 
   auto out = torch::empty({T, m}, options);
   float* Y = out.data_ptr<float>();
   const int64_t tiles = (m + kPanelRows - 1) / kPanelRows;
-  for (size_t ci = 0; ci < chunks.size(); ++ci) {
-    const Chunk& c = chunks[ci];
-    const bool first = ci == 0, last = ci + 1 == chunks.size();
-    at::parallel_for(0, tiles, 4, [&](int64_t a, int64_t b) {
-      static thread_local std::vector<float> rows_buffer;
-      rows_buffer.resize(kPanelRows * ldw);
-      float* W = rows_buffer.data();
-      for (int64_t tile = a; tile < b; ++tile) {
-        const int64_t r0 = tile * kPanelRows, rows = std::min<int64_t>(kPanelRows, m - r0);
-        for (const Segment& s : c.segments) decode_rows(blocks[s.block], s, r0, rows, v, W, ldw);
-        for (int64_t p = 0; p < panels; ++p) {
-          const int64_t t0 = p * kPanelTokens, tokens = std::min<int64_t>(kPanelTokens, T - t0);
-          const __mmask16 m0 = tokens >= 16 ? 0xFFFF : (__mmask16)((1u << tokens) - 1);
-          const __mmask16 m1 = tokens >= 32 ? 0xFFFF
-                               : tokens <= 16 ? 0 : (__mmask16)((1u << (tokens - 16)) - 1);
-          const float* panel = XP + c.c0 * ldc + p * c.cols * kPanelTokens;
-          micro_rows(static_cast<int>(rows), panel, W, ldw, c.cols,
-                     Ct ? Ct + r0 * ldc + t0 : nullptr, ldc, !first, m0, m1,
-                     last ? Y + t0 * m + r0 : nullptr, m, tokens,
-                     scale ? scale + r0 : nullptr, shift ? shift + r0 : nullptr);
+  // One parallel region: each thread takes its rows through every chunk (no barrier between),
+  // a block of token panels at a time (about kPanelBytes: L2-resident), decoding its rows anew
+  // per block.
+  at::parallel_for(0, tiles, 4, [&](int64_t a, int64_t b) {
+    static thread_local std::vector<float> rows_buffer;
+    rows_buffer.resize(kPanelRows * ldw);
+    float* W = rows_buffer.data();
+    for (size_t ci = 0; ci < chunks.size(); ++ci) {
+      const Chunk& c = chunks[ci];
+      const bool first = ci == 0, last = ci + 1 == chunks.size();
+      const int64_t step = std::max<int64_t>(1, kPanelBytes / (4 * kPanelTokens * c.cols));
+      for (int64_t p0 = 0; p0 < panels; p0 += step) {
+        for (int64_t tile = a; tile < b; ++tile) {
+          const int64_t r0 = tile * kPanelRows, rows = std::min<int64_t>(kPanelRows, m - r0);
+          for (const Segment& s : c.segments)
+            decode_rows(blocks[s.block], s, r0, rows, v, W, ldw);
+          for (int64_t p = p0; p < std::min(panels, p0 + step); ++p) {
+            const int64_t t0 = p * kPanelTokens, tokens = std::min<int64_t>(kPanelTokens, T - t0);
+            const __mmask16 m0 = tokens >= 16 ? 0xFFFF : (__mmask16)((1u << tokens) - 1);
+            const __mmask16 m1 = tokens >= 32 ? 0xFFFF
+                                 : tokens <= 16 ? 0 : (__mmask16)((1u << (tokens - 16)) - 1);
+            const float* panel = XP + c.c0 * ldc + p * c.cols * kPanelTokens;
+            micro_rows(static_cast<int>(rows), panel, W, ldw, c.cols,
+                       Ct ? Ct + r0 * ldc + t0 : nullptr, ldc, !first, m0, m1,
+                       last ? Y + t0 * m + r0 : nullptr, m, tokens,
+                       scale ? scale + r0 : nullptr, shift ? shift + r0 : nullptr);
+          }
         }
       }
-    });
-  }
+    }
+  });
   return out;
 }
 #endif
