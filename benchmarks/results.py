@@ -275,7 +275,8 @@ def table(data: dict) -> str:
         cells.append(f"{q['bits_per_weight']:.3f}" if "bits_per_weight" in q else "-")
         cells += [_ppl(steps.get(s, {}).get("ppl")) for s in ("wikitext2", "c4")]
         cells += zero_shot_cells(steps)
-        cells.append(f"{q['wall_seconds'] / 60:.1f} min" if "wall_seconds" in q else "-")
+        mark = "*" if q.get("parallel") else ""
+        cells.append(f"{q['wall_seconds'] / 60:.1f} min{mark}" if "wall_seconds" in q else "-")
         cells.append(f"{q['checkpoint_mib']:.1f} MiB" if "checkpoint_mib" in q else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -299,10 +300,19 @@ def spread(data: dict, bits: int = 3) -> str | None:
     return f"The {bits}-bit default over calibration seeds {seeds}: " + "; ".join(parts) + "."
 
 
+CONTENDED = (
+    "\\* quantized beside another row (two processes of one thread on the two cores): not a "
+    "quiet time; the quiet cost of the default at each width is under Cost."
+)
+
+
 def render(data: dict) -> str:
-    text = table(data)
-    line = spread(data)
-    return text + (f"\n\n{line}" if line else "")
+    lines = [table(data)]
+    if any(r["steps"].get("quantize", {}).get("parallel") for r in data["rows"].values()):
+        lines.append(CONTENDED)
+    if line := spread(data):
+        lines.append(line)
+    return "\n\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

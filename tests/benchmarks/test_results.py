@@ -73,3 +73,14 @@ def test_table_orders_rows_and_spread_reads_the_seeds():
     assert "10.0 min | 94.4 MiB |" in text
     assert "seeds 0, 1, 2: wikitext2 27.50 / 28.00 / 27.00 (mean 27.50" in text
     assert "max - min 3.6% of the mean" in text
+
+
+def test_a_time_measured_beside_another_row_is_marked():
+    results = load_results()
+    quiet = {"bits_per_weight": 3.15, "wall_seconds": 600.0, "checkpoint_mib": 94.4}
+    rows = {"q": {"method": "GPTQ g128", "bits": 3, "seed": 0, "steps": {"quantize": quiet}}}
+    assert "10.0 min |" in results.render({"rows": rows})
+    assert results.CONTENDED not in results.render({"rows": rows})
+    rows["q"]["steps"]["quantize"] = {**quiet, "parallel": True}
+    text = results.render({"rows": rows})
+    assert "10.0 min* |" in text and results.CONTENDED in text
