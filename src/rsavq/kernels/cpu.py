@@ -14,7 +14,7 @@ picked by the codes.
   entries in registers, larger ones looked up with gathers).
 
 Prefill (more tokens): float32 inputs use `vq_prefill`. With AVX-512 it is a GEMM of its own
-that never writes the weight out: per chunk of about 768 columns (in the codes' order), x[:, perm]
+that never writes the weight out: per chunk of about 512 columns (in the codes' order), x[:, perm]
 is packed once into panels of 32 tokens, and each thread decodes 12 rows of the chunk at a time
 into an L1 buffer and multiplies them by every panel (12 x 32 accumulators in registers); row
 scales and bias are applied as the last chunk is written. Memory: per thread, the packed x and

@@ -593,8 +593,8 @@ torch::Tensor reusable(torch::Tensor& buffer, int64_t numel) {
 // last chunk applies row scales and bias and writes out [T, m].
 constexpr int kPanelTokens = 32;    // tokens per micro-tile (two registers)
 constexpr int kPanelRows = 12;      // weight rows per micro-tile
-constexpr int64_t kChunkCols = 768;  // columns per chunk, about
-constexpr int64_t kPanelBytes = 3 << 19;  // token panels multiplied per decode (1.5 MiB, L2)
+constexpr int64_t kChunkCols = 512;  // columns per chunk, about
+constexpr int64_t kPanelBytes = 2 << 20;  // token panels multiplied per decode (2 MiB, L2)
 
 // Whole vectors [a, b) of block `block`, columns from `col` within the chunk.
 struct Segment {
@@ -795,7 +795,8 @@ torch::Tensor prefill_gemm(const float* X, const int32_t* O, int64_t T, int64_t 
     for (size_t ci = 0; ci < chunks.size(); ++ci) {
       const Chunk& c = chunks[ci];
       const bool first = ci == 0, last = ci + 1 == chunks.size();
-      const int64_t step = std::max<int64_t>(1, kPanelBytes / (4 * kPanelTokens * c.cols));
+      const int64_t most = std::max<int64_t>(1, kPanelBytes / (4 * kPanelTokens * c.cols));
+      const int64_t step = (panels + (panels + most - 1) / most - 1) / ((panels + most - 1) / most);
       for (int64_t p0 = 0; p0 < panels; p0 += step) {
         for (int64_t tile = a; tile < b; ++tile) {
           const int64_t r0 = tile * kPanelRows, rows = std::min<int64_t>(kPanelRows, m - r0);
