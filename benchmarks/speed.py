@@ -170,10 +170,13 @@ def layer_bytes(module: VQLinear) -> int:
 def kernel_state_bytes(module: VQLinear) -> int:
     """Bytes of what the kernels keep beside a layer's buffers (the CPU decode's repacked codes,
     transposed codebooks)."""
-    tensors = [
-        t for v in module._kernel_state.values() for t in (v if isinstance(v, tuple) else (v,))
-    ]
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    tensors = {
+        t.data_ptr(): t
+        for v in module._kernel_state.values()
+        for t in (v if isinstance(v, (tuple, list)) else (v,))
+        if isinstance(t, torch.Tensor)
+    }  # each tensor once (the decode's argument tuple repeats the repacked state)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def model_row(
