@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from rsavq.config import default_windows
+from rsavq.io import rewrite_block
 
 STAGES = (
     "load", "fisher", "teacher", "hessians", "quantize", "refit", "finetune", "distill", "save",
@@ -103,12 +104,14 @@ def table(results: dict) -> str:
 
 def summary(results: dict) -> str:
     """README's results table: one row per run, what a user gets and what it costs."""
-    head = ["bits", "run", "bits/weight", "PPL, 16 windows bf16", "quantize wall time",
-            "peak RSS", "checkpoint"]  # fmt: skip
+    head = ["bits", "calibration / distillation windows", "bits/weight", "PPL, 16 windows bf16",
+            "quantize wall time", "peak RSS", "checkpoint"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in sorted(results["runs"].values(), key=lambda r: r["bits"]):
+        windows = row.get("windows", {})
+        budget = f"{windows.get('calibration', '-')} / {windows.get('distill', '-')}"
         cells = [
-            str(row["bits"]), row.get("label") or "-", f"{row['bits_per_weight']:.3f}",
+            str(row["bits"]), budget, f"{row['bits_per_weight']:.3f}",
             f"{row['ppl']['value']:.2f}", f"{row['clock']['total_seconds'] / 60:.1f} min",
             f"{row['clock']['peak_rss_gib']:.1f} GiB", f"{row['checkpoint_mib']:.1f} MiB",
         ]  # fmt: skip
@@ -169,7 +172,7 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results/cost.json")
     parser.add_argument("--table", default=None, help="print the table of this JSON and exit")
     parser.add_argument(
-        "--summary", default=None, help="print README's results table of this JSON and exit"
+        "--summary", default=None, help="README's defaults table of this JSON (written there)"
     )
     parser.add_argument(
         "--rates", nargs="+", default=None, help="print the stage rates of these JSONs and exit"
@@ -187,7 +190,9 @@ def main() -> None:
         print(table(json.loads(Path(args.table).read_text())))
         return
     if args.summary:
-        print(summary(json.loads(Path(args.summary).read_text())))
+        text = summary(json.loads(Path(args.summary).read_text()))
+        rewrite_block(Path(__file__).resolve().parents[1] / "README.md", "defaults", text)
+        print(text)
         return
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
