@@ -851,7 +851,7 @@ torch::Tensor vq_prefill(torch::Tensor x, torch::Tensor perm, std::vector<torch:
   const int64_t rows = std::min(
       m, block > 0 ? block : std::max<int64_t>(kPrefillRows, kPrefillBytes / (4 * n)));
   auto xp = reusable(xbuf, T * n).view({T, n});  // x[:, perm]
-  auto block = reusable(wbuf, rows * n).view({rows, n});
+  auto W = reusable(wbuf, rows * n).view({rows, n});
   const float* X = x.data_ptr<float>();
   float* XP = xp.data_ptr<float>();
   const int32_t* O = perm.data_ptr<int32_t>();
@@ -862,9 +862,9 @@ torch::Tensor vq_prefill(torch::Tensor x, torch::Tensor perm, std::vector<torch:
   auto out = torch::empty({T, m}, x.options());
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r1 = std::min(m, r0 + rows);
-    dequantize_rows(blocks, v, n, r0, r1, block.data_ptr<float>());
+    dequantize_rows(blocks, v, n, r0, r1, W.data_ptr<float>());
     auto y = out.narrow(1, r0, r1 - r0);
-    at::mm_out(y, xp, block.narrow(0, 0, r1 - r0).t());
+    at::mm_out(y, xp, W.narrow(0, 0, r1 - r0).t());
   }
   if (scales) out.mul_(scales->to(torch::kFloat));
   if (bias) out.add_(*bias);
