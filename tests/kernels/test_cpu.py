@@ -1,5 +1,9 @@
 """The CPU kernels (LUT GEMV, dequantize + matmul) against the reference kernel (the oracle)."""
 
+import shutil
+import subprocess
+import sysconfig
+
 import pytest
 import torch
 
@@ -141,3 +145,14 @@ def test_prefill_over_more_tokens_than_one_block_of_panels_matches_reference():
     want = reference.vq_linear(x, codes, books, perm, spec, None, scales)
     got = cpu.vq_linear(x, codes, books, perm, spec, None, scales)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
+def test_the_extension_compiles_for_a_cpu_without_avx512():
+    """The fallbacks (`#else` of every AVX-512 path) are compiled nowhere else on this machine."""
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
+    command = ["g++", "-fsyntax-only", "-std=c++17", "-march=haswell", "-fopenmp", "-w"]
+    done = subprocess.run([*command, *includes, str(cpu.SOURCE)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
