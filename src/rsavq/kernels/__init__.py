@@ -2,8 +2,9 @@
 `y = (x W^T) * scales + bias` (row scales and bias optional).
 
 Backends: `reference` (dequantize, then matmul: the oracle), `cpu` (C++: lookup-table GEMV for
-decode, fast dequantize + matmul for prefill) and `triton` (fused dequantize-GEMV/GEMM on CUDA
-GPUs; the `[triton]` extra). `choose_backend` picks by device; a module may pin one.
+decode, a GEMM that decodes the weight as it multiplies for prefill) and `triton` (fused
+dequantize-GEMV/GEMM on CUDA GPUs; the `[triton]` extra). `choose_backend` picks by device; a
+module may pin one.
 """
 
 from __future__ import annotations
