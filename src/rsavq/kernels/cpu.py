@@ -194,55 +194,44 @@ def _state(codes, codebooks, perm, spec: LayerSpec, cache) -> tuple:
     return cache.get("cpu") or cache.setdefault("cpu", prepare(codes, codebooks, perm, spec))
 
 
-def _books32(codebooks, cache) -> list[torch.Tensor]:
-    """The codebooks as float32 (fp16 values, as every kernel reads them), kept in `cache`."""
-    if cache is not None and "books32" in cache:
-        return cache["books32"]
-    books = [cb.half().float().contiguous() for cb in codebooks]
-    if cache is not None:
-        cache["books32"] = books
-    return books
+def _kept(cache, key: str, make):
+    """`make()`, kept in `cache` under `key` (made anew each call without a cache)."""
+    if cache is None:
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
 
 
 def _decode_args(codes, codebooks, perm, spec: LayerSpec, bias, scales, cache) -> tuple:
     """`vq_gemv16`'s arguments after x, kept in `cache` (a decode call is short: the Python
     around it counts)."""
     state = _state(codes, codebooks, perm, spec, cache)  # perm32, packed, books, norms, meta
-    args = (*state, spec.vector_length, spec.out_features, _half(scales), _float(bias))
-    if cache is not None:
-        cache["gemv16"] = args
-    return args
-
-
-def _perm32(perm: torch.Tensor, cache) -> torch.Tensor:
-    if cache is None:
-        return perm.int().contiguous()
-    if "perm32" not in cache:
-        cache["perm32"] = perm.int().contiguous()
-    return cache["perm32"]
+    return (*state, spec.vector_length, spec.out_features, _half(scales), _float(bias))
 
 
 def vq_linear(
     x, codes, codebooks, perm, spec: LayerSpec, bias=None, scales=None, cache=None
 ) -> torch.Tensor:
-    """The kernel contract on the CPU: LUT GEMV for decode, blockwise dequantize + matmul for
-    prefill (`cache`: see `rsavq.kernels.vq_linear`)."""
+    """The kernel contract on the CPU: LUT GEMV for decode, a decoding GEMM for float32 prefill,
+    dequantize + matmul otherwise (`cache`: see `rsavq.kernels.vq_linear`)."""
     lead, n = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, n)
     decode = x2.shape[0] <= DECODE_TOKENS
     eager = not torch.compiler.is_compiling()
-    kept = cache.get("gemv16") if cache is not None else None
-    if eager and decode and (kept is not None or byte_codes(spec)):
-        args = kept or _decode_args(codes, codebooks, perm, spec, bias, scales, cache)
+    if eager and decode and byte_codes(spec):
+        args = _kept(cache, "gemv16", lambda: _decode_args(codes, codebooks, perm, spec, bias,
+                                                           scales, cache))  # fmt: skip
         out = extension().vq_gemv16(_float(x2), *args)
         return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)
     grad = torch.is_grad_enabled() and x.requires_grad
     if eager and not decode and x.dtype == torch.float32 and not grad:
         args = (*_spec_args(spec), spec.out_features, _half(scales), _float(bias), PREFILL_COLUMNS)
-        books32 = _books32(codebooks, cache)
-        out = extension().vq_prefill(
-            x2.contiguous(), _perm32(perm, cache), list(codes), books32, *args
+        perm32 = _kept(cache, "perm32", lambda: perm.int().contiguous())
+        books32 = _kept(
+            cache, "books32", lambda: [b.half().float().contiguous() for b in codebooks]
         )
+        out = extension().vq_prefill(x2.contiguous(), perm32, list(codes), books32, *args)
         return out.reshape(*lead, spec.out_features)
     books = [cb.half().contiguous() for cb in codebooks]
     if decode:

@@ -605,6 +605,11 @@ struct Chunk {
   std::vector<Segment> segments;
 };
 
+// A mask of the first `count` of 16 lanes (none when count <= 0, all when count >= 16).
+inline __mmask16 first_lanes(int64_t count) {
+  return count <= 0 ? 0 : count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
+}
+
 // The chunks of a layer: each block's vectors in order, at most `width` columns per chunk (at
 // least one vector).
 std::vector<Chunk> chunks_of(const std::vector<Block>& blocks, int64_t v, int64_t width) {
@@ -750,9 +755,7 @@ void pack_tokens(const float* X, const int32_t* O, int64_t T, int64_t n,
   at::parallel_for(0, ldc / kPanelTokens, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t t0 = p * kPanelTokens, tokens = std::min<int64_t>(kPanelTokens, T - t0);
-      const __mmask16 m0 = tokens >= 16 ? 0xFFFF : (__mmask16)((1u << tokens) - 1);
-      const __mmask16 m1 = tokens >= 32 ? 0xFFFF
-                           : tokens <= 16 ? 0 : (__mmask16)((1u << (tokens - 16)) - 1);
+      const __mmask16 m0 = first_lanes(tokens), m1 = first_lanes(tokens - 16);
       const float* x0 = X + t0 * n;  // tokens t0..t0 + 15 (lanes past T masked, never read)
       const float* x1 = x0 + 16 * n;
       const __m512 zero = _mm512_setzero_ps();
@@ -804,9 +807,7 @@ torch::Tensor prefill_gemm(const float* X, const int32_t* O, int64_t T, int64_t 
             decode_rows(blocks[s.block], s, r0, rows, v, W, ldw);
           for (int64_t p = p0; p < std::min(panels, p0 + step); ++p) {
             const int64_t t0 = p * kPanelTokens, tokens = std::min<int64_t>(kPanelTokens, T - t0);
-            const __mmask16 m0 = tokens >= 16 ? 0xFFFF : (__mmask16)((1u << tokens) - 1);
-            const __mmask16 m1 = tokens >= 32 ? 0xFFFF
-                                 : tokens <= 16 ? 0 : (__mmask16)((1u << (tokens - 16)) - 1);
+            const __mmask16 m0 = first_lanes(tokens), m1 = first_lanes(tokens - 16);
             const float* panel = XP + c.c0 * ldc + p * c.cols * kPanelTokens;
             micro_rows(static_cast<int>(rows), panel, W, ldw, c.cols,
                        Ct ? Ct + r0 * ldc + t0 : nullptr, ldc, !first, m0, m1,
