@@ -155,11 +155,12 @@ def finetune_stages(finetune: Finetune, config) -> tuple[BlockTuning | None, Dis
     if isinstance(finetune, str):
         if finetune not in STAGES:
             raise UsageError(f"finetune={finetune!r}: use one of {', '.join(STAGES)}")
-        if finetune == "auto":
-            finetune = "both" if supports_tuning(config) else "none"
         budget = default_windows(config.bits)
+        if finetune == "auto":
+            auto = "both" if budget.distillation else "block"
+            finetune = auto if supports_tuning(config) else "none"
         block = BlockTuning(epochs=budget.block_epochs) if finetune in ("block", "both") else None
-        e2e = Distillation(windows=budget.distillation)
+        e2e = Distillation(windows=budget.distillation or None)
         finetune = (block, e2e if finetune in ("e2e", "both") else None)
     stages = finetune if isinstance(finetune, tuple) else (finetune,)
     tuning = next((s for s in stages if isinstance(s, BlockTuning)), None)

@@ -391,7 +391,7 @@ class TextBudget(NamedTuple):
 
     fisher: int  # windows of the Fisher statistics (EDSG, WCSG)
     calibration: int  # windows of the input Hessians and block fine-tuning
-    distillation: int  # windows of end-to-end distillation
+    distillation: int  # windows of end-to-end distillation (0: the default does not distill)
     block_epochs: int  # passes of block fine-tuning over its windows
 
 
@@ -403,6 +403,8 @@ def default_windows(bits: float) -> TextBudget:
     the held-out score), so below 2.5 bits every count stays at 128 and 256. Block fine-tuning
     takes the same 128 steps per block at every width: 2 passes over 64 windows, 1 over 128
     (at 2 bits one pass gave 47.48 against two passes' 47.59, in 29.1 minutes against 31.9)."""
+    if bits >= 3.5:  # 4 bits: twice the calibration, no distillation
+        return TextBudget(2 * CALIBRATION_WINDOWS, 2 * CALIBRATION_WINDOWS, 0, 2)
     scale = 2 if bits < 2.5 else 1
     calibration = scale * CALIBRATION_WINDOWS
     return TextBudget(calibration, calibration, scale * DISTILL_WINDOWS, 2 // scale)
