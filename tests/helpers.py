@@ -116,6 +116,7 @@ KERNEL_SHAPES = [  # every backend is checked against the reference on these
     (200, 96, (64, 32), (3, 4), 2, 1),
     (64, 14, (14,), (7,), 1, 1),
     (70, 36, (18, 18), (3, 5), 2, 1),
+    (192, 51, (30, 21), (5, 4), 2, 1),  # the 4-bit default's 5-bit k/v: codewords gathered
 ]
 
 

@@ -21,6 +21,7 @@ from rsavq.config import FORMAT_VERSION, QUANT_METHOD, READABLE_FORMAT_VERSIONS,
 from rsavq.errors import UsageError
 from rsavq.io import atomic_write, atomic_write_json
 from rsavq.nn import VQLinear
+from rsavq.nn.stored import keep_stored_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ def replace_linears(model: nn.Module, layers: dict[str, dict]) -> None:
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype=None):
     """A ready transformers model from a quantized checkpoint directory (eval mode), in `dtype`
     (default: the compute dtype its config.json declares, else fp32; codebooks and scales stay
-    fp16)."""
+    fp16). Embeddings the checkpoint stores in bfloat16 stay in bfloat16 in a float32 model on
+    the CPU (`rsavq.nn.stored`: the same values, half the bytes)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -152,8 +154,12 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype=N
     model.config.quantization_config = qconfig
     declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     dtype = dtype or declared or torch.float32  # transformers' default when none is declared
-    model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    return model.to(device).eval()
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    stored = model.get_input_embeddings().weight.dtype
+    model = model.to(dtype).to(device).eval()
+    if stored == torch.bfloat16 and dtype == torch.float32 and model.device.type == "cpu":
+        keep_stored_embeddings(model, stored)  # half the bytes the output head reads per token
+    return model
 
 
 def _load_tensors(model: nn.Module, weights: Path) -> None:

@@ -156,3 +156,28 @@ def test_the_extension_compiles_for_a_cpu_without_avx512():
     command = ["g++", "-fsyntax-only", "-std=c++17", "-march=haswell", "-fopenmp", "-w"]
     done = subprocess.run([*command, *includes, str(cpu.SOURCE)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize(("m", "n"), [(4, 16), (7, 33), (64, 576), (130, 17)])
+def test_stored_gemv_matches_the_widened_weight(tokens, m, n):
+    """A bfloat16 weight times float32 inputs equals F.linear on the weight widened to float32
+    (row tiles of 4 with a remainder, column tails under 16)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(tokens, n), torch.randn(m, n).bfloat16()
+    assert cpu.serves_stored(x, w)
+    y = cpu.stored_gemv(x, w)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w.float()), rtol=1e-5, atol=1e-5)
+
+
+def test_stored_linear_serves_decode_and_widens_otherwise():
+    from rsavq.kernels import stored_linear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(10, 24).bfloat16(), torch.randn(10)
+    for shape in [(1, 1, 24), (2, 3, 24), (1, 40, 24)]:  # 40 tokens: widened for F.linear
+        x = torch.randn(shape)
+        expected = torch.nn.functional.linear(x, w.float(), b)
+        torch.testing.assert_close(stored_linear(x, w, b), expected, rtol=1e-5, atol=1e-5)
+    assert not cpu.serves_stored(torch.randn(9, 24), w)  # more than DECODE_TOKENS
+    assert not cpu.serves_stored(torch.randn(1, 24).bfloat16(), w)

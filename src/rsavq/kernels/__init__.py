@@ -19,7 +19,7 @@ import torch
 from rsavq.config import LayerSpec
 from rsavq.kernels.reference import dequantize
 
-__all__ = ["Backend", "choose_backend", "dequantize", "vq_linear"]
+__all__ = ["Backend", "choose_backend", "dequantize", "stored_linear", "vq_linear"]
 
 
 class Backend(str, Enum):
@@ -70,3 +70,17 @@ def vq_linear(
         return _cpu().vq_linear(x, codes, codebooks, perm, spec, bias, scales, cache)
     kernel = importlib.import_module(_MODULES[backend])
     return kernel.vq_linear(x, codes, codebooks, perm, spec, bias, scales)
+
+
+def stored_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """`y = x weight^T + bias` in `x`'s dtype for a weight kept in another dtype (a bfloat16
+    output head beside a float32 model, as a checkpoint stored it). Float32 inputs of at most
+    `cpu.DECODE_TOKENS` tokens on the CPU read the bfloat16 weight as it is (`cpu.stored_gemv`:
+    half the bytes of a float32 copy); otherwise the weight is widened for one `F.linear`."""
+    flat = x.reshape(-1, x.shape[-1])
+    cpu = _cpu() if x.device.type == "cpu" else None
+    if cpu is not None and cpu.serves_stored(flat, weight):
+        y = cpu.stored_gemv(flat, weight).reshape(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias.to(y.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    return torch.nn.functional.linear(x, weight.to(x.dtype), bias)

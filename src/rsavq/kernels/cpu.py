@@ -10,6 +10,9 @@ picked by the codes.
   tables are computed straight into int16 (one step per token and chunk, a bound on the
   entries over 32000: each entry within half a step), held as byte planes in AVX-512 registers
   and summed exactly in int32. Row scales and bias are applied in the same call.
+- Codes of 9-15 bits for pairs of weights in layers with fewer rows than codewords (the 5-bit
+  key/value layers of the 4-bit default): `vq_gemv_wide`, no tables: each row gathers its
+  codewords and dots them with `x[perm]` (a table would cost more than the layer itself).
 - Other codes: `vq_gemv`, float tables, codes read from the packed int32 words (tables of <= 64
   entries in registers, larger ones looked up with gathers).
 
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from rsavq.config import LayerSpec
-from rsavq.kernels.reference import scale_and_shift
+from rsavq.kernels.reference import scale_and_shift, unpack_block
 
 logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "lut_gemv.cpp"
@@ -155,6 +158,24 @@ def byte_codes(spec: LayerSpec) -> bool:
     return all(spec.code_bits(g) <= BYTE_CODES for g in range(len(spec.group_sizes)))
 
 
+@functools.lru_cache(maxsize=1024)
+def wide_codes(spec: LayerSpec) -> bool:
+    """Whether `vq_gemv_wide` serves the layer's decode: codes of 9-15 bits for pairs of weights
+    (P = 1, d = 2) and fewer output rows than codewords, where tables would cost more than the
+    layer's own multiply-adds."""
+    bits = [spec.code_bits(g) for g in range(len(spec.group_sizes))]
+    pairs = spec.sub_vectors == 1 and spec.vector_length == 2
+    return pairs and BYTE_CODES < max(bits) <= 15 and spec.out_features < 2 ** max(bits)
+
+
+def _wide_args(codes, codebooks, perm, spec: LayerSpec, bias, scales) -> tuple:
+    """`vq_gemv_wide`'s arguments after x: int16 codes, float32 codewords, the group sizes."""
+    codes16 = [unpack_block(c, spec, g).flatten(1).to(torch.int16) for g, c in enumerate(codes)]
+    books = [b.half().float().reshape(-1, 2).contiguous() for b in codebooks]
+    sizes = list(spec.group_sizes)
+    return (perm.int().contiguous(), codes16, books, sizes, _half(scales), _float(bias))
+
+
 def _key(tensors) -> tuple:
     return tuple((id(t), t._version) for t in tensors)
 
@@ -224,6 +245,10 @@ def vq_linear(
                                                            scales, cache))  # fmt: skip
         out = extension().vq_gemv16(_float(x2), *args)
         return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)
+    if eager and decode and wide_codes(spec):
+        make = lambda: _wide_args(codes, codebooks, perm, spec, bias, scales)  # noqa: E731
+        out = extension().vq_gemv_wide(_float(x2), *_kept(cache, "wide", make))
+        return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)
     grad = torch.is_grad_enabled() and x.requires_grad
     if eager and not decode and x.dtype == torch.float32 and not grad:
         args = (*_spec_args(spec), spec.out_features, _half(scales), _float(bias), PREFILL_COLUMNS)
@@ -252,3 +277,24 @@ def _float(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
         return t
     return t.float().contiguous()
+
+
+def serves_stored(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `stored_gemv` takes `x [T, n]` times `weight`: float32 inputs of at most
+    `DECODE_TOKENS` tokens, a bfloat16 weight, no autograd, the extension built."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return (
+        x.dtype == torch.float32 and weight.dtype == torch.bfloat16 and not grad
+        and x.shape[0] <= DECODE_TOKENS and available()
+    )  # fmt: skip
+
+
+@torch.library.custom_op("rsavq::stored_gemv", mutates_args=())
+def stored_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`[T, n]` float32 inputs times a `[m, n]` bfloat16 weight -> `[T, m]` float32 (no bias)."""
+    return extension().stored_gemv(x, weight)
+
+
+@stored_gemv.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0])

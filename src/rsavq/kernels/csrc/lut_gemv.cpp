@@ -1,5 +1,6 @@
 // CPU kernels for RSAVQ codes: a lookup-table GEMV for decode (a few tokens), a GEMM that decodes
-// the weight as it multiplies for prefill, and a dequantizer (bf16 inputs, autograd).
+// the weight as it multiplies for prefill, and a dequantizer (bf16 inputs, autograd); and a GEMV
+// for the unquantized weights a checkpoint stores in bfloat16 (`stored_gemv`, at the end).
 //
 // x      [T, n]        float32 inputs in the original channel order.
 // perm   [n]           int16/int32: permuted column i of the codes is input channel perm[i].
@@ -1016,10 +1017,160 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
   return out;
 }
 
+// A float32 input times a weight kept in bfloat16, as a checkpoint stored it (the embeddings that
+// serve as the output head): y [T, m] = x [T, n] w [m, n]^T, T small. The weight is read once,
+// row by row in order, and widened to float32 in registers (bf16 -> fp32 is a 16-bit shift), so a
+// token reads 2 bytes per weight where an fp32 copy reads 4; sums are float32, as F.linear's on
+// the widened weight.
+inline float widen(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+inline __m512 widen16(const uint16_t* w, __mmask16 mask) {
+  __m256i h = _mm256_maskz_loadu_epi16(mask, w);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// <x, w> for one row w of n weights: four accumulators over blocks of 64, a masked tail
+inline float stored_dot(const float* x, const uint16_t* w, int64_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 64 <= n; k += 64) {
+    a0 = _mm512_fmadd_ps(widen16(w + k, 0xFFFF), _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(widen16(w + k + 16, 0xFFFF), _mm512_loadu_ps(x + k + 16), a1);
+    a2 = _mm512_fmadd_ps(widen16(w + k + 32, 0xFFFF), _mm512_loadu_ps(x + k + 32), a2);
+    a3 = _mm512_fmadd_ps(widen16(w + k + 48, 0xFFFF), _mm512_loadu_ps(x + k + 48), a3);
+  }
+  for (; k < n; k += 16) {
+    __mmask16 mask = n - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - k)) - 1);
+    a0 = _mm512_fmadd_ps(widen16(w + k, mask), _mm512_maskz_loadu_ps(mask, x + k), a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+#endif
+
+torch::Tensor stored_gemv(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x: [T, n] float32");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.size(1) == x.size(1),
+              "w: [m, n] bfloat16");
+  x = x.contiguous();
+  w = w.contiguous();
+  const int64_t T = x.size(0), n = x.size(1), m = w.size(0);
+  auto out = torch::empty({T, m}, x.options());
+  const float* X = x.data_ptr<float>();
+  const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* Y = out.data_ptr<float>();
+  // rows in order, one at a time (one stream through memory); a row stays in L1 across tokens
+  at::parallel_for(0, m, 256, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r)
+      for (int64_t t = 0; t < T; ++t) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+        Y[t * m + r] = stored_dot(X + t * n, W + r * n, n);
+#else
+        float y = 0.f;
+        for (int64_t k = 0; k < n; ++k) y += widen(W[r * n + k]) * X[t * n + k];
+        Y[t * m + r] = y;
+#endif
+      }
+  });
+  return out;
+}
+
+// Decode for codes wider than a byte with pairs of weights per code (P = 1, d = 2: the 5-bit key
+// and value layers of the 4-bit default). A table of K >= 512 codewords per sub-vector costs
+// n K multiply-adds per token, more than the layer's own n m when m < K; here each row instead
+// gathers its codewords, 8 pairs per instruction, and dots them with x[perm] directly.
+// codes16: per group [m, J_g] int16 codes; books32: per group [K_g, 2] float32.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+inline float wide_dot(const int16_t* c, const float* book, const float* x, int64_t J) {
+  const auto* pairs = reinterpret_cast<const double*>(book);
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+  int64_t j = 0;
+  for (; j + 16 <= J; j += 16) {
+    __m512i i0 = _mm512_cvtepi16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j)));
+    __m512i i1 =
+        _mm512_cvtepi16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j + 8)));
+    __m512 w0 = _mm512_castpd_ps(_mm512_i64gather_pd(i0, pairs, 8));
+    __m512 w1 = _mm512_castpd_ps(_mm512_i64gather_pd(i1, pairs, 8));
+    a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + 2 * j), a0);
+    a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 2 * j + 16), a1);
+  }
+  for (; j < J; j += 8) {
+    const int64_t left = std::min<int64_t>(8, J - j);
+    const __mmask8 codes = static_cast<__mmask8>((1u << left) - 1);
+    const __mmask16 floats = static_cast<__mmask16>((1u << (2 * left)) - 1);
+    __m512i idx = _mm512_cvtepi16_epi64(_mm_maskz_loadu_epi16(codes, c + j));
+    __m512d w = _mm512_mask_i64gather_pd(_mm512_setzero_pd(), codes, idx, pairs, 8);
+    a0 = _mm512_fmadd_ps(_mm512_castpd_ps(w), _mm512_maskz_loadu_ps(floats, x + 2 * j), a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+#else
+inline float wide_dot(const int16_t* c, const float* book, const float* x, int64_t J) {
+  float acc = 0.f;
+  for (int64_t j = 0; j < J; ++j)
+    acc += book[2 * c[j]] * x[2 * j] + book[2 * c[j] + 1] * x[2 * j + 1];
+  return acc;
+}
+#endif
+
+torch::Tensor vq_gemv_wide(torch::Tensor x, torch::Tensor perm, std::vector<torch::Tensor> codes,
+                           std::vector<torch::Tensor> books, std::vector<int64_t> sizes,
+                           std::optional<torch::Tensor> scales, std::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x: [T, n] contiguous float32");
+  TORCH_CHECK(perm.scalar_type() == torch::kInt32, "perm: int32");
+  const int64_t T = x.size(0), n = x.size(1), m = codes.at(0).size(0);
+  const int64_t G = static_cast<int64_t>(codes.size());
+  TORCH_CHECK(static_cast<int64_t>(books.size()) == G && static_cast<int64_t>(sizes.size()) == G,
+              "one codebook and size per group");
+  // x[perm] per group, each padded with zeros to whole pairs
+  std::vector<int64_t> offset(G + 1, 0);
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(codes[g].scalar_type() == torch::kInt16 && codes[g].size(0) == m &&
+                    2 * codes[g].size(1) >= sizes[g],
+                "codes: [m, J_g] int16 covering the group");
+    TORCH_CHECK(books[g].scalar_type() == torch::kFloat32 && books[g].size(-1) == 2,
+                "books: [K_g, 2] float32");
+    offset[g + 1] = offset[g] + 2 * codes[g].size(1);
+  }
+  const float* X = x.data_ptr<float>();
+  const int32_t* O = perm.data_ptr<int32_t>();
+  std::vector<float> xp(T * offset[G], 0.f);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0, col = 0; g < G; col += sizes[g], ++g)
+      for (int64_t j = 0; j < sizes[g]; ++j)
+        xp[t * offset[G] + offset[g] + j] = X[t * n + O[col + j]];
+  auto out = torch::empty({T, m}, x.options());
+  float* Y = out.data_ptr<float>();
+  const at::Half* S = scales ? scales->data_ptr<at::Half>() : nullptr;
+  const float* B = bias ? bias->data_ptr<float>() : nullptr;
+  at::parallel_for(0, m, 16, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r)
+      for (int64_t t = 0; t < T; ++t) {
+        float y = 0.f;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t J = codes[g].size(1);
+          y += wide_dot(codes[g].data_ptr<int16_t>() + r * J, books[g].data_ptr<float>(),
+                        xp.data() + t * offset[G] + offset[g], J);
+        }
+        if (S) y *= static_cast<float>(S[r]);
+        Y[t * m + r] = B ? y + B[r] : y;
+      }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_gemv", &vq_gemv, "RSAVQ LUT GEMV");
   m.def("vq_repack", &vq_repack, "RSAVQ codes repacked for vq_gemv16");
   m.def("vq_gemv16", &vq_gemv16, "RSAVQ decode with int16 tables");
   m.def("vq_prefill", &vq_prefill, "RSAVQ prefill: dequantize blocks of rows, multiply each");
   m.def("vq_dequantize", &vq_dequantize, "RSAVQ dequantize into the original channel order");
+  m.def("vq_gemv_wide", &vq_gemv_wide, "RSAVQ decode of codes wider than a byte, pairs per code");
+  m.def("stored_gemv", &stored_gemv, "float32 inputs times a bfloat16 weight, widened in registers");
 }
