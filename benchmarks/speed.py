@@ -181,23 +181,30 @@ def kernel_state_bytes(module: VQLinear) -> int:
 
 def model_row(
     model_id: str, bits: int, new_tokens: int, groups: int, codebooks: str = "default",
-    rounds: int = 3,
+    rounds: int = 3, checkpoint: str | None = None,
 ) -> dict:  # fmt: skip
-    """FP and VQ decode of the same prompt, alternated `rounds` times (medians)."""
+    """FP and VQ decode of the same prompt, alternated `rounds` times (medians). The VQ model is
+    `checkpoint` loaded as a user loads it, or else the FP model with every decoder linear a
+    random `bits`-bit VQLinear and its embeddings in bfloat16, as the default's checkpoints
+    store them (`rsavq.nn.stored`)."""
     from rsavq.models import load_model
     from rsavq.modules import find_linears
-    from rsavq.serialization import set_module
+    from rsavq.nn.stored import keep_stored_embeddings
+    from rsavq.serialization import load_quantized, set_module
 
     model, tokenizer = load_model(model_id)
-    vq_model = copy.deepcopy(model)
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
-    layers = find_linears(vq_model)
-    params = sum(layer.weight.numel() for layer in layers.values())
-    for i, (name, layer) in enumerate(layers.items()):
-        vq_layer = random_vqlinear(
-            layer.in_features, layer.out_features, bits, groups, i, codebooks
-        )
-        set_module(vq_model, name, vq_layer)
+    params = sum(layer.weight.numel() for layer in find_linears(model).values())
+    if checkpoint is not None:
+        vq_model = load_quantized(checkpoint)
+    else:
+        vq_model = copy.deepcopy(model)
+        for i, (name, layer) in enumerate(find_linears(vq_model).items()):
+            vq_layer = random_vqlinear(
+                layer.in_features, layer.out_features, bits, groups, i, codebooks
+            )
+            set_module(vq_model, name, vq_layer)
+        keep_stored_embeddings(vq_model, torch.bfloat16)
     vq_bytes = sum(layer_bytes(m) for m in vq_model.modules() if isinstance(m, VQLinear))
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     fns = {
@@ -210,6 +217,8 @@ def model_row(
     return {
         "model": model_id,
         "bits": bits,
+        "checkpoint": None if checkpoint is None else Path(checkpoint).name,
+        "embeddings": str(vq_model.get_input_embeddings().weight.dtype).removeprefix("torch."),
         "new_tokens": new_tokens,
         "rounds": rounds,
         "fp_tokens_per_s": new_tokens / t["fp"],
@@ -334,11 +343,17 @@ def layer_table(layers: list[dict], bandwidth: float | None) -> str:
 
 
 def model_line(m: dict) -> str:
+    if m.get("checkpoint"):
+        vq = f"the default's {m['bits']}-bit checkpoint (`{m['checkpoint']}`, loaded as saved)"
+    else:
+        vq = f"every decoder linear as a random {m['bits']}-bit VQLinear"
+    if m.get("embeddings"):
+        vq += f", embeddings in {m['embeddings']},"
     return (
         f"Whole model, {m['model']} greedy decode of {m['new_tokens']} tokens (median of "
         f"{m['rounds']}, alternated): FP {m['fp_tokens_per_s']:.2f} tokens/s in float32, "
-        f"{m['fp_bf16_tokens_per_s']:.2f} in bfloat16; every decoder linear as a {m['bits']}-bit "
-        f"VQLinear {m['vq_tokens_per_s']:.2f} tokens/s: **{m['vq_over_fp']:.2f}x of FP** "
+        f"{m['fp_bf16_tokens_per_s']:.2f} in bfloat16; {vq} "
+        f"{m['vq_tokens_per_s']:.2f} tokens/s: **{m['vq_over_fp']:.2f}x of FP** "
         f"(**{m['vq_over_fp_bf16']:.2f}x** of FP bf16); memory of the loaded VQ linears "
         f"{m['vq_buffer_bytes'] / 2**20:.1f} MiB for {m['linear_weights'] / 1e6:.1f} M weights = "
         f"{m['vq_bits_per_weight_in_memory']:.3f} bits/weight"
@@ -392,6 +407,11 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=5, help="whole-model decodes per model")
     p.add_argument("--groups", type=int, default=1, help="channel groups per layer (default 1)")
     p.add_argument("--model-bits", default="2,3", help="bit widths of the whole-model rows")
+    p.add_argument(
+        "--checkpoints", type=lambda s: s.split(","), default=[], metavar="B=DIR,...",
+        help="quantized checkpoints for the whole-model rows at those widths (default: random "
+        "layers of the default layout, embeddings in bfloat16)",
+    )  # fmt: skip
     p.add_argument("--codebooks", choices=list(CODEBOOKS), default="default",
                    help="the layers' codebook format (see the module docstring)")  # fmt: skip
     p.add_argument("--json", default="benchmarks/results/speed-1thread.json")
@@ -431,6 +451,7 @@ def busy_processes(n: int) -> Iterator[None]:
 
 
 def measure(args, bits: list[int], tokens: list[int], cores: int, bandwidth: dict) -> dict:
+    checkpoints = {int(b): path for b, path in (c.split("=", 1) for c in args.checkpoints if c)}
     return {
         "threads": args.threads,
         "cores": cores,
@@ -442,7 +463,15 @@ def measure(args, bits: list[int], tokens: list[int], cores: int, bandwidth: dic
             bits, tokens, args.groups, args.codebooks, bandwidth[str(args.threads)] * 1e9
         ),
         "models": [
-            model_row(args.model, int(b), args.new_tokens, args.groups, args.codebooks, args.rounds)
+            model_row(
+                args.model,
+                int(b),
+                args.new_tokens,
+                args.groups,
+                args.codebooks,
+                args.rounds,
+                checkpoints.get(int(b)),
+            )  # fmt: skip
             for b in args.model_bits.split(",")
             if b
         ],

@@ -133,3 +133,17 @@ def test_kernel_state_bytes_count_what_the_cpu_decode_keeps():
     module(torch.randn(1, 256))
     if cpu.available():  # the repacked codes: one byte per code, 64 rows per tile
         assert speed.kernel_state_bytes(module) >= 64 * 64
+
+
+def test_model_line_names_a_real_checkpoint_and_the_embeddings_dtype():
+    speed = load_speed()
+    row = {
+        "model": "smollm2-135m", "bits": 4, "new_tokens": 32, "rounds": 3,
+        "fp_tokens_per_s": 13.0, "fp_bf16_tokens_per_s": 10.0, "vq_tokens_per_s": 22.1,
+        "vq_over_fp": 1.7, "vq_over_fp_bf16": 2.21, "linear_weights": 106168320,
+        "vq_buffer_bytes": 53000000, "vq_bits_per_weight_in_memory": 3.99,
+    }  # fmt: skip
+    assert "random 4-bit VQLinear 22.10 tokens/s" in speed.model_line(row)
+    line = speed.model_line(row | {"checkpoint": "rsavq-4-s0", "embeddings": "bfloat16"})
+    assert "the default's 4-bit checkpoint (`rsavq-4-s0`, loaded as saved), embeddings in " in line
+    assert "bfloat16, 22.10 tokens/s: **1.70x of FP**" in line
