@@ -109,7 +109,7 @@ def summary(results: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in sorted(results["runs"].values(), key=lambda r: r["bits"]):
         windows = row.get("windows", {})
-        budget = f"{windows.get('calibration', '-')} / {windows.get('distill', '-')}"
+        budget = f"{windows.get('calibration') or '-'} / {windows.get('distill') or 'none'}"
         cells = [
             str(row["bits"]), budget, f"{row['bits_per_weight']:.3f}",
             f"{row['ppl']['value']:.2f}", f"{row['clock']['total_seconds'] / 60:.1f} min",

@@ -141,9 +141,10 @@ def test_calibration_resolves_the_default_counts_by_width():
     from rsavq.api import Calibration
     from rsavq.data import Corpus
 
-    two, three = Calibration().resolved(2), Calibration().resolved(3)
+    two, three, four = (Calibration().resolved(bits) for bits in (2, 3, 4))
     assert (two.fisher_nsamples, two.nsamples) == (128, 128)
     assert (three.fisher_nsamples, three.nsamples) == (64, 64)
+    assert (four.fisher_nsamples, four.nsamples) == (128, 128)
     assert Calibration(nsamples=32).resolved(2).fisher_nsamples == 32
     own = Calibration(nsamples=32, fisher_nsamples=8).resolved(2)
     assert (own.fisher_nsamples, own.nsamples) == (8, 32)
@@ -163,9 +164,10 @@ def test_fisher_statistics_collect_then_reuse(tmp_path, tiny_tokenizer, text_fil
         rsavq.fisher_statistics(model, None, calibration, tmp_path / "other")
 
 
-def test_default_block_fine_tuning_takes_the_same_steps_at_every_width():
+def test_default_block_fine_tuning_steps_by_width():
     from rsavq.api import finetune_stages
 
-    two, _ = finetune_stages("both", rsavq.preset("default", bits=2))
-    three, _ = finetune_stages("auto", rsavq.preset("default", bits=3))
-    assert (two.epochs, three.epochs) == (1, 2)  # 1 pass over 128 windows, 2 over 64
+    two, three, four = (
+        finetune_stages("auto", rsavq.preset("default", bits=b))[0] for b in (2, 3, 4)
+    )
+    assert (two.epochs, three.epochs, four.epochs) == (1, 2, 2)  # 128, 128 and 256 steps

@@ -183,6 +183,9 @@ def test_stages_by_name_and_refusals():
     assert finetune_stages("both", default) == (block, e2e)
     assert finetune_stages("e2e", default) == (None, e2e)
     assert finetune_stages("e2e", preset("default", 3)) == (None, Distillation())
+    four = preset("default", 4)  # 4 bits: the default does not distill
+    assert finetune_stages("auto", four) == (BlockTuning(epochs=2), None)
+    assert finetune_stages("e2e", four) == (None, Distillation(windows=None))  # the calibration's
     assert finetune_stages(None, default) == (None, None)
     assert finetune_stages(Distillation(lr=1), default) == (None, Distillation(lr=1))
     from rsavq.methods import METHODS
@@ -230,7 +233,8 @@ def test_default_windows_by_width():
     from rsavq.distill import is_default_count
 
     assert default_windows(2) == default_windows(2.25) == (128, 128, 256, 1)
-    assert default_windows(3) == default_windows(4) == (64, 64, 128, 2)
+    assert default_windows(3) == default_windows(3.15) == (64, 64, 128, 2)
+    assert default_windows(4) == (128, 128, 0, 2)
     assert Distillation().windows == 128
     assert is_default_count(256) and is_default_count(128) and not is_default_count(100)
     assert not is_default_count(None)

@@ -101,7 +101,8 @@ def quantize(
     `finetune` chooses the fine-tuning stages: "block" fine-tunes each decoder block once
     quantized (`BlockTuning()`), "e2e" distills the whole quantized model from the FP one
     (`Distillation()`), "both" does both, "none" (or None) neither; "auto" (default) is "both"
-    wherever the configuration runs the block-sequential VQ pass, else "none". A
+    wherever the configuration runs the block-sequential VQ pass ("block" where the width's
+    default does not distill: `default_windows`), else "none". A
     `rsavq.BlockTuning(...)`, a `rsavq.Distillation(...)` or a tuple of both chooses their
     options. A stage that cannot run with `config` is refused before any work.
     Returns the per-layer records of the report."""

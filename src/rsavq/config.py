@@ -380,8 +380,8 @@ class ScalarConfig:
 
 PRESETS = ("default", "paper", "kmeans")
 
-# the default's text budget: calibration windows (Fisher statistics, Hessians, block fine-tuning)
-# and distillation windows at 3 and 4 bits; twice both below 2.5 bits (`default_windows`)
+# the 3-bit default's text: calibration windows (Fisher statistics, Hessians, block fine-tuning)
+# and distillation windows; the other widths' are in `default_windows`
 CALIBRATION_WINDOWS = 64
 DISTILL_WINDOWS = 128
 
@@ -396,18 +396,28 @@ class TextBudget(NamedTuple):
 
 
 def default_windows(bits: float) -> TextBudget:
-    """The default's text at `bits`. On SmolLM2-135M (16 windows bf16; BENCHMARKS.md, Cost)
-    halving all from 128 and 256 kept 3 and 4 bits within 3% at 0.6x the time, but 2 bits is
-    data-bound (47.59 with 128 and 256, 50.01 with 64 and 256, 53.66 with 64 and 128; 49.60
-    with the Fisher statistics alone on 64, and the distilled state of step 224 of 256 kept by
-    the held-out score), so below 2.5 bits every count stays at 128 and 256. Block fine-tuning
-    takes the same 128 steps per block at every width: 2 passes over 64 windows, 1 over 128
-    (at 2 bits one pass gave 47.48 against two passes' 47.59, in 29.1 minutes against 31.9)."""
-    if bits >= 3.5:  # 4 bits: twice the calibration, no distillation
-        return TextBudget(2 * CALIBRATION_WINDOWS, 2 * CALIBRATION_WINDOWS, 0, 2)
-    scale = 2 if bits < 2.5 else 1
-    calibration = scale * CALIBRATION_WINDOWS
-    return TextBudget(calibration, calibration, scale * DISTILL_WINDOWS, 2 // scale)
+    """The default's text at `bits` (SmolLM2-135M; BENCHMARKS.md, Cost and Results).
+    - 2 bits is data-bound: 128 calibration and 256 distillation windows (47.59 over 16 windows
+      bf16, against 50.01 with 64 and 256 and 53.66 with 64 and 128), and one pass of block
+      fine-tuning (47.48 against two passes' 47.59, in 29.1 minutes against 31.9).
+    - 3 bits: halving both to 64 and 128 kept it within 3% at 0.6x the time.
+    - 4 bits: 128 calibration windows, two passes of block fine-tuning and no distillation, whose
+      held-out KL did not fall at 4 bits: 23.12 on the headline protocol (148 windows, fp32)
+      against 23.48 with 64 calibration windows and distillation on 128."""
+    if bits < 2.5:
+        return TextBudget(2 * CALIBRATION_WINDOWS, 2 * CALIBRATION_WINDOWS, 2 * DISTILL_WINDOWS, 1)
+    if bits < 3.5:
+        return TextBudget(CALIBRATION_WINDOWS, CALIBRATION_WINDOWS, DISTILL_WINDOWS, 2)
+    return TextBudget(2 * CALIBRATION_WINDOWS, 2 * CALIBRATION_WINDOWS, 0, 2)
+
+
+def describe_default(field: str, unit: str = "") -> str:
+    """A `TextBudget` field's default per width, for help texts: "128 at 2 and 4 bits, 64 at 3"."""
+    by_value: dict[int, list[str]] = {}
+    for bits in (2, 3, 4):
+        by_value.setdefault(getattr(default_windows(bits), field), []).append(str(bits))
+    parts = [f"{value}{unit} at {' and '.join(widths)}" for value, widths in by_value.items()]
+    return ", ".join(parts) + " bits"
 
 
 def default_widths(bits: float) -> dict:

@@ -1,7 +1,8 @@
 """End-to-end distillation (docs/method.md section 9): once every layer is quantized (and its
 block fine-tuned), the continuous parameters of the whole quantized model are trained, codes
 frozen, to match the FP model's next-token distributions on calibration text (by default 128
-windows drawn like the calibration's, 256 below 2.5 bits: `rsavq.config.default_windows`).
+windows drawn like the calibration's at 3 bits, 256 at 2, none at 4:
+`rsavq.config.default_windows`).
 
 The teacher is the FP model itself, run once before quantization: for every calibration token
 its `top_k` most likely next tokens, their log-probabilities and the log of the remaining mass

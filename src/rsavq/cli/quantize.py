@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rsavq.cli.common import add_model_args, add_stream_arg, non_negative_int, positive_int
 from rsavq.clock import StageClock, format_clock, timed, using
-from rsavq.config import CALIBRATION_WINDOWS, DISTILL_WINDOWS
+from rsavq.config import default_windows, describe_default
 from rsavq.errors import UsageError
 from rsavq.runtime import resolve_device, resolve_dtype
 
@@ -75,7 +75,7 @@ def add_parser(sub) -> None:
         type=positive_int,
         default=None,
         help="calibration windows for the Fisher statistics, input Hessians and block "
-        f"fine-tuning (default {CALIBRATION_WINDOWS}, {2 * CALIBRATION_WINDOWS} below 2.5 bits)",
+        f"fine-tuning (default {describe_default('calibration')})",
     )
     c.add_argument("--seqlen", type=positive_int, default=Calibration.seqlen)
     c.add_argument("--seed", type=int, default=Calibration.seed)
@@ -187,13 +187,14 @@ def add_parser(sub) -> None:
         "norms (codes frozen) to match the FP block's outputs on the calibration windows; "
         "e2e: then train them across the whole model to match the FP model's next-token "
         "distributions (KL); both; auto (default): both wherever the method runs the "
-        "block-sequential VQ pass, else none",
+        "block-sequential VQ pass (block alone at 4 bits), else none",
     )
     t.add_argument(
         "--finetune-epochs",
         type=positive_int,
         default=None,
-        help="block stage: passes over the calibration windows (default 2, 1 below 2.5 bits)",
+        help="block stage: passes over the calibration windows "
+        f"(default {describe_default('block_epochs')})",
     )
     t.add_argument("--finetune-lr", type=float, default=BlockTuning.lr, help="block stage")
     t.add_argument(
@@ -217,8 +218,9 @@ def add_parser(sub) -> None:
         type=non_negative_int,
         default=None,
         help="e2e stage: distill on this many C4 windows of --seqlen drawn like the "
-        f"calibration's (default {DISTILL_WINDOWS}, {2 * DISTILL_WINDOWS} below 2.5 bits, or the "
-        "calibration's own when --nsamples is larger or the text too short; 0: the "
+        f"calibration's (default {default_windows(2).distillation} at 2 bits, "
+        f"{default_windows(3).distillation} at 3; at 4 bits --finetune auto does not distill), or "
+        "the calibration's own when --nsamples is larger or the text too short; 0: the "
         "calibration's windows; BENCHMARKS.md)",
     )
     p.set_defaults(func=_cmd_quantize)
