@@ -48,7 +48,8 @@ from rsavq.packing import pack
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (11008, 4096)]
 TABLES = (
     "benchmarks/results/speed-1thread.json,benchmarks/results/speed-2threads.json,"
-    "benchmarks/results/speed-2threads-loaded.json,benchmarks/results/speed-1thread-int8.json"
+    "benchmarks/results/speed-2threads-loaded.json,benchmarks/results/speed-1thread-int8.json,"
+    "benchmarks/results/speed-checkpoints.json"
 )
 
 
@@ -347,8 +348,7 @@ def model_line(m: dict) -> str:
         vq = f"the default's {m['bits']}-bit checkpoint (`{m['checkpoint']}`, loaded as saved)"
     else:
         vq = f"every decoder linear as a random {m['bits']}-bit VQLinear"
-    if m.get("embeddings"):
-        vq += f", embeddings in {m['embeddings']},"
+    vq += f", embeddings in {m.get('embeddings', 'float32')},"  # (float32 before they were kept)
     return (
         f"Whole model, {m['model']} greedy decode of {m['new_tokens']} tokens (median of "
         f"{m['rounds']}, alternated): FP {m['fp_tokens_per_s']:.2f} tokens/s in float32, "
@@ -456,7 +456,9 @@ def measure(args, bits: list[int], tokens: list[int], cores: int, bandwidth: dic
         "threads": args.threads,
         "cores": cores,
         "groups": args.groups,
-        "format": FORMATS[args.codebooks],
+        "format": "the default's checkpoints from `make results`"
+        if checkpoints
+        else FORMATS[args.codebooks],
         "torch": torch.__version__,
         "bandwidth_gbs": bandwidth,
         "layers": layer_rows(

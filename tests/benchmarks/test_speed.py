@@ -143,7 +143,7 @@ def test_model_line_names_a_real_checkpoint_and_the_embeddings_dtype():
         "vq_over_fp": 1.7, "vq_over_fp_bf16": 2.21, "linear_weights": 106168320,
         "vq_buffer_bytes": 53000000, "vq_bits_per_weight_in_memory": 3.99,
     }  # fmt: skip
-    assert "random 4-bit VQLinear 22.10 tokens/s" in speed.model_line(row)
+    assert "random 4-bit VQLinear, embeddings in float32, 22.10" in speed.model_line(row)
     line = speed.model_line(row | {"checkpoint": "rsavq-4-s0", "embeddings": "bfloat16"})
     assert "the default's 4-bit checkpoint (`rsavq-4-s0`, loaded as saved), embeddings in " in line
     assert "bfloat16, 22.10 tokens/s: **1.70x of FP**" in line
