@@ -109,7 +109,8 @@ def summary(results: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in sorted(results["runs"].values(), key=lambda r: r["bits"]):
         windows = row.get("windows", {})
-        budget = f"{windows.get('calibration') or '-'} / {windows.get('distill') or 'none'}"
+        distill = windows.get("distill") or ("none" if windows else "-")
+        budget = f"{windows.get('calibration') or '-'} / {distill}"
         cells = [
             str(row["bits"]), budget, f"{row['bits_per_weight']:.3f}",
             f"{row['ppl']['value']:.2f}", f"{row['clock']['total_seconds'] / 60:.1f} min",

@@ -41,6 +41,8 @@ def test_summary_sorts_by_width_and_gives_what_a_user_gets():
     assert rows[1] == ["3", "- / -", "3.150", "29.50", "5.1 min", "4.2 GiB", "94.4 MiB"]
     results["runs"]["3 abc"]["windows"] = {"calibration": 64, "distill": 128}
     assert "| 3 | 64 / 128 | 3.150 |" in cost.summary(results)
+    results["runs"]["3 abc"]["windows"] = {"calibration": 128, "distill": None}  # not distilled
+    assert "| 3 | 128 / none | 3.150 |" in cost.summary(results)
 
 
 def test_rates_use_the_window_counts_a_run_recorded():
