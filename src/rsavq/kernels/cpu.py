@@ -163,17 +163,26 @@ def wide_codes(spec: LayerSpec) -> bool:
     """Whether `vq_gemv_wide` serves the layer's decode: codes of 9-15 bits for pairs of weights
     (P = 1, d = 2) and fewer output rows than codewords, where tables would cost more than the
     layer's own multiply-adds."""
-    bits = [spec.code_bits(g) for g in range(len(spec.group_sizes))]
+    widest = max(_spec_args(spec)[1])
     pairs = spec.sub_vectors == 1 and spec.vector_length == 2
-    return pairs and BYTE_CODES < max(bits) <= 15 and spec.out_features < 2 ** max(bits)
+    return pairs and BYTE_CODES < widest <= 15 and spec.out_features < 2**widest
 
 
-def _wide_args(codes, codebooks, perm, spec: LayerSpec, bias, scales) -> tuple:
-    """`vq_gemv_wide`'s arguments after x: int16 codes, float32 codewords, the group sizes."""
+def _perm32(perm, cache) -> torch.Tensor:
+    return _kept(cache, "perm32", lambda: perm.int().contiguous())
+
+
+def _books32(codebooks, cache) -> list[torch.Tensor]:
+    """The fp16 codebooks widened to float32 (prefill and the wide-code decode read them)."""
+    return _kept(cache, "books32", lambda: [b.half().float().contiguous() for b in codebooks])
+
+
+def _wide_args(codes, codebooks, perm, spec: LayerSpec, bias, scales, cache) -> tuple:
+    """`vq_gemv_wide`'s arguments after x: int16 codes, float32 codeword pairs, group sizes."""
     codes16 = [unpack_block(c, spec, g).flatten(1).to(torch.int16) for g, c in enumerate(codes)]
-    books = [b.half().float().reshape(-1, 2).contiguous() for b in codebooks]
-    sizes = list(spec.group_sizes)
-    return (perm.int().contiguous(), codes16, books, sizes, _half(scales), _float(bias))
+    pairs = [b.view(-1, 2) for b in _books32(codebooks, cache)]
+    sizes = _spec_args(spec)[0]
+    return (_perm32(perm, cache), codes16, pairs, sizes, _half(scales), _float(bias))
 
 
 def _key(tensors) -> tuple:
@@ -246,16 +255,13 @@ def vq_linear(
         out = extension().vq_gemv16(_float(x2), *args)
         return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)
     if eager and decode and wide_codes(spec):
-        make = lambda: _wide_args(codes, codebooks, perm, spec, bias, scales)  # noqa: E731
+        make = lambda: _wide_args(codes, codebooks, perm, spec, bias, scales, cache)  # noqa: E731
         out = extension().vq_gemv_wide(_float(x2), *_kept(cache, "wide", make))
         return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)
     grad = torch.is_grad_enabled() and x.requires_grad
     if eager and not decode and x.dtype == torch.float32 and not grad:
         args = (*_spec_args(spec), spec.out_features, _half(scales), _float(bias), PREFILL_COLUMNS)
-        perm32 = _kept(cache, "perm32", lambda: perm.int().contiguous())
-        books32 = _kept(
-            cache, "books32", lambda: [b.half().float().contiguous() for b in codebooks]
-        )
+        perm32, books32 = _perm32(perm, cache), _books32(codebooks, cache)
         out = extension().vq_prefill(x2.contiguous(), perm32, list(codes), books32, *args)
         return out.reshape(*lead, spec.out_features)
     books = [cb.half().contiguous() for cb in codebooks]

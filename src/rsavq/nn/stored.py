@@ -45,7 +45,7 @@ class StoredLinear(_Stored, nn.Linear):
         return stored_linear(x, self.weight, self.bias)
 
 
-_KINDS = ((nn.Embedding, StoredEmbedding), (nn.Linear, StoredLinear))
+_STORED = {nn.Embedding: StoredEmbedding, nn.Linear: StoredLinear}
 
 
 def keep_stored_embeddings(model: nn.Module, stored: torch.dtype) -> bool:
@@ -53,7 +53,7 @@ def keep_stored_embeddings(model: nn.Module, stored: torch.dtype) -> bool:
     while the model computes in the embeddings' current dtype. Only plain `nn.Embedding` and
     `nn.Linear` modules are changed; returns whether any was."""
     modules = [model.get_input_embeddings(), model.get_output_embeddings()]
-    modules = [m for m in modules if m is not None and type(m) in dict(_KINDS)]
+    modules = [m for m in modules if m is not None and type(m) in _STORED]
     if not modules or modules[0].weight.dtype == stored:
         return False
     compute = modules[0].weight.dtype
@@ -61,7 +61,7 @@ def keep_stored_embeddings(model: nn.Module, stored: torch.dtype) -> bool:
         for module in modules:
             if module.weight.dtype != stored:  # a tied weight is converted once
                 module.weight.data = module.weight.data.to(stored)
-            module.__class__ = dict(_KINDS)[type(module)]
+            module.__class__ = _STORED[type(module)]
             module.compute_dtype = compute
     logger.info("embeddings kept in %s, computing in %s", stored, compute)
     return True
