@@ -15,6 +15,22 @@ def test_assignment_is_the_nearest_codeword_by_definition():
     assert loss == pytest.approx(best.values.double().sum().item(), rel=1e-5)
 
 
+def test_the_cpu_kernel_and_the_chunked_products_assign_alike(monkeypatch):
+    from rsavq.algorithms import kmeans as module
+
+    gen = torch.Generator().manual_seed(3)
+    X, w, C = (
+        torch.randn(999, 2, generator=gen),
+        torch.rand(999, 2, generator=gen),
+        torch.randn(40, 2),
+    )
+    fused = assign(X, w, C)
+    monkeypatch.setattr(module, "_nearest_kernel", lambda lhs: None)
+    chunked = assign(X, w, C)
+    assert torch.equal(fused[0], chunked[0])
+    assert fused[1] == pytest.approx(chunked[1], rel=1e-5)
+
+
 def test_update_is_weighted_mean_and_ignores_zero_weights():
     X = torch.tensor([[0.0, 0.0], [2.0, 4.0], [100.0, 100.0]])
     w = torch.tensor([[1.0, 1.0], [3.0, 1.0], [0.0, 0.0]])  # last point is padding

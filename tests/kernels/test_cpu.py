@@ -181,3 +181,19 @@ def test_stored_linear_serves_decode_and_widens_otherwise():
         torch.testing.assert_close(stored_linear(x, w, b), expected, rtol=1e-5, atol=1e-5)
     assert not cpu.serves_stored(torch.randn(9, 24), w)  # more than DECODE_TOKENS
     assert not cpu.serves_stored(torch.randn(1, 24).bfloat16(), w)
+
+
+@pytest.mark.parametrize(
+    ("n", "D", "K"), [(1, 4, 1), (5, 4, 7), (37, 6, 16), (130, 4, 33), (515, 8, 256), (70, 4, 1024)]
+)
+def test_nearest_is_the_argmin_of_the_products(n, D, K):
+    """`nearest` (k-means' assignment) against the [n, K] products and their min: row tiles of 4
+    with a remainder, codeword tails under 16; ties go to the lowest codeword."""
+    gen = torch.Generator().manual_seed(n * K)
+    lhs, rhs = torch.randn(n, D, generator=gen), torch.randn(D, K, generator=gen)
+    idx, best = cpu.extension().nearest(lhs, rhs)
+    products = lhs @ rhs
+    assert torch.equal(idx, products.argmin(dim=1))
+    torch.testing.assert_close(best, products.min(dim=1).values, rtol=1e-5, atol=1e-5)
+    twins = torch.cat([rhs, rhs], dim=1)  # every codeword twice: the first copy wins
+    assert torch.equal(cpu.extension().nearest(lhs, twins)[0], idx)

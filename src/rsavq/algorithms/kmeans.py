@@ -35,16 +35,33 @@ def _rhs(C: torch.Tensor) -> torch.Tensor:
 
 
 def assign(X: torch.Tensor, w: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Nearest codeword of every point under the weighted distance; and the total loss."""
+    """Nearest codeword of every point under the weighted distance; and the total loss.
+
+    float32 on the CPU: the C++ kernel `nearest` (never writes the `[N, K]` distances; ~5x
+    faster than a matmul and `min` per chunk); elsewhere, or without the extension, chunks of
+    `CHUNK_ELEMENTS` distances."""
+    lhs, rhs, const = _lhs(X, w), _rhs(C), (w * X * X).sum(dim=1)
+    fused = _nearest_kernel(lhs)
+    if fused is not None and C.shape[0] > 0:
+        codes, best = fused(lhs, rhs)
+        return codes, (best + const).clamp_min_(0).sum(dtype=torch.float64).item()
     step = max(16, CHUNK_ELEMENTS // max(1, C.shape[0]))
     codes = torch.empty(X.shape[0], dtype=torch.int64, device=X.device)
-    lhs, rhs, const = _lhs(X, w), _rhs(C), (w * X * X).sum(dim=1)
     loss = 0.0
     for s in range(0, X.shape[0], step):
         best, idx = (lhs[s : s + step] @ rhs).min(dim=1)
         codes[s : s + step] = idx
         loss += (best + const[s : s + step]).clamp_min_(0).sum(dtype=torch.float64).item()
     return codes, loss
+
+
+def _nearest_kernel(lhs: torch.Tensor):
+    if lhs.device.type != "cpu" or lhs.dtype != torch.float32:
+        return None
+    from rsavq.kernels.cpu import extension
+
+    module = extension()
+    return None if module is None else module.nearest
 
 
 def update(X: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -63,7 +80,9 @@ def kmeans_plusplus(
     """k-means++ seeding under the weighted distance, deterministic for a generator.
 
     Seeds are drawn from a random subset of `SEED_POINTS_PER_CENTROID * K` points (its cost is
-    `K` sequential passes, so large layers sample; Lloyd iterations then use every point)."""
+    `K` sequential passes, so large layers sample; Lloyd iterations then use every point). Each
+    draw is one uniform number against the running sum of the distances, kept coordinate by
+    coordinate (`[d, N]`): ~10x faster per seed than `multinomial` over `[N, d]` rows."""
     N, d = X.shape
     mass = w.sum(dim=1)
     if N == 0 or mass.sum() <= 0:
@@ -72,20 +91,35 @@ def kmeans_plusplus(
     if len(live) > SEED_POINTS_PER_CENTROID * K:
         pick = torch.randperm(len(live), generator=generator)[: SEED_POINTS_PER_CENTROID * K]
         live = live[pick.to(X.device)]
-        X, w, mass = X[live], w[live], mass[live]
+    X, w = X[live], w[live]
+    Xt, wt = X.T.contiguous(), w.T.contiguous()
     centroids = torch.empty(K, d, dtype=X.dtype, device=X.device)
-    first = torch.multinomial(mass.cpu().double(), 1, generator=generator).item()
+    first = _draw(mass[live], generator)
     centroids[0] = X[first]
-    nearest = (w * (X - X[first]) ** 2).sum(dim=1)
+    nearest = _distances(Xt, wt, X[first])
     for k in range(1, K):
-        total = nearest.sum()
-        if total <= 0:  # every point already coincides with a codeword
+        if nearest.sum() <= 0:  # every point already coincides with a codeword
             centroids[k:] = centroids[0]
             break
-        pick = torch.multinomial(nearest.cpu().double(), 1, generator=generator).item()
+        pick = _draw(nearest, generator)
         centroids[k] = X[pick]
-        nearest = torch.minimum(nearest, (w * (X - X[pick]) ** 2).sum(dim=1))
+        torch.minimum(nearest, _distances(Xt, wt, X[pick]), out=nearest)
     return centroids
+
+
+def _draw(mass: torch.Tensor, generator: torch.Generator) -> int:
+    """An index drawn with probability proportional to `mass` (non-negative, positive sum)."""
+    cumulative = mass.double().cumsum(0).cpu()
+    u = torch.rand(1, generator=generator, dtype=torch.float64) * cumulative[-1]
+    return min(int(torch.searchsorted(cumulative, u, right=True)), len(cumulative) - 1)
+
+
+def _distances(Xt: torch.Tensor, wt: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """`sum_j w_j (x_j - c_j)^2` of every point, from coordinate-major `Xt`, `wt` `[d, N]`."""
+    out = (Xt[0] - c[0]).square_().mul_(wt[0])
+    for j in range(1, len(c)):
+        out.addcmul_(wt[j], (Xt[j] - c[j]).square_())
+    return out
 
 
 def kmeans(

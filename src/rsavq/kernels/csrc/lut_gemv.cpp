@@ -1165,6 +1165,85 @@ torch::Tensor vq_gemv_wide(torch::Tensor x, torch::Tensor perm, std::vector<torc
   return out;
 }
 
+// Nearest codeword for k-means and its assignments: for each row i of lhs [n, D], the k that
+// minimizes lhs[i] . rhs[:, k] over rhs [D, K] (the weighted distance less a constant per point,
+// `algorithms.kmeans`), without writing the [n, K] products out: 4 rows at a time, 16 codewords
+// per vector, a running minimum and its index per lane. Ties go to the lowest k.
+#if defined(__AVX512F__)
+static void nearest_rows(const float* L, const float* R, int64_t D, int64_t K, int64_t Kp,
+                         int64_t i0, int64_t i1, int64_t* idx, float* best) {
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const __m512i step = _mm512_set1_epi32(16);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t i = i0; i < i1; i += 4) {
+    const int64_t rows = std::min<int64_t>(4, i1 - i);
+    __m512 bv[4] = {inf, inf, inf, inf};
+    __m512i bi[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                     _mm512_setzero_si512()};
+    __m512i k_ids = lanes;
+    for (int64_t kb = 0; kb < Kp; kb += 16) {
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                       _mm512_setzero_ps()};
+      for (int64_t j = 0; j < D; ++j) {
+        const __m512 r = _mm512_loadu_ps(R + j * Kp + kb);
+        for (int64_t t = 0; t < rows; ++t)
+          acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(L[(i + t) * D + j]), r, acc[t]);
+      }
+      const __mmask16 live = kb + 16 <= K ? 0xFFFF : static_cast<__mmask16>((1u << (K - kb)) - 1);
+      for (int64_t t = 0; t < rows; ++t) {
+        const __mmask16 lt = _mm512_mask_cmp_ps_mask(live, acc[t], bv[t], _CMP_LT_OQ);
+        bv[t] = _mm512_mask_mov_ps(bv[t], lt, acc[t]);
+        bi[t] = _mm512_mask_mov_epi32(bi[t], lt, k_ids);
+      }
+      k_ids = _mm512_add_epi32(k_ids, step);
+    }
+    for (int64_t t = 0; t < rows; ++t) {
+      const float v = _mm512_reduce_min_ps(bv[t]);
+      const __mmask16 at = _mm512_cmp_ps_mask(bv[t], _mm512_set1_ps(v), _CMP_EQ_OQ);
+      const __m512i big = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());
+      best[i + t] = v;
+      idx[i + t] = _mm512_reduce_min_epi32(_mm512_mask_mov_epi32(big, at, bi[t]));
+    }
+  }
+}
+#else
+static void nearest_rows(const float* L, const float* R, int64_t D, int64_t K, int64_t Kp,
+                         int64_t i0, int64_t i1, int64_t* idx, float* best) {
+  std::vector<float> dist(K);
+  for (int64_t i = i0; i < i1; ++i) {
+    std::fill(dist.begin(), dist.end(), 0.f);
+    for (int64_t j = 0; j < D; ++j)
+      for (int64_t k = 0; k < K; ++k) dist[k] += L[i * D + j] * R[j * Kp + k];
+    int64_t b = 0;
+    for (int64_t k = 1; k < K; ++k)
+      if (dist[k] < dist[b]) b = k;
+    idx[i] = b;
+    best[i] = dist[b];
+  }
+}
+#endif
+
+std::vector<torch::Tensor> nearest(torch::Tensor lhs, torch::Tensor rhs) {
+  TORCH_CHECK(lhs.dim() == 2 && lhs.scalar_type() == torch::kFloat32, "lhs: [n, D] float32");
+  TORCH_CHECK(rhs.dim() == 2 && rhs.scalar_type() == torch::kFloat32 && rhs.size(0) == lhs.size(1),
+              "rhs: [D, K] float32");
+  TORCH_CHECK(rhs.size(1) > 0, "rhs: no codewords");
+  const int64_t n = lhs.size(0), D = lhs.size(1), K = rhs.size(1), Kp = (K + 15) / 16 * 16;
+  lhs = lhs.contiguous();
+  auto padded = torch::zeros({D, Kp}, rhs.options());
+  padded.narrow(1, 0, K).copy_(rhs);
+  auto idx = torch::empty({n}, lhs.options().dtype(torch::kInt64));
+  auto best = torch::empty({n}, lhs.options());
+  const float* L = lhs.data_ptr<float>();
+  const float* R = padded.data_ptr<float>();
+  int64_t* I = idx.data_ptr<int64_t>();
+  float* B = best.data_ptr<float>();
+  at::parallel_for(0, n, std::max<int64_t>(64, (1 << 16) / Kp), [&](int64_t a, int64_t b) {
+    nearest_rows(L, R, D, K, Kp, a, b, I, B);
+  });
+  return {idx, best};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_gemv", &vq_gemv, "RSAVQ LUT GEMV");
   m.def("vq_repack", &vq_repack, "RSAVQ codes repacked for vq_gemv16");
@@ -1172,5 +1251,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_prefill", &vq_prefill, "RSAVQ prefill: dequantize blocks of rows, multiply each");
   m.def("vq_dequantize", &vq_dequantize, "RSAVQ dequantize into the original channel order");
   m.def("vq_gemv_wide", &vq_gemv_wide, "RSAVQ decode of codes wider than a byte, pairs per code");
+  m.def("nearest", &nearest, "k-means: nearest codeword of every row, no [n, K] products");
   m.def("stored_gemv", &stored_gemv, "float32 inputs times a bfloat16 weight, widened in registers");
 }
