@@ -26,6 +26,9 @@ the weight is dequantized a block of rows at a time and each block multiplied. O
 (bf16, autograd) use `vq_dequantize`: the whole float32 weight (columns in the codes' order)
 once per call into a per-thread buffer kept between calls, then one matmul by `x[:, perm]`.
 
+The extension also serves the quantizer's k-means (`nearest`: each point's nearest codeword
+without writing the `[N, K]` distances; `rsavq.algorithms.kmeans.assign`).
+
 The extension is compiled on first use (g++ and ninja, `-march=native`; cached by torch under
 `~/.cache/torch_extensions`); when that fails, `available()` is False and dispatch uses the
 reference kernel.
