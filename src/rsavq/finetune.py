@@ -146,8 +146,7 @@ def tune_block(
     inputs and targets, never trained on, when given) and the seconds it took. Deterministic
     for `options.seed` and `index`. The block keeps the trained state only when it lowered
     that loss. A list `outputs` receives the block's outputs on `inputs` (then on the held-out
-    inputs) as the next block's inputs: the pass that scores the result makes them. (Scoring
-    every batch before training cost a fifth of the block-sequential pass at 4 bits.)"""
+    inputs) as the next block's inputs: the pass that scores the result makes them."""
     start = time.perf_counter()
     sample = slice(None, None, SCORED_EVERY)
     pairs = [(inputs, targets)] + ([heldout] if heldout is not None else [])

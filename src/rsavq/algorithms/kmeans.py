@@ -37,8 +37,8 @@ def _rhs(C: torch.Tensor) -> torch.Tensor:
 def assign(X: torch.Tensor, w: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Nearest codeword of every point under the weighted distance; and the total loss.
 
-    float32 on the CPU: the C++ kernel `nearest` (never writes the `[N, K]` distances; 13-15x
-    faster here than a matmul and `min` per chunk, the same codes); elsewhere, or without the
+    float32 on the CPU: the C++ kernel `nearest` (never writes the `[N, K]` distances; the same
+    codes as a matmul and `min` per chunk); elsewhere, or without the
     extension, chunks of `CHUNK_ELEMENTS` distances."""
     lhs, rhs, const = _lhs(X, w), _rhs(C), (w * X * X).sum(dim=1)
     fused = _nearest_kernel(lhs)
@@ -82,7 +82,7 @@ def kmeans_plusplus(
     Seeds are drawn from a random subset of `SEED_POINTS_PER_CENTROID * K` points (its cost is
     `K` sequential passes, so large layers sample; Lloyd iterations then use every point). Each
     draw is one uniform number against the running sum of the distances, kept coordinate by
-    coordinate (`[d, N]`): ~10x faster per seed than `multinomial` over `[N, d]` rows."""
+    coordinate (`[d, N]`), not `multinomial` over `[N, d]` rows (which draws N numbers per seed)."""
     N, d = X.shape
     mass = w.sum(dim=1)
     if N == 0 or mass.sum() <= 0:
