@@ -5,6 +5,7 @@ BENCHMARKS.md show.
     make results                  # python benchmarks/results.py            (headline protocol)
     make results FAST=1           # python benchmarks/results.py --fast     (development protocol)
     python benchmarks/results.py --only 'rsavq (default)' --bits 3 --threads 1   # one row
+    python benchmarks/results.py --fast --bits 3 --seeds 1 --threads 1  # one seed's row
     python benchmarks/results.py --table-only [--fast]  # rewrite the tables from the JSON
 
 Headline protocol: WikiText-2 test, all 148 windows of 2048 tokens, and C4, 64 windows of 2048
@@ -89,12 +90,18 @@ class Row:
         return f"{name}-{self.bits or 16}-s{self.seed}"
 
 
-def rows(protocol: Protocol, widths: list[int], only: str | None) -> list[Row]:
+def rows(
+    protocol: Protocol, widths: list[int], only: str | None, seeds: list[int] | None = None
+) -> list[Row]:
     """FP, then every method per width; the fast protocol adds the default's other seeds."""
     chosen = [Row("FP", None)] + [Row(m, b) for b in widths for m in METHODS if m != "FP"]
     if protocol is FAST and 3 in widths:
         chosen += [Row(DEFAULT, 3, seed) for seed in SEEDS[1:]]
-    return [r for r in chosen if only is None or r.method == only]
+    return [
+        r
+        for r in chosen
+        if (only is None or r.method == only) and (seeds is None or r.seed in seeds)
+    ]
 
 
 class Results:
@@ -320,6 +327,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fast", action="store_true", help="the 16-window development protocol")
     p.add_argument("--bits", default="2,3,4", help="widths, comma-separated")
     p.add_argument("--only", default=None, choices=list(METHODS), help="one method's rows only")
+    p.add_argument("--seeds", default=None, help="these seeds' rows only, comma-separated")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data-dir", default=os.environ.get("RSAVQ_DATA_DIR"))
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -338,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     results = Results(Path(args.json or ROOT / "benchmarks" / "results" / f"{name}.json"))
     if not args.table_only:
         results.update_machine(args.threads)
-        for row in rows(protocol, [int(b) for b in args.bits.split(",")], args.only):
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+        for row in rows(protocol, [int(b) for b in args.bits.split(",")], args.only, seeds):
             print(f"== {row.key}", flush=True)
             run_row(row, protocol, results, args)
     data = results.read()

@@ -84,3 +84,12 @@ def test_a_time_measured_beside_another_row_is_marked():
     rows["q"]["steps"]["quantize"] = {**quiet, "parallel": True}
     text = results.render({"rows": rows})
     assert "10.0 min* |" in text and results.CONTENDED in text
+
+
+def test_rows_filter_by_method_and_seed():
+    results = load_results()
+    chosen = results.rows(results.FAST, [3], "rsavq (default)", [1, 2])
+    assert [(r.method, r.bits, r.seed) for r in chosen] == [
+        ("rsavq (default)", 3, 1), ("rsavq (default)", 3, 2)
+    ]  # fmt: skip
+    assert [r.seed for r in results.rows(results.FAST, [3], "rsavq (default)")] == [0, 1, 2]
