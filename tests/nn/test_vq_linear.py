@@ -3,6 +3,7 @@ import torch
 
 from helpers import plain_config, random_vq_layer
 from rsavq.algorithms.rsavq import quantize_layer
+from rsavq.kernels import cpu
 from rsavq.nn import VQLinear, dequantized
 
 SCALES = pytest.mark.parametrize("scales", [False, True], ids=["no-scales", "row-scales"])
@@ -90,3 +91,32 @@ def test_a_backend_that_cannot_serve_the_layers_is_refused(monkeypatch):
     with pytest.raises(UsageError, match="could not be built here"):
         set_backend(model, "cpu")
     assert set_backend(model, "reference") == 1
+
+
+@pytest.mark.skipif(not cpu.available(), reason="C++ extension cannot be built here")
+def test_decode_calls_skip_the_dispatch_and_other_calls_take_it(monkeypatch):
+    import rsavq.nn.vq_linear as vq_linear_module
+
+    module = make_module(scales=True)
+    dispatched = []
+    kernel = vq_linear_module.vq_linear_kernel
+    monkeypatch.setattr(
+        vq_linear_module,
+        "vq_linear_kernel",
+        lambda *a, **k: dispatched.append(1) or kernel(*a, **k),
+    )
+    W = module.dequantize()
+    x = torch.randn(2, 3, 80)
+    served = [x[:1, :1, :40], x[0, :, :40].contiguous()]  # 1 and 3 tokens
+    others = [x[:1, :1, ::2], x[:1, :1, :40].bfloat16(), torch.randn(9, 40)]
+    for inputs in served + others:
+        y = module(inputs)
+        expected = (inputs.float() @ W.T + module.bias).to(inputs.dtype)
+        torch.testing.assert_close(y, expected, atol=2e-2, rtol=2e-2)
+    assert module._kernel_state["decode"] is not None
+    assert len(dispatched) == len(others)
+    with pytest.raises(RuntimeError):  # the wrong width reaches a kernel that says so
+        module(torch.randn(1, 41))
+    module.backend = "reference"  # pinning a backend forgets the bound decode
+    module(served[0])
+    assert module._kernel_state["decode"] is None and len(dispatched) == len(others) + 2

@@ -19,7 +19,7 @@ import torch
 from rsavq.config import LayerSpec
 from rsavq.kernels.reference import dequantize
 
-__all__ = ["Backend", "choose_backend", "dequantize", "stored_linear", "vq_linear"]
+__all__ = ["Backend", "choose_backend", "decoder", "dequantize", "stored_linear", "vq_linear"]
 
 
 class Backend(str, Enum):
@@ -70,6 +70,22 @@ def vq_linear(
         return _cpu().vq_linear(x, codes, codebooks, perm, spec, bias, scales, cache)
     kernel = importlib.import_module(_MODULES[backend])
     return kernel.vq_linear(x, codes, codebooks, perm, spec, bias, scales)
+
+
+def decoder(
+    codes, codebooks, perm, spec: LayerSpec, bias=None, backend: Backend = Backend.AUTO,
+    scales=None, cache: dict | None = None,
+):  # fmt: skip
+    """The layer's decode function `x -> y` with its kernel and arguments bound once (the
+    contract of `vq_linear`, without its dispatch on every call), or None where no backend has
+    one. The function returns None for an input it does not serve; `vq_linear` serves those.
+    Today: the CPU backend's LUT GEMVs (`cpu.decoder`) for a layer on the CPU under `auto` or
+    `cpu`."""
+    backend = Backend(backend)
+    on_cpu = perm.device.type == "cpu" and backend in (Backend.AUTO, Backend.CPU)
+    if on_cpu and _cpu().available():
+        return _cpu().decoder(codes, codebooks, perm, spec, bias, scales, cache)
+    return None
 
 
 def stored_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:

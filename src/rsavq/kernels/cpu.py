@@ -243,6 +243,38 @@ def _decode_args(codes, codebooks, perm, spec: LayerSpec, bias, scales, cache) -
     return (*state, spec.vector_length, spec.out_features, _half(scales), _float(bias))
 
 
+def decoder(codes, codebooks, perm, spec: LayerSpec, bias=None, scales=None, cache=None):
+    """A function `x -> y` for the layer's decode calls, its kernel and arguments bound once
+    (a decode call of a small layer is tens of microseconds: dispatch through `vq_linear` cost a
+    third of it). It returns None for an input it does not serve (not a contiguous float32 CPU
+    tensor of at most `DECODE_TOKENS` tokens, or under `torch.compile`): use `vq_linear`. None
+    for a layer no decode kernel serves. Arguments are prepared on the first call it serves."""
+    if byte_codes(spec):
+        kernel, key, make = "vq_gemv16", "gemv16", _decode_args
+    elif wide_codes(spec):
+        kernel, key, make = "vq_gemv_wide", "wide", _wide_args
+    else:
+        return None
+    gemv, args = getattr(extension(), kernel), None
+    n, m, limit = spec.in_features, spec.out_features, DECODE_TOKENS * spec.in_features
+    compiling = torch.compiler.is_compiling
+
+    def decode(x: torch.Tensor) -> torch.Tensor | None:
+        nonlocal args
+        if (
+            x.dtype is not torch.float32 or not x.is_cpu or x.shape[-1] != n
+            or x.numel() > limit or not x.is_contiguous() or compiling()
+        ):  # fmt: skip
+            return None
+        if args is None:
+            args = _kept(
+                cache, key, lambda: make(codes, codebooks, perm, spec, bias, scales, cache)
+            )
+        return gemv(x.view(-1, n), *args).view(*x.shape[:-1], m)
+
+    return decode
+
+
 def vq_linear(
     x, codes, codebooks, perm, spec: LayerSpec, bias=None, scales=None, cache=None
 ) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 
 from rsavq.config import LayerSpec
 from rsavq.errors import UsageError
-from rsavq.kernels import Backend, reference
+from rsavq.kernels import Backend, decoder, reference
 from rsavq.kernels import vq_linear as vq_linear_kernel
 from rsavq.nn.codebooks import decode_codebook, store_codebook, stored_dtype
 from rsavq.packing import packed_words
@@ -77,7 +77,9 @@ class VQLinear(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        if name in self.__dict__.get("_buffers", ()):
+        if name in self.__dict__.get("_buffers", ()) or (
+            name == "backend" and "_kernel_state" in self.__dict__
+        ):
             self.refresh()
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
@@ -116,6 +118,14 @@ class VQLinear(nn.Module):
         return W if self.scales is None else W * self.scales.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._kernel_state
+        if "decode" not in state:  # the backend's decode function, bound once (or None)
+            codes, books = self._kernel_inputs()
+            state["decode"] = decoder(
+                codes, books, self.perm, self.spec, self.bias, self.backend, self.scales, state
+            )
+        if state["decode"] is not None and (y := state["decode"](x)) is not None:
+            return y
         codes, books = self._kernel_inputs()
         return vq_linear_kernel(
             x, codes, books, self.perm, self.spec, self.bias, self.backend, self.scales,

@@ -937,16 +937,16 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
   }
   TORCH_CHECK(groups.back().start + groups.back().cols == n && groups.back().j0 + groups.back().J == Jtot,
               "group sizes must add up to the input features");
+  const float* X = x.data_ptr<float>();  // (data_ptr checks the tensor: never in a loop)
   std::vector<uint8_t> finite(T, 1);
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < n; ++i) finite[t] &= std::isfinite(x.data_ptr<float>()[t * n + i]);
+    for (int64_t i = 0; i < n; ++i) finite[t] &= std::isfinite(X[t * n + i]);
   // Threads split the chunks of codes (each builds only its chunks' tables and reads one stretch
   // of the codes), each summing into totals of its own [tiles, T, 64], added up at the end.
   const int64_t size = tiles * T * kTileRows, chunks = (Jtot + kChunkJ - 1) / kChunkJ;
   static thread_local std::vector<float> totals;  // (the calling thread's)
   totals.assign(size * at::get_num_threads(), 0.f);
   float* totals0 = totals.data();  // (a thread_local named in the lambda would be the worker's)
-  const float* X = x.data_ptr<float>();
   const int32_t* O = perm.data_ptr<int32_t>();
   const float* Bk = books.data_ptr<float>();
   const uint8_t* C = packed.data_ptr<uint8_t>();
@@ -1149,14 +1149,19 @@ torch::Tensor vq_gemv_wide(torch::Tensor x, torch::Tensor perm, std::vector<torc
   float* Y = out.data_ptr<float>();
   const at::Half* S = scales ? scales->data_ptr<at::Half>() : nullptr;
   const float* B = bias ? bias->data_ptr<float>() : nullptr;
+  std::vector<const int16_t*> codes_of(G);
+  std::vector<const float*> book_of(G);
+  for (int64_t g = 0; g < G; ++g) {
+    codes_of[g] = codes[g].data_ptr<int16_t>();
+    book_of[g] = books[g].data_ptr<float>();
+  }
   at::parallel_for(0, m, 16, [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r)
       for (int64_t t = 0; t < T; ++t) {
         float y = 0.f;
         for (int64_t g = 0; g < G; ++g) {
-          const int64_t J = codes[g].size(1);
-          y += wide_dot(codes[g].data_ptr<int16_t>() + r * J, books[g].data_ptr<float>(),
-                        xp.data() + t * offset[G] + offset[g], J);
+          const int64_t J = offset[g + 1] / 2 - offset[g] / 2;
+          y += wide_dot(codes_of[g] + r * J, book_of[g], xp.data() + t * offset[G] + offset[g], J);
         }
         if (S) y *= static_cast<float>(S[r]);
         Y[t * m + r] = B ? y + B[r] : y;
