@@ -245,10 +245,11 @@ def _decode_args(codes, codebooks, perm, spec: LayerSpec, bias, scales, cache) -
 
 def decoder(codes, codebooks, perm, spec: LayerSpec, bias=None, scales=None, cache=None):
     """A function `x -> y` for the layer's decode calls, its kernel and arguments bound once
-    (a decode call of a small layer is tens of microseconds: dispatch through `vq_linear` cost a
-    third of it). It returns None for an input it does not serve (not a contiguous float32 CPU
-    tensor of at most `DECODE_TOKENS` tokens, or under `torch.compile`): use `vq_linear`. None
-    for a layer no decode kernel serves. Arguments are prepared on the first call it serves."""
+    (a decode call of a small layer takes tens of microseconds, of which the dispatch through
+    `vq_linear` took a sizeable share). It returns None for an input it does not serve (not a
+    contiguous float32 CPU tensor of at most `DECODE_TOKENS` tokens, or under `torch.compile`):
+    use `vq_linear`. None for a layer no decode kernel serves. Arguments are prepared on the
+    first call it serves."""
     if byte_codes(spec):
         kernel, key, make = "vq_gemv16", "gemv16", _decode_args
     elif wide_codes(spec):
