@@ -38,8 +38,8 @@ def assign(X: torch.Tensor, w: torch.Tensor, C: torch.Tensor) -> tuple[torch.Ten
     """Nearest codeword of every point under the weighted distance; and the total loss.
 
     float32 on the CPU: the C++ kernel `nearest` (never writes the `[N, K]` distances; the same
-    codes as a matmul and `min` per chunk); elsewhere, or without the
-    extension, chunks of `CHUNK_ELEMENTS` distances."""
+    codes as a matmul and `min` per chunk); elsewhere, or without the extension, chunks of
+    `CHUNK_ELEMENTS` distances."""
     lhs, rhs, const = _lhs(X, w), _rhs(C), (w * X * X).sum(dim=1)
     fused = _nearest_kernel(lhs)
     if fused is not None and C.shape[0] > 0:

@@ -243,6 +243,16 @@ def _decode_args(codes, codebooks, perm, spec: LayerSpec, bias, scales, cache) -
     return (*state, spec.vector_length, spec.out_features, _half(scales), _float(bias))
 
 
+def _decode_kernel(spec: LayerSpec) -> tuple | None:
+    """The layer's decode kernel: its name in the extension, the cache key of its arguments and
+    the function that makes them (None: no LUT decode kernel serves the layer)."""
+    if byte_codes(spec):
+        return "vq_gemv16", "gemv16", _decode_args
+    if wide_codes(spec):
+        return "vq_gemv_wide", "wide", _wide_args
+    return None
+
+
 def decoder(codes, codebooks, perm, spec: LayerSpec, bias=None, scales=None, cache=None):
     """A function `x -> y` for the layer's decode calls, its kernel and arguments bound once
     (a decode call of a small layer takes tens of microseconds, of which the dispatch through
@@ -250,12 +260,10 @@ def decoder(codes, codebooks, perm, spec: LayerSpec, bias=None, scales=None, cac
     contiguous float32 CPU tensor of at most `DECODE_TOKENS` tokens, or under `torch.compile`):
     use `vq_linear`. None for a layer no decode kernel serves. Arguments are prepared on the
     first call it serves."""
-    if byte_codes(spec):
-        kernel, key, make = "vq_gemv16", "gemv16", _decode_args
-    elif wide_codes(spec):
-        kernel, key, make = "vq_gemv_wide", "wide", _wide_args
-    else:
+    chosen = _decode_kernel(spec)
+    if chosen is None:
         return None
+    kernel, key, make = chosen
     gemv, args = getattr(extension(), kernel), None
     n, m, limit = spec.in_features, spec.out_features, DECODE_TOKENS * spec.in_features
     compiling = torch.compiler.is_compiling
@@ -285,14 +293,10 @@ def vq_linear(
     x2 = x.reshape(-1, n)
     decode = x2.shape[0] <= DECODE_TOKENS
     eager = not torch.compiler.is_compiling()
-    if eager and decode and byte_codes(spec):
-        args = _kept(cache, "gemv16", lambda: _decode_args(codes, codebooks, perm, spec, bias,
-                                                           scales, cache))  # fmt: skip
-        out = extension().vq_gemv16(_float(x2), *args)
-        return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)
-    if eager and decode and wide_codes(spec):
-        make = lambda: _wide_args(codes, codebooks, perm, spec, bias, scales, cache)  # noqa: E731
-        out = extension().vq_gemv_wide(_float(x2), *_kept(cache, "wide", make))
+    if eager and decode and (chosen := _decode_kernel(spec)) is not None:
+        kernel, key, make = chosen
+        args = _kept(cache, key, lambda: make(codes, codebooks, perm, spec, bias, scales, cache))
+        out = getattr(extension(), kernel)(_float(x2), *args)
         return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)
     grad = torch.is_grad_enabled() and x.requires_grad
     if eager and not decode and x.dtype == torch.float32 and not grad:
