@@ -56,15 +56,12 @@ class Distillation:
     # float32 at 1.8x the speed per step (BENCHMARKS.md, "Fine-tuning and distillation settings")
     bf16: bool = True
     save_every: int = 16  # optimizer steps between resumable snapshots
-    # early stop on the held-out windows: their KL is measured this many times over the run
-    # (evenly spaced, the last at the end); training stops after `patience` measurements in a
-    # row without a new best (a KL at least `min_delta` below the best so far, relatively) and
-    # returns to the best state (the state before training counts). At 4 bits on SmolLM2-135M
-    # a 0.7% lower held-out KL came with a 1.5% higher WikiText-2 perplexity (BENCHMARKS.md,
-    # Cost): 4 windows do not rank states closer than that
+    # the held-out windows' KL is measured before training and this many times during it
+    # (evenly spaced, the last at the end), for the report and the guard: the trained state is
+    # kept when its held-out KL is below the one before training, else the model goes back.
+    # No early stop: stopping after two scores without a 1% gain cost 3-bit SmolLM2-135M
+    # perplexity (BENCHMARKS.md, Cost: the KL falls in steps)
     checks: int = 8
-    patience: int = 2
-    min_delta: float = 0.01
     # calibration windows to distill on: this many drawn like the calibration's (more text: 256
     # beat 64 at 3 bits, BENCHMARKS.md, Ablations; 128 by default: Cost), or None for those
     # the quantizer calibrates on; the default falls back to those when the corpus is too small
@@ -74,20 +71,22 @@ class Distillation:
         ok = self.epochs >= 1 and self.lr > 0 and self.micro_batch >= 1 and self.top_k >= 1
         budget = self.tokens is None or self.tokens >= 1
         budget = budget and (self.windows is None or self.windows >= 1)
-        counts = min(self.heldout + 1, self.save_every, self.checks, self.patience) >= 1
-        if not ok or not budget or not counts or not 0 <= self.min_delta < 1:
+        counts = min(self.heldout + 1, self.save_every, self.checks) >= 1
+        if not ok or not budget or not counts:
             raise UsageError(
                 "distillation needs epochs >= 1, lr > 0, micro_batch >= 1, top_k >= 1, "
-                "heldout >= 0, save_every, checks and patience >= 1, 0 <= min_delta < 1, a "
+                "heldout >= 0, save_every and checks >= 1, a "
                 f"positive token budget and window count; got {self.epochs}, {self.lr}, "
                 f"{self.micro_batch}, {self.top_k}, {self.heldout}, {self.save_every}, "
-                f"{self.checks}, {self.patience}, {self.min_delta}, {self.tokens}, {self.windows}"
+                f"{self.checks}, {self.tokens}, {self.windows}"
             )
 
     def to_dict(self) -> dict:
-        """What the result depends on (not the held-out windows nor how often it snapshots;
-        options left at their off value are omitted, so older results keep their identity)."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("heldout", "save_every")}
+        """What the result depends on (not the held-out windows, how often they are scored nor
+        how often it snapshots; options left at their off value are omitted, so older results
+        keep their identity)."""
+        skip = ("heldout", "save_every", "checks")
+        data = {k: v for k, v in asdict(self).items() if k not in skip}
         if not self.bf16:
             del data["bf16"]
         if self.tokens is None:
@@ -188,11 +187,10 @@ def distill(
     continues from it, ending exactly where an uninterrupted run would. `save` receives a
     snapshot every `options.save_every` steps and at the end. `heldout` (windows and their
     teacher targets, never trained on) is scored before training and `options.checks` times
-    during it: training stops early after `options.patience` scores in a row without a new
-    best, and the model keeps its best-scoring state (the state before training when no step
-    helped: `kept` False). Returns the losses (mean training KL over the first and the last
-    tenth of the steps run, held-out KL before and after), the held-out scores, steps run,
-    windows trained on, tokens, seconds and whether training changed the model."""
+    during it; the trained state is kept when its last score is below the first, else the model
+    goes back to the state before training (`kept` False). Returns the losses (mean training KL
+    over the first and the last tenth of the steps), the held-out scores, steps, windows trained
+    on, tokens, seconds and whether training changed the model."""
     schedule = options.schedule(len(windows), windows.shape[1])
     every = math.ceil(len(schedule) / options.checks)
     start_time = time.perf_counter()
@@ -204,8 +202,6 @@ def distill(
                    disable=not progress)  # fmt: skip
         device_type = next(model.parameters()).device.type
         for step in range(len(losses), len(schedule)):
-            if watch.stopped(options.patience):
-                break
             rows = schedule[step]
             with torch.autocast(device_type, torch.bfloat16, enabled=options.bf16):
                 logits = _logits(model, windows[rows])
@@ -218,11 +214,12 @@ def distill(
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
             if len(losses) % every == 0 or len(losses) == len(schedule):
                 watch.score(len(losses))
-            due = len(losses) % options.save_every == 0 or len(losses) == len(schedule)
-            if save is not None and (due or watch.stopped(options.patience)):
+            if save is not None and (
+                len(losses) % options.save_every == 0 or len(losses) == len(schedule)
+            ):
                 save(_snapshot(params, optimizer, losses, watch))
         bar.close()
-        watch.finish(stopped=len(losses) < len(schedule))
+        kept = watch.finish()
     run = len(losses)
     tenth = max(1, run // 10)
     report = dict(
@@ -232,66 +229,50 @@ def distill(
         windows=len(windows),
         tokens=sum(len(r) for r in schedule[:run]) * windows.shape[1],
         seconds=time.perf_counter() - start_time,
-        kept=watch.kept_step > 0,
-        **watch.report(),
+        kept=kept,
+        **watch.report(kept),
     )
-    if not report["kept"]:
+    if not kept:
         logger.warning("distillation did not lower the held-out KL: the model is kept as it was")
     logger.info("distilled: %s", report)
     return report
 
 
 class _Watch:
-    """The held-out scores of a distillation run and its best state so far."""
+    """The held-out scores of a distillation run and the state before it."""
 
     def __init__(self, model, heldout, options: Distillation, params, score_start: bool) -> None:
         self.model, self.heldout, self.options, self.params = model, heldout, options, params
         self.scores: list[tuple[int, float]] = []  # (step, held-out KL), step 0 first
-        self.best: list[torch.Tensor] | None = None
-        self.best_step = -1  # -1: nothing scored (no held-out windows: the last state is kept)
-        self.kept_step = -1  # the state the run ends with (`finish`)
+        self.start: list[torch.Tensor] | None = None  # the parameters before training
         if heldout is not None and score_start:  # (a resumed run reads its scores instead)
+            self.start = [p.detach().clone() for p in params]
             self.score(0)
 
     def score(self, step: int) -> None:
         if self.heldout is None:
-            self.best_step = step
             return
         device_type = next(self.model.parameters()).device.type
         with torch.autocast(device_type, torch.bfloat16, enabled=self.options.bf16):
-            kl = mean_kl(self.model, *self.heldout)
-        self.scores.append((step, kl))
-        best = dict(self.scores).get(self.best_step)
-        if best is None or kl < best * (1 - self.options.min_delta):
-            self.best = [p.detach().clone() for p in self.params]
-            self.best_step = step
+            self.scores.append((step, mean_kl(self.model, *self.heldout)))
 
-    def stopped(self, patience: int) -> bool:
-        """Whether the last `patience` scores came after the best one."""
-        return sum(step > self.best_step for step, _ in self.scores) >= patience
+    def finish(self) -> bool:
+        """Whether the trained state stays: its held-out KL is below the one before training
+        (or nothing was scored); else the parameters go back to the state before training."""
+        if not self.scores or self.scores[-1][1] < self.scores[0][1]:
+            return True
+        with torch.no_grad():
+            for p, b in zip(self.params, self.start, strict=True):
+                p.copy_(b)
+        return False
 
-    def finish(self, stopped: bool) -> None:
-        """Keep the last state when training ran to the end and lowered the held-out KL (or
-        nothing was scored), else go back to the best-scoring one."""
-        self.kept_step = self.best_step
-        if not self.scores:
-            return
-        last_step, last = self.scores[-1]
-        if not stopped and last < self.scores[0][1]:
-            self.kept_step = last_step
-        elif self.best_step != last_step:
-            with torch.no_grad():
-                for p, b in zip(self.params, self.best, strict=True):
-                    p.copy_(b)
-
-    def report(self) -> dict:
+    def report(self, kept: bool) -> dict:
         if not self.scores:
             return {}
         return {
             "heldout_before": self.scores[0][1],
-            "heldout_after": dict(self.scores)[self.kept_step],
+            "heldout_after": self.scores[-1 if kept else 0][1],
             "heldout_scores": [list(s) for s in self.scores],
-            "kept_step": self.kept_step,
         }
 
 
@@ -302,8 +283,8 @@ def _snapshot(params, optimizer: torch.optim.Optimizer, losses, watch: _Watch) -
     tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
     if watch.scores:
         tensors["scores"] = torch.tensor(watch.scores, dtype=torch.float64)
-        tensors |= {f"best.{i}": b for i, b in enumerate(watch.best)}
-    return tensors, {"params": str(len(params)), "best_step": str(watch.best_step)}
+        tensors |= {f"start.{i}": b for i, b in enumerate(watch.start)}
+    return tensors, {"params": str(len(params))}
 
 
 def _restore(snapshot: Snapshot, params, optimizer, watch: _Watch) -> list[float]:
@@ -324,6 +305,5 @@ def _restore(snapshot: Snapshot, params, optimizer, watch: _Watch) -> list[float
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
     if "scores" in tensors:
         watch.scores = [(int(step), kl) for step, kl in tensors["scores"].tolist()]
-        watch.best = [tensors[f"best.{i}"] for i in range(len(params))]
-    watch.best_step = int(meta.get("best_step", -1))
+        watch.start = [tensors[f"start.{i}"] for i in range(len(params))]
     return tensors["losses"].tolist()
