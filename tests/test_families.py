@@ -26,7 +26,7 @@ def test_quantize_load_and_generate(family, tmp_path):
     assert all(a.count == 6 for a in accumulators.values())
     config = preset("default", 2, lam=0, uniform_bits=True, kmeans_iters=2)
     tuning = BlockTuning(epochs=1, lr=1e-3, micro_batch=4)  # micro-batches of 4 and of 2
-    distillation = Distillation(lr=1e-4, windows=None, micro_batch=2, save_every=2, patience=3)
+    distillation = Distillation(lr=1e-4, windows=None, micro_batch=2, save_every=2)
     quantize_model(
         model, config, None, tmp_path / "q", progress=False, calibration=windows, tuning=tuning,
         heldout=windows[:2], distillation=distillation,

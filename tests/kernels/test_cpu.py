@@ -162,12 +162,14 @@ def test_the_extension_compiles_for_a_cpu_without_avx512():
 @pytest.mark.parametrize(("m", "n"), [(4, 16), (7, 33), (64, 576), (130, 17)])
 def test_stored_gemv_matches_the_widened_weight(tokens, m, n):
     """A bfloat16 weight times float32 inputs equals F.linear on the weight widened to float32
-    (row tiles of 4 with a remainder, column tails under 16)."""
+    (row tiles of 4 with a remainder, column tails under 16), up to float32 rounding: outputs
+    reach ~sqrt(n) and the BLAS behind F.linear sums in its own order (on an AMD Zen 4 host a
+    576-term sum differed by 1.2e-5)."""
     torch.manual_seed(0)
     x, w = torch.randn(tokens, n), torch.randn(m, n).bfloat16()
     assert cpu.serves_stored(x, w)
     y = cpu.stored_gemv(x, w)
-    torch.testing.assert_close(y, torch.nn.functional.linear(x, w.float()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w.float()), rtol=1e-5, atol=1e-4)
 
 
 def test_stored_linear_serves_decode_and_widens_otherwise():

@@ -417,9 +417,44 @@ inline float sub_vector(const float* x, const int32_t* perm, int64_t start, int6
   return sq;
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512VBMI__)
+// The byte of each of 64 int16 entries packed by _mm512_packs_epi32 from four registers of 16
+// int32 (pairs (0, 1) and (2, 3): each 128-bit lane holds four entries of one, then four of
+// the other): index e of the result picks byte `high` of entry e from (w01, w23).
+inline __m512i plane_index(int high) {
+  alignas(64) uint8_t idx[64];
+  for (int e = 0; e < 64; ++e) {
+    const int f = e & 31, word = f < 16 ? 8 * (f / 4) + f % 4 : 8 * ((f - 16) / 4) + 4 + f % 4;
+    idx[e] = static_cast<uint8_t>((e >= 32 ? 64 : 0) + 2 * word + high);
+  }
+  return _mm512_load_si512(idx);
+}
+
+// 64 entries k.. of table j, round(<s, codeword> * inv), as their low bytes at lo and their
+// high bytes at hi: four independent FMA chains (one would wait on its own latency), the
+// int32s packed to int16 and split into byte planes with one permute each.
+inline void planes64(const float* s, const float* b, int64_t d, int64_t Kp, float inv,
+                     uint8_t* lo, uint8_t* hi) {
+  static const __m512i lo_idx = plane_index(0), hi_idx = plane_index(1);
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                 _mm512_setzero_ps()};
+  for (int64_t e = 0; e < d; ++e) {
+    const __m512 se = _mm512_set1_ps(s[e]);
+    for (int q = 0; q < 4; ++q) a[q] = _mm512_fmadd_ps(se, _mm512_loadu_ps(b + e * Kp + 16 * q), a[q]);
+  }
+  const __m512 scale = _mm512_set1_ps(inv);
+  __m512i r[4];
+  for (int q = 0; q < 4; ++q) r[q] = _mm512_cvtps_epi32(_mm512_mul_ps(a[q], scale));  // to even
+  const __m512i w01 = _mm512_packs_epi32(r[0], r[1]), w23 = _mm512_packs_epi32(r[2], r[3]);
+  _mm512_storeu_si512(lo, _mm512_permutex2var_epi8(w01, lo_idx, w23));
+  _mm512_storeu_si512(hi, _mm512_permutex2var_epi8(w01, hi_idx, w23));
+}
+#endif
+
 // The tables of js [j0, j1) of a group for one token x, rounded to int16 entry by entry,
 // round(<x_j, codeword k> / step) (inv = 1 / step), as byte planes at dst (2 Kp bytes per j); bt:
-// the codebooks transposed, float32 [P, d, Kp]. No float table is written.
+// the codebooks transposed, float32 [P, d, Kp]. No float table is written. (|entries| stay
+// below 32767: the step bounds them, so packing to int16 never saturates.)
 void build_planes(const float* x, const int32_t* perm, int64_t start, int64_t cols, int64_t v,
                   const float* bt, int64_t P, int64_t j0, int64_t j1, int64_t Kp, float inv,
                   uint8_t* dst) {
@@ -429,16 +464,8 @@ void build_planes(const float* x, const int32_t* perm, int64_t start, int64_t co
     sub_vector(x, perm, start, cols, v, P, d, j, s);
     const float* b = bt + (j % P) * d * Kp;
     int64_t k = 0;
-#if defined(__AVX512F__)
-    for (; k + 16 <= Kp; k += 16) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t e = 0; e < d; ++e)
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(s[e]), _mm512_loadu_ps(b + e * Kp + k), acc);
-      const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(acc, _mm512_set1_ps(inv)));  // to even
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), _mm512_cvtepi32_epi8(r));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + Kp + k),
-                       _mm512_cvtepi32_epi8(_mm512_srai_epi32(r, 8)));
-    }
+#if defined(__AVX512BW__) && defined(__AVX512VBMI__)
+    for (; k + 64 <= Kp; k += 64) planes64(s, b + k, d, Kp, inv, dst + k, dst + Kp + k);
 #endif
     for (; k < Kp; ++k) {
       float acc = 0.f;
