@@ -21,8 +21,9 @@ per evaluation, each a process of its own. Every finished step (the quantization
 evaluation) is written to the JSON at once, so an interrupted run resumes at the next step (an
 interrupted quantization resumes from its checkpoint's partial directory). Rows may run as
 parallel processes (`--only`, `--bits`, `--threads 1`): the JSON is updated under a lock. Times
-are only comparable between rows that ran alone on a quiet machine; `threads` and `parallel`
-are recorded with each row.
+are only comparable between rows that ran alone on a quiet machine; `threads`, `parallel` and
+the CPU (`cpu`: the same command can give another checkpoint on another CPU) are recorded with
+each row.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import contextlib
 import fcntl
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -40,6 +40,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rsavq.clock import cpu_name
 from rsavq.data import load_corpus, unread_documents
 from rsavq.io import atomic_write_json, rewrite_block
 
@@ -135,7 +136,7 @@ class Results:
     def update_machine(self, threads: int) -> None:
         with self._editing() as data:
             data["machine"] = {"cpus": os.cpu_count(), "threads": threads,
-                               "processor": platform.processor() or platform.machine()}  # fmt: skip
+                               "processor": cpu_name()}  # fmt: skip
 
     def update(self, row: Row, **fields) -> None:
         with self._editing() as data:
@@ -164,6 +165,7 @@ def quantize_step(row: Row, model: str, out: Path, args: argparse.Namespace) -> 
         "checkpoint_mib": checkpoint_mib(out),
         "threads": args.threads,
         "parallel": args.parallel,
+        "cpu": report["clock"].get("cpu") or cpu_name(),
         "commit": _commit(),
     }
 
@@ -308,7 +310,7 @@ def spread(data: dict, bits: int = 3) -> str | None:
 
 
 CONTENDED = (
-    "\\* quantized beside another row (two processes of one thread on the two cores): not a "
+    "\\* quantized beside other rows (processes of one thread each sharing the two cores): not a "
     "quiet time; the quiet cost of the default at each width is under Cost."
 )
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from rsavq.algorithms.rsavq import split_blocks
 from rsavq.allocation import split_sizes
+from rsavq.clock import cpu_name
 from rsavq.config import LayerSpec, preset
 from rsavq.io import atomic_write_json, rewrite_block
 from rsavq.kernels import Backend, choose_backend
@@ -49,7 +50,7 @@ SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (11008, 4096)]
 TABLES = (
     "benchmarks/results/speed-1thread.json,benchmarks/results/speed-2threads.json,"
     "benchmarks/results/speed-2threads-loaded.json,benchmarks/results/speed-1thread-int8.json,"
-    "benchmarks/results/speed-checkpoints.json"
+    "benchmarks/results/speed-checkpoints.json,benchmarks/results/speed-1thread-amd.json"
 )
 
 
@@ -374,8 +375,9 @@ def render(results: list[dict]) -> str:
         read = result.get("bandwidth_gbs", {})
         load = result.get("load", 0)
         under = f", while {load} busy process(es) shared the cores" if load else ""
+        cpu = f", {result['cpu']}" if result.get("cpu") else ""
         parts += [
-            f"#### {result['threads']} thread(s), {result['format']}{under}",
+            f"#### {result['threads']} thread(s), {result['format']}{under}{cpu}",
             "",
             f"Read bandwidth here: {read.get('1', 0):.1f} GB/s with 1 thread, "
             f"{read.get(str(result.get('cores', 2)), 0):.1f} GB/s with all "
@@ -460,6 +462,7 @@ def measure(args, bits: list[int], tokens: list[int], cores: int, bandwidth: dic
         if checkpoints
         else FORMATS[args.codebooks],
         "torch": torch.__version__,
+        "cpu": cpu_name(),
         "bandwidth_gbs": bandwidth,
         "layers": layer_rows(
             bits, tokens, args.groups, args.codebooks, bandwidth[str(args.threads)] * 1e9

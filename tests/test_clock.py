@@ -56,3 +56,16 @@ def test_using_restores_the_outer_clock_and_format():
     assert list(inner.to_dict()["stages"]) == ["a"] and list(outer.to_dict()["stages"]) == ["b"]
     text = format_clock(outer.to_dict())
     assert text.splitlines()[0].lstrip().startswith("b ") and "total" in text.splitlines()[-1]
+
+
+def test_the_clock_names_its_cpu(tmp_path, monkeypatch):
+    import rsavq.clock as clock_module
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n" * 2)
+    real = clock_module.Path
+    monkeypatch.setattr(clock_module, "Path", lambda p: info if p == "/proc/cpuinfo" else real(p))
+    assert clock_module.cpu_name() == "AMD EPYC (family 25, model 17)"
+    assert StageClock().to_dict()["cpu"] == "AMD EPYC (family 25, model 17)"
+    info.unlink()  # no /proc/cpuinfo: the platform's name
+    assert clock_module.cpu_name()

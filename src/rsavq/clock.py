@@ -12,12 +12,14 @@ stage nested in another runs, the outer one's clock stops, so the stages add up 
 Peak RSS is inclusive (the most resident memory while the stage or one nested in it ran); on
 Linux each stage starts from a reset high-water mark (`/proc/self/clear_refs`), elsewhere it is
 the process's peak so far. `timed(name, index=i)` also keeps the seconds of item `i` (a decoder
-block) apart.
+block) apart. The clock also names the CPU it ran on (`cpu_name`): times, and with them the
+checkpoint a run makes, differ between CPUs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import platform
 import sys
 import time
 from collections.abc import Iterator
@@ -98,7 +100,7 @@ class StageClock:
 
     def to_dict(self) -> dict:
         """`{"stages": {name: {"seconds", "peak_rss_gib", "calls"[, "per_item"]}},
-        "total_seconds", "untimed_seconds", "peak_rss_gib"}` (JSON-ready)."""
+        "total_seconds", "untimed_seconds", "peak_rss_gib", "cpu"}` (JSON-ready)."""
         stages = {}
         for name, s in self.stages.items():
             row = {"seconds": s.seconds, "peak_rss_gib": s.peak / 2**30, "calls": s.calls}
@@ -111,7 +113,21 @@ class StageClock:
             "total_seconds": total,
             "untimed_seconds": max(0.0, total - sum(s.seconds for s in self.stages.values())),
             "peak_rss_gib": max((s.peak for s in self.stages.values()), default=0) / 2**30,
+            "cpu": cpu_name(),
         }
+
+
+def cpu_name() -> str:
+    """The CPU's model name, family and model (`/proc/cpuinfo`), or the platform's processor."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    if "model name" in fields:
+        family, model = fields.get("cpu family"), fields.get("model")
+        return f"{fields['model name']} (family {family}, model {model})"
+    return platform.processor() or platform.machine()
 
 
 def format_clock(data: dict) -> str:
