@@ -138,6 +138,11 @@ class Results:
             data["machine"] = {"cpus": os.cpu_count(), "threads": threads,
                                "processor": cpu_name()}  # fmt: skip
 
+    def drop(self, row: Row) -> None:
+        """Forget every step of `row`."""
+        with self._editing() as data:
+            data["rows"].pop(row.key, None)
+
     def update(self, row: Row, **fields) -> None:
         with self._editing() as data:
             entry = data["rows"].setdefault(row.key, {**asdict(row), "steps": {}})
@@ -240,8 +245,16 @@ def run_row(row: Row, protocol: Protocol, results: Results, args: argparse.Names
     """Every step of `row` the JSON does not hold yet."""
     done = results.row(row).get("steps", {})
     model = args.model
+    c4_file = c4_heldout(args.model, args.data_dir, Path(args.runs) / "c4-heldout.jsonl")
+    steps = evaluations(protocol, c4_file)
     if row.bits is not None:
         out = Path(args.runs) / protocol.name / row.slug
+        if "quantize" in done and set(steps) - set(done) and not (out / "report.json").exists():
+            # (a fresh clone: the JSON has the row, this machine not its checkpoint) the steps
+            # left would evaluate another checkpoint than the recorded ones: start the row over
+            print(f"{row.key}: its checkpoint {out} is gone; quantizing and evaluating it again")
+            results.drop(row)
+            done = {}
         if "quantize" not in done:
             results.update(row, quantize=quantize_step(row, args.model, out, args))
         model = str(out)
@@ -249,8 +262,7 @@ def run_row(row: Row, protocol: Protocol, results: Results, args: argparse.Names
         from rsavq.models import resolve_model
 
         results.update(row, quantize={"checkpoint_mib": checkpoint_mib(resolve_model(model))})
-    c4_file = c4_heldout(args.model, args.data_dir, Path(args.runs) / "c4-heldout.jsonl")
-    for name, options in evaluations(protocol, c4_file).items():
+    for name, options in steps.items():
         if name not in done:
             results.update(row, **{name: eval_step(model, options, args)})
 

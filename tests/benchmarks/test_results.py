@@ -1,6 +1,7 @@
 """The results benchmark: one row end to end on a tiny model, resumed; its tables."""
 
 import json
+import shutil
 
 from helpers import load_benchmark, sample_text
 
@@ -40,9 +41,22 @@ def test_rows_end_to_end_then_resume_without_work(tiny_model_dir, tmp_path, monk
     def no_work(*args, **kwargs):
         raise AssertionError("a finished step ran again")
 
+    run = results.subprocess.run
     monkeypatch.setattr(results.subprocess, "run", no_work)
     results.main(argv)
     assert json.loads(out.read_text())["rows"]["RTN g128 | 3 bits | seed 0"] == row
+
+    # a fresh clone: the JSON holds the row and a step is left, the checkpoint is not here
+    shutil.rmtree(tmp_path / "runs" / "fast" / "rtn-3-s0")
+    data = json.loads(out.read_text())
+    del data["rows"]["RTN g128 | 3 bits | seed 0"]["steps"]["c4"]
+    out.write_text(json.dumps(data))
+    monkeypatch.setattr(results.subprocess, "run", run)
+    results.main(argv)
+    again = json.loads(out.read_text())["rows"]["RTN g128 | 3 bits | seed 0"]["steps"]
+    assert set(again) == {"quantize", "wikitext2", "c4"}  # quantized and evaluated again
+    assert (tmp_path / "runs" / "fast" / "rtn-3-s0" / "report.json").exists()
+    assert "is gone; quantizing and evaluating it again" in capsys.readouterr().out
 
 
 def step(ppl):
