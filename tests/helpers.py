@@ -113,6 +113,7 @@ KERNEL_SHAPES = [  # every backend is checked against the reference on these
     # the default's layouts (byte codes, int16 tables on the CPU): 256-entry tables of 4 and 2
     # weights, 64- and 256-entry tables in one layer, 128 entries, a wider (10-bit) group
     (130, 200, (136, 64), (2, 2), 4, 1),  # 3 tiles, chunks of 64 codes, ragged
+    (300, 40, (24, 16), (2, 3), 2, 1),  # 5 tiles: three share each table load, then two
     (200, 96, (64, 32), (3, 4), 2, 1),
     (64, 14, (14,), (7,), 1, 1),
     (70, 36, (18, 18), (3, 5), 2, 1),

@@ -285,7 +285,7 @@ constexpr int64_t kMaxSubDim = 64;  // weights per sub-vector served by vq_gemv1
 constexpr float kSteps = 32000.f;  // the table bound maps to this many steps (< 32767: margin)
 constexpr int64_t kTokenBlock = 4;  // tokens per pass over the codes
 constexpr int64_t kPrefetchJ = 256;  // codes fetched this many js (16 KiB) ahead
-constexpr int kPairTiles = 2;  // tiles sharing each table load for one token
+constexpr int kSharedTiles = 3;  // tiles sharing each table load for one token
 
 inline int64_t slot(int64_t r) {
   constexpr int64_t quarter[4] = {0, 1, 8, 9};
@@ -381,8 +381,9 @@ void tiles16(const uint8_t* lut, int64_t ts, const uint8_t* codes, int64_t strid
   };
   using std::integral_constant;
   switch (T) {
-    case 1:
-      run(integral_constant<int, 1>{}, integral_constant<int, kPairTiles>{});
+    case 1:  // tiles three at a time, then the one or two left
+      run(integral_constant<int, 1>{}, integral_constant<int, kSharedTiles>{});
+      run(integral_constant<int, 1>{}, integral_constant<int, 2>{});
       return run(integral_constant<int, 1>{}, integral_constant<int, 1>{});
     case 2: return run(integral_constant<int, 2>{}, integral_constant<int, 1>{});
     case 3: return run(integral_constant<int, 3>{}, integral_constant<int, 1>{});
@@ -404,17 +405,26 @@ void tiles16_any(const uint8_t* lut, int64_t ts, int64_t Kp, const uint8_t* code
   }
 }
 
-// Sub-vector j of a group of x (d entries, zero past the group's `cols` columns) into s;
-// returns its squared length.
-inline float sub_vector(const float* x, const int32_t* perm, int64_t start, int64_t cols,
-                        int64_t v, int64_t P, int64_t d, int64_t j, float* s) {
-  const int64_t col = (j / P) * v + (j % P) * d;
-  float sq = 0.f;
-  for (int64_t e = 0; e < d; ++e) {
-    s[e] = col + e < cols ? x[perm[start + col + e]] : 0.f;
-    sq += s[e] * s[e];
-  }
-  return sq;
+// A group's sub-vectors of x in the codes' order, vector by vector (J of d entries, sub-vector j
+// = columns (j / P) v + (j % P) d.. of the group, zero past its `cols` columns), into s; each
+// one's length times `norm` (a bound on its table's entries) into bound. Returns false when x
+// holds an inf or a nan.
+inline bool sub_vectors(const float* x, const int32_t* perm, int64_t start, int64_t cols,
+                        int64_t v, int64_t P, int64_t J, float norm, float* s, float* bound) {
+  const int64_t d = v / P;
+  bool finite = true;
+  for (int64_t u = 0, j = 0; j < J; ++u)
+    for (int64_t p = 0; p < P && j < J; ++p, ++j, s += d) {
+      const int64_t col = u * v + p * d;
+      float sq = 0.f;
+      for (int64_t e = 0; e < d; ++e) {
+        s[e] = col + e < cols ? x[perm[start + col + e]] : 0.f;
+        finite &= std::isfinite(s[e]);
+        sq += s[e] * s[e];
+      }
+      bound[j] = std::sqrt(sq) * norm;
+    }
+  return finite;
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VBMI__)
@@ -430,50 +440,66 @@ inline __m512i plane_index(int high) {
   return _mm512_load_si512(idx);
 }
 
-// 64 entries k.. of table j, round(<s, codeword> * inv), as their low bytes at lo and their
-// high bytes at hi: four independent FMA chains (one would wait on its own latency), the
-// int32s packed to int16 and split into byte planes with one permute each.
-inline void planes64(const float* s, const float* b, int64_t d, int64_t Kp, float inv,
-                     uint8_t* lo, uint8_t* hi) {
-  static const __m512i lo_idx = plane_index(0), hi_idx = plane_index(1);
+// 64 entries k.. of table j, round(<s, codeword>) (s already divided by the step), as their low
+// bytes at lo and their high bytes at hi: four independent FMA chains (one would wait on its own
+// latency), the int32s packed to int16 and split into byte planes with one permute each (the
+// permutes' indices from plane_index). D > 0: the sub-vectors' length, known when compiled.
+template <int D>
+inline void planes64(const float* s, const float* b, int64_t d, int64_t Kp, __m512i lo_idx,
+                     __m512i hi_idx, uint8_t* lo, uint8_t* hi) {
   __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                  _mm512_setzero_ps()};
-  for (int64_t e = 0; e < d; ++e) {
+  for (int64_t e = 0; e < (D > 0 ? D : d); ++e) {
     const __m512 se = _mm512_set1_ps(s[e]);
     for (int q = 0; q < 4; ++q) a[q] = _mm512_fmadd_ps(se, _mm512_loadu_ps(b + e * Kp + 16 * q), a[q]);
   }
-  const __m512 scale = _mm512_set1_ps(inv);
   __m512i r[4];
-  for (int q = 0; q < 4; ++q) r[q] = _mm512_cvtps_epi32(_mm512_mul_ps(a[q], scale));  // to even
+  for (int q = 0; q < 4; ++q) r[q] = _mm512_cvtps_epi32(a[q]);  // to nearest even
   const __m512i w01 = _mm512_packs_epi32(r[0], r[1]), w23 = _mm512_packs_epi32(r[2], r[3]);
   _mm512_storeu_si512(lo, _mm512_permutex2var_epi8(w01, lo_idx, w23));
   _mm512_storeu_si512(hi, _mm512_permutex2var_epi8(w01, hi_idx, w23));
 }
 #endif
 
-// The tables of js [j0, j1) of a group for one token x, rounded to int16 entry by entry,
-// round(<x_j, codeword k> / step) (inv = 1 / step), as byte planes at dst (2 Kp bytes per j); bt:
-// the codebooks transposed, float32 [P, d, Kp]. No float table is written. (|entries| stay
-// below 32767: the step bounds them, so packing to int16 never saturates.)
-void build_planes(const float* x, const int32_t* perm, int64_t start, int64_t cols, int64_t v,
-                  const float* bt, int64_t P, int64_t j0, int64_t j1, int64_t Kp, float inv,
-                  uint8_t* dst) {
-  const int64_t d = v / P;
+// The tables of js [j0, j1) of a group for one token, rounded to int16 entry by entry,
+// round(<x_j, codeword k> / step) (inv = 1 / step; xs: the js' sub-vectors, d each), as byte
+// planes at dst (2 Kp bytes per j); bt: the codebooks transposed, float32 [P, d, Kp]. No float
+// table is written. (|entries| stay below 32767: the step bounds them, so packing to int16 never
+// saturates.) D: d when it is known when compiled, else 0.
+template <int D>
+void build_planes(const float* xs, int64_t d, const float* bt, int64_t P, int64_t j0, int64_t j1,
+                  int64_t Kp, float inv, uint8_t* dst) {
+#if defined(__AVX512BW__) && defined(__AVX512VBMI__)
+  const __m512i lo_idx = plane_index(0), hi_idx = plane_index(1);
+#endif
   float s[kMaxSubDim];
-  for (int64_t j = j0; j < j1; ++j, dst += 2 * Kp) {
-    sub_vector(x, perm, start, cols, v, P, d, j, s);
-    const float* b = bt + (j % P) * d * Kp;
+  for (int64_t j = j0, p = j0 % P; j < j1; ++j, xs += d, dst += 2 * Kp, p = p + 1 == P ? 0 : p + 1) {
+    for (int64_t e = 0; e < d; ++e) s[e] = xs[e] * inv;
+    const float* b = bt + p * d * Kp;
     int64_t k = 0;
 #if defined(__AVX512BW__) && defined(__AVX512VBMI__)
-    for (; k + 64 <= Kp; k += 64) planes64(s, b + k, d, Kp, inv, dst + k, dst + Kp + k);
+    for (; k + 64 <= Kp; k += 64)
+      planes64<D>(s, b + k, d, Kp, lo_idx, hi_idx, dst + k, dst + Kp + k);
 #endif
     for (; k < Kp; ++k) {
       float acc = 0.f;
-      for (int64_t e = 0; e < d; ++e) acc += s[e] * b[e * Kp + k];
-      const auto q = static_cast<int32_t>(std::nearbyint(acc * inv));
+      for (int64_t e = 0; e < d; ++e) acc = std::fma(s[e], b[e * Kp + k], acc);
+      const auto q = static_cast<int32_t>(std::nearbyint(acc));
       dst[k] = static_cast<uint8_t>(q & 0xFF);
       dst[Kp + k] = static_cast<uint8_t>((q >> 8) & 0xFF);
     }
+  }
+}
+
+// build_planes with the sub-vectors' length compiled in where it is 1, 2, 4 or 8.
+void build_planes_any(const float* xs, int64_t d, const float* bt, int64_t P, int64_t j0,
+                      int64_t j1, int64_t Kp, float inv, uint8_t* dst) {
+  switch (d) {
+    case 1: return build_planes<1>(xs, d, bt, P, j0, j1, Kp, inv, dst);
+    case 2: return build_planes<2>(xs, d, bt, P, j0, j1, Kp, inv, dst);
+    case 4: return build_planes<4>(xs, d, bt, P, j0, j1, Kp, inv, dst);
+    case 8: return build_planes<8>(xs, d, bt, P, j0, j1, Kp, inv, dst);
+    default: return build_planes<0>(xs, d, bt, P, j0, j1, Kp, inv, dst);
   }
 }
 
@@ -985,30 +1011,42 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
   const int64_t Jtot = packed.size(1);
   TORCH_CHECK(packed.size(0) == tiles, "repacked codes");
   TORCH_CHECK(norms.scalar_type() == torch::kFloat && norms.numel() == meta.size(0), "norms");
-  struct Group { int64_t start, cols, P, j0, J, Kp, book; float norm; };
+  struct Group { int64_t start, cols, P, j0, J, Kp, book; float norm; int64_t d, xs; };
   std::vector<Group> groups;
   const int64_t* M = meta.data_ptr<int64_t>();
   const float* N = norms.data_ptr<float>();
+  int64_t XS = 0;  // floats of one token's sub-vectors
   for (int64_t g = 0, start = 0, j0 = 0; g < meta.size(0); ++g) {
     const int64_t* r = M + 5 * g;
-    TORCH_CHECK(v / r[1] <= kMaxSubDim, "sub-vectors too long for vq_gemv16");
-    groups.push_back({start, r[0], r[1], j0, r[2], r[3], r[4], N[g]});
+    TORCH_CHECK(r[1] >= 1 && v % r[1] == 0 && v / r[1] <= kMaxSubDim,
+                "sub-vectors too long for vq_gemv16");
+    groups.push_back({start, r[0], r[1], j0, r[2], r[3], r[4], N[g], v / r[1], XS});
     start += r[0];
     j0 += r[2];
+    XS += r[2] * (v / r[1]);
   }
   TORCH_CHECK(groups.back().start + groups.back().cols == n && groups.back().j0 + groups.back().J == Jtot,
               "group sizes must add up to the input features");
   const float* X = x.data_ptr<float>();  // (data_ptr checks the tensor: never in a loop)
+  const int32_t* O = perm.data_ptr<int32_t>();
+  // Every token's sub-vectors in the codes' order, once per call ([T, XS]), and a bound on each
+  // one's table entries ([T, Jtot]); a token with an inf or a nan is not finite.
+  static thread_local std::vector<float> subs, bounds;
+  subs.resize(T * XS);
+  bounds.resize(T * Jtot);
   std::vector<uint8_t> finite(T, 1);
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < n; ++i) finite[t] &= std::isfinite(X[t * n + i]);
+    for (const Group& g : groups)
+      finite[t] &= sub_vectors(X + t * n, O, g.start, g.cols, v, g.P, g.J, g.norm,
+                               subs.data() + t * XS + g.xs, bounds.data() + t * Jtot + g.j0);
+  const float* Sub = subs.data();
+  const float* Bound = bounds.data();
   // Threads split the chunks of codes (each builds only its chunks' tables and reads one stretch
   // of the codes), each summing into totals of its own [tiles, T, 64], added up at the end.
   const int64_t size = tiles * T * kTileRows, chunks = (Jtot + kChunkJ - 1) / kChunkJ;
   static thread_local std::vector<float> totals;  // (the calling thread's)
   totals.assign(size * at::get_num_threads(), 0.f);
   float* totals0 = totals.data();  // (a thread_local named in the lambda would be the worker's)
-  const int32_t* O = perm.data_ptr<int32_t>();
   const float* Bk = books.data_ptr<float>();
   const uint8_t* C = packed.data_ptr<uint8_t>();
   const int64_t work = tiles * kTileRows * kChunkJ * T;  // look-ups per chunk
@@ -1019,33 +1057,30 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
     static thread_local std::vector<float> step;
     static thread_local std::vector<uint8_t> lut;
     std::vector<Run> runs;
-    float s[kMaxSubDim];
     for (int64_t ja = c0 * kChunkJ; ja < std::min(Jtot, c1 * kChunkJ); ja += kChunkJ) {
       const int64_t jb = std::min(Jtot, ja + kChunkJ);
       runs.clear();
       int64_t ts = 0;  // table entries per token in this chunk
-      step.assign(T, 0.f);
       for (const Group& g : groups) {
         const int64_t lo = std::max(ja, g.j0), hi = std::min(jb, g.j0 + g.J);
         if (lo >= hi) continue;
         if (runs.empty() || runs.back().Kp != g.Kp) runs.push_back({lo, lo, g.Kp, ts});
         runs.back().hi = hi;
         ts += (hi - lo) * g.Kp;
-        for (int64_t t = 0; t < T; ++t)  // |entry| <= |x_j| * the group's longest codeword
-          for (int64_t j = lo - g.j0; j < hi - g.j0; ++j) {
-            const float sq = sub_vector(X + t * n, O, g.start, g.cols, v, g.P, v / g.P, j, s);
-            step[t] = std::max(step[t], std::sqrt(sq) * g.norm);
-          }
       }
-      for (int64_t t = 0; t < T; ++t)
+      step.assign(T, 0.f);
+      for (int64_t t = 0; t < T; ++t) {  // |entry| <= |x_j| * the group's longest codeword
+        const float* bound = Bound + t * Jtot;
+        for (int64_t j = ja; j < jb; ++j) step[t] = std::max(step[t], bound[j]);
         step[t] = step[t] > 0.f && std::isfinite(step[t]) ? step[t] / kSteps : 1.f;
+      }
       lut.resize(T * 2 * ts);
       for (int64_t t = 0; t < T; ++t)
         for (int64_t at = 0; const Group& g : groups) {
           const int64_t lo = std::max(ja, g.j0), hi = std::min(jb, g.j0 + g.J);
           if (lo >= hi) continue;
-          build_planes(X + t * n, O, g.start, g.cols, v, Bk + g.book, g.P, lo - g.j0, hi - g.j0,
-                       g.Kp, 1.f / step[t], lut.data() + t * 2 * ts + 2 * at);
+          build_planes_any(Sub + t * XS + g.xs + (lo - g.j0) * g.d, g.d, Bk + g.book, g.P,
+                       lo - g.j0, hi - g.j0, g.Kp, 1.f / step[t], lut.data() + t * 2 * ts + 2 * at);
           at += (hi - lo) * g.Kp;
         }
       const uint8_t* block = C + ja * tiles * kTileRows;  // the chunk: [tiles, jb - ja, 64]
