@@ -50,7 +50,7 @@ SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (11008, 4096)]
 TABLES = (
     "benchmarks/results/speed-1thread.json,benchmarks/results/speed-2threads.json,"
     "benchmarks/results/speed-2threads-loaded.json,benchmarks/results/speed-1thread-int8.json,"
-    "benchmarks/results/speed-checkpoints.json,benchmarks/results/speed-1thread-amd.json"
+    "benchmarks/results/speed-checkpoints.json"
 )
 
 
@@ -458,7 +458,7 @@ def measure(args, bits: list[int], tokens: list[int], cores: int, bandwidth: dic
         "threads": args.threads,
         "cores": cores,
         "groups": args.groups,
-        "format": "the default's checkpoints from `make results`"
+        "format": "the default's real checkpoints, loaded as saved"
         if checkpoints
         else FORMATS[args.codebooks],
         "torch": torch.__version__,
