@@ -322,8 +322,8 @@ def spread(data: dict, bits: int = 3) -> str | None:
 
 
 CONTENDED = (
-    "\\* quantized beside other rows (processes of one thread each sharing the two cores): not a "
-    "quiet time; the quiet cost of the default at each width is under Cost."
+    "\\* quantized while other work shared the two cores (other rows, or benchmarks paused it): "
+    "not a quiet time; the quiet cost of the default at each width is under Cost."
 )
 
 

@@ -1080,7 +1080,8 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
           const int64_t lo = std::max(ja, g.j0), hi = std::min(jb, g.j0 + g.J);
           if (lo >= hi) continue;
           build_planes_any(Sub + t * XS + g.xs + (lo - g.j0) * g.d, g.d, Bk + g.book, g.P,
-                       lo - g.j0, hi - g.j0, g.Kp, 1.f / step[t], lut.data() + t * 2 * ts + 2 * at);
+                           lo - g.j0, hi - g.j0, g.Kp, 1.f / step[t],
+                           lut.data() + t * 2 * ts + 2 * at);
           at += (hi - lo) * g.Kp;
         }
       const uint8_t* block = C + ja * tiles * kTileRows;  // the chunk: [tiles, jb - ja, 64]
