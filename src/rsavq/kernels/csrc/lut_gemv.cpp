@@ -1019,7 +1019,8 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
   for (int64_t g = 0, start = 0, j0 = 0; g < meta.size(0); ++g) {
     const int64_t* r = M + 5 * g;
     TORCH_CHECK(r[1] >= 1 && v % r[1] == 0 && v / r[1] <= kMaxSubDim,
-                "sub-vectors too long for vq_gemv16");
+                "vq_gemv16: each group's P must split the vector evenly into sub-vectors of at "
+                "most 64 weights");
     groups.push_back({start, r[0], r[1], j0, r[2], r[3], r[4], N[g], v / r[1], XS});
     start += r[0];
     j0 += r[2];
