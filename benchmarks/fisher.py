@@ -1,6 +1,7 @@
 """Fisher collection on the real model: wall time, peak RSS, stats size, overhead ratio.
 
-    python benchmarks/fisher.py --nsamples 128 --seqlen 512
+    python benchmarks/fisher.py --nsamples 128 --seqlen 512 --label "machine F"
+    python benchmarks/fisher.py --table A.json B.json   # BENCHMARKS.md's table of these JSONs
 
 Runs, in one process on the same calibration windows, interleaved window by window so that any
 background load falls on both equally: (1) `rsavq` Fisher collection (hooks, accumulators),
@@ -24,7 +25,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rsavq.clock import cpu_name
 from rsavq.data import calibration_windows, load_corpus
+from rsavq.io import atomic_write_json, rewrite_block
 from rsavq.models import load_model
 from rsavq.modules import find_linears
 from rsavq.stats.artifact import build_manifest, save_stats
@@ -34,6 +37,7 @@ from rsavq.stats.collect import (
     make_accumulators,
     time_forward_backward,
 )
+from streaming import commit
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -48,7 +52,14 @@ def main() -> None:
         "--fp32", action="store_true", help="float32 passes (default: bfloat16 autocast, both)"
     )
     parser.add_argument("--json", default="benchmarks/results/fisher.json")
+    parser.add_argument("--label", default="", help="the machine, named in the table")
+    parser.add_argument("--table", nargs="+", metavar="JSON", help="only rewrite the table")
+    parser.add_argument("--markdown", default="BENCHMARKS.md")
     args = parser.parse_args()
+    if args.table:
+        rows = [json.loads(Path(path).read_text()) for path in args.table]
+        rewrite_block(args.markdown, "fisher", table(rows))
+        return
 
     model, tokenizer = load_model(args.model)
     corpus = load_corpus("c4", args.data_dir)
@@ -78,15 +89,33 @@ def main() -> None:
         "layers": len(layers),
         "threads": torch.get_num_threads(),
         "passes": "float32" if args.fp32 else "bfloat16 autocast",
+        "label": args.label,
+        "cpu": cpu_name(),
+        "commit": commit(),
         "collect_s": collect_s,
         "bare_fwd_bwd_s": bare_s,
         "ratio": collect_s / bare_s,
         "peak_rss_gib": peak_rss / 2**30,
         "stats_gib": size / 2**30,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(args.json, record)
     print(json.dumps(record, indent=2))
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| passes | machine, commit | windows | collection | bare fwd+bwd | ratio (target <= 1.25)"
+        " | peak RSS | stats on disk |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        per = r["collect_s"] / r["nsamples"]
+        lines.append(
+            f"| {r['passes']} | {r['label']}, {r['commit']} | {r['nsamples']} "
+            f"| {r['collect_s']:.1f} s ({per:.2f} s/window) | {r['bare_fwd_bwd_s']:.1f} s "
+            f"| **{r['ratio']:.2f}** | {r['peak_rss_gib']:.2f} GiB | {r['stats_gib']:.2f} GiB |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

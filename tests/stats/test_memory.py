@@ -60,8 +60,11 @@ def test_collection_peak_adds_what_the_process_holds():
 
 
 def test_resident_bytes_is_this_process():
+    import gc
+
     from rsavq.stats.memory import resident_bytes
 
+    gc.collect()  # no earlier test's memory freed while this one measures
     before = resident_bytes()
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert resident_bytes() - before > 48 * 2**20

@@ -36,9 +36,9 @@ class CollectOptions:
     checkpoint_every: int = 0  # samples between on-disk checkpoints (0: never)
     progress: bool = True
     # bfloat16 autocast for the forward and backward passes and the per-sequence gradients
-    # `G_s` (then float32): 1.3x faster on CPUs with AMX, and on GPUs (BENCHMARKS.md, Cost).
-    # Their Gram products and the sums stay float32 (bfloat16 products lose the factors'
-    # positive definiteness on few samples)
+    # `G_s`: 1.3x faster on CPUs with AMX, and on GPUs (BENCHMARKS.md, Cost). Their Gram
+    # products run on bfloat16 units with float32 sums and outputs (exact for these inputs);
+    # products rounded to bfloat16 lose the factors' positive definiteness on few samples
     bf16: bool = True
     memory_budget: int | None = None  # bytes of accumulators per rank: more passes if needed
 
@@ -158,11 +158,10 @@ def _capture(accumulator: FisherAccumulator, batch_size: list[int]):
 
         def on_grad(gy: torch.Tensor) -> None:  # gy: [B, T, m] (or [B * T, m])
             gy = _per_sequence(gy, batch_size[0])
-            # [B, m, n]: in bfloat16 when the pass ran in it (fp32 sums inside the product),
-            # then float32; its Gram products stay float32, so the factors stay PSD
+            # [B, m, n]: in bfloat16 when the pass ran in it (fp32 sums inside the product);
+            # the accumulator sums it in float32, so the factors stay PSD
             dtype = torch.bfloat16 if gy.dtype == torch.bfloat16 else torch.float32
-            G = torch.bmm(gy.transpose(1, 2).to(dtype), x.to(dtype)).float()
-            accumulator.add(G)
+            accumulator.add(torch.bmm(gy.transpose(1, 2).to(dtype), x.to(dtype)))
 
         output.register_hook(on_grad)
 
