@@ -50,6 +50,7 @@ from rsavq.eval import perplexity
 from rsavq.finetune import BlockTuning
 from rsavq.io import atomic_write_json, rewrite_block
 from rsavq.models import load_model
+from rsavq.modules import DEFAULT_SKIP
 from rsavq.pipeline import quantize_model, summarize
 from rsavq.serialization import save_quantized
 from rsavq.stats.collect import CollectOptions
@@ -66,6 +67,7 @@ SECTIONS = (
     "vector",
     "codebooks",
     "options",
+    "knobs",
     "compensation",
     "finetune",
 )
@@ -235,6 +237,28 @@ def option_rows(bits: int) -> list[Row]:
     ]
 
 
+def knob_rows(bits: int) -> list[Row]:
+    """The numeric settings of `rsavq quantize` beside the default, without fine-tuning (issue
+    "One product", item 5): k-means iterations and its early stop, the damping of the Fisher
+    factors and Hessians, and a layer kept in full precision (`--skip`)."""
+
+    def default(label: str, **o) -> Row:
+        return Row("knobs", label, bits, preset("default", bits, **o))
+
+    first = "model.layers.0.*"
+    return [
+        default("default, no fine-tuning"),
+        default("k-means: 10 iterations (default 20)", kmeans_iters=10),
+        default("k-means: 40 iterations", kmeans_iters=40),
+        default("k-means: no early stop (tolerance 0; default 1e-4)", kmeans_tol=0.0),
+        default("damping 0.001 (default 0.01)", damping=0.001),
+        default("damping 0.1", damping=0.1),
+        default(
+            f"the first block left unquantized (--skip '{first}')", skip=(*DEFAULT_SKIP, first)
+        ),
+    ]
+
+
 def finetune_rows(bits: int) -> list[Row]:
     """The default, then block fine-tuning on top, then end-to-end distillation on top of
     that (issue "Quality II")."""
@@ -280,6 +304,7 @@ SECTION_ROWS = {
     "vector": vector_rows,
     "codebooks": codebook_rows,
     "options": option_rows,
+    "knobs": knob_rows,
     "finetune": finetune_rows,
 }
 
