@@ -67,6 +67,28 @@ def test_int16_tables_serve_the_default_layouts():
     assert not cpu.byte_codes(random_layer(70, 36, (18, 18), (3, 5), 2, 1)[0])  # 10-bit codes
 
 
+@pytest.mark.parametrize(
+    ("m", "n", "sizes", "bits", "v", "P"),
+    [(130, 200, (136, 64), (2, 2), 4, 1), (70, 36, (18, 18), (3, 5), 2, 1)],  # bytes, wide
+)
+def test_checked_decode_serves_its_inputs_and_none_else(m, n, sizes, bits, v, P):
+    """The decode kernels' checked forms (what `VQLinear` calls): any leading shape of at most
+    `limit` tokens in, the kernel's output in that shape out; None for anything else."""
+    spec, perm, codes, books = random_layer(m, n, sizes, bits, v, P, 5)
+    kernel, _, make, checked = cpu._decode_kernel(spec)
+    args = make(codes, books, perm, spec, torch.randn(m), (torch.rand(m) + 0.5).half(), None)
+    ext = cpu.extension()
+    x = torch.randn(2, 3, n)
+    y = getattr(ext, checked)(x, 6, *args)
+    assert y.shape == (2, 3, m)
+    assert torch.equal(y, getattr(ext, kernel)(x.view(6, n), *args).view(2, 3, m))
+    wide = torch.randn(2, 3, 2 * n)
+    others = [x, x.double(), wide[..., ::2], torch.randn(1, n + 1), torch.randn(0)]
+    limits = [5, 6, 6, 6, 6]  # 6 tokens over a limit of 5, then one thing wrong each
+    for other, limit in zip(others, limits, strict=True):
+        assert getattr(ext, checked)(other, limit, *args) is None
+
+
 def test_a_kept_cache_is_reused_and_emptying_it_reads_the_layer_again():
     spec, perm, codes, books = random_layer(64, 40, (40,), (2,), 4, 1)
     x, cache = torch.randn(1, 40), {}

@@ -244,12 +244,13 @@ def _decode_args(codes, codebooks, perm, spec: LayerSpec, bias, scales, cache) -
 
 
 def _decode_kernel(spec: LayerSpec) -> tuple | None:
-    """The layer's decode kernel: its name in the extension, the cache key of its arguments and
-    the function that makes them (None: no LUT decode kernel serves the layer)."""
+    """The layer's decode kernel: its name in the extension, the cache key of its arguments, the
+    function that makes them and the name of its checked form (`decoder`; None: no LUT decode
+    kernel serves the layer)."""
     if byte_codes(spec):
-        return "vq_gemv16", "gemv16", _decode_args
+        return "vq_gemv16", "gemv16", _decode_args, "decode16"
     if wide_codes(spec):
-        return "vq_gemv_wide", "wide", _wide_args
+        return "vq_gemv_wide", "wide", _wide_args, "decode_wide"
     return None
 
 
@@ -263,23 +264,21 @@ def decoder(codes, codebooks, perm, spec: LayerSpec, bias=None, scales=None, cac
     chosen = _decode_kernel(spec)
     if chosen is None:
         return None
-    kernel, key, make = chosen
-    gemv, args = getattr(extension(), kernel), None
-    n, m, limit = spec.in_features, spec.out_features, DECODE_TOKENS * spec.in_features
+    _, key, make, checked = chosen
+    gemv, args = getattr(extension(), checked), None
     compiling = torch.compiler.is_compiling
 
     def decode(x: torch.Tensor) -> torch.Tensor | None:
+        # the input is checked and shaped by the extension (`checked`): from Python each tensor
+        # attribute or view costs microseconds of cold caches after a large layer has run
         nonlocal args
-        if (
-            x.dtype is not torch.float32 or not x.is_cpu or x.shape[-1] != n
-            or x.numel() > limit or not x.is_contiguous() or compiling()
-        ):  # fmt: skip
+        if compiling():
             return None
         if args is None:
             args = _kept(
                 cache, key, lambda: make(codes, codebooks, perm, spec, bias, scales, cache)
             )
-        return gemv(x.view(-1, n), *args).view(*x.shape[:-1], m)
+        return gemv(x, DECODE_TOKENS, *args)
 
     return decode
 
@@ -294,7 +293,7 @@ def vq_linear(
     decode = x2.shape[0] <= DECODE_TOKENS
     eager = not torch.compiler.is_compiling()
     if eager and decode and (chosen := _decode_kernel(spec)) is not None:
-        kernel, key, make = chosen
+        kernel, key, make, _ = chosen
         args = _kept(cache, key, lambda: make(codes, codebooks, perm, spec, bias, scales, cache))
         out = getattr(extension(), kernel)(_float(x2), *args)
         return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)

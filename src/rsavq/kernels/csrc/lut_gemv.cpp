@@ -995,6 +995,21 @@ torch::Tensor vq_repack(std::vector<torch::Tensor> codes, std::vector<int64_t> w
   return out.view({tiles, total, kTileRows});
 }
 
+// The tokens of a decode input x [..., n] (contiguous float32): T = x.numel() / n.
+int64_t tokens_of(const torch::Tensor& x, int64_t n) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == n && x.scalar_type() == torch::kFloat &&
+                  x.is_contiguous(),
+              "x: [..., n] contiguous float32");
+  return x.numel() / n;
+}
+
+// The output [..., m] of a decode input x [..., n].
+torch::Tensor output_of(const torch::Tensor& x, int64_t m) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = m;
+  return torch::empty(sizes, x.options());
+}
+
 // Decode with repacked codes (vq_repack) and int16 tables: out [T, m] = x W^T, times the row
 // scales (fp16) and plus the bias (float32) when given. perm int32 [n]; books: every group's
 // codebook as float32 [P, d, Kp] (transposed, entries past K zero), one after another; norms
@@ -1004,10 +1019,9 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
                         torch::Tensor books, torch::Tensor norms, torch::Tensor meta, int64_t v,
                         int64_t m,
                         std::optional<torch::Tensor> scales, std::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x");
-  TORCH_CHECK(perm.scalar_type() == torch::kInt && perm.numel() == x.size(1), "int32 perm");
+  TORCH_CHECK(perm.scalar_type() == torch::kInt && perm.dim() == 1, "int32 perm");
   TORCH_CHECK(meta.scalar_type() == torch::kLong && meta.dim() == 2 && meta.size(1) == 5, "meta");
-  const int64_t T = x.size(0), n = x.size(1), tiles = (m + kTileRows - 1) / kTileRows;
+  const int64_t n = perm.numel(), T = tokens_of(x, n), tiles = (m + kTileRows - 1) / kTileRows;
   const int64_t Jtot = packed.size(1);
   TORCH_CHECK(packed.size(0) == tiles, "repacked codes");
   TORCH_CHECK(norms.scalar_type() == torch::kFloat && norms.numel() == meta.size(0), "norms");
@@ -1098,7 +1112,7 @@ torch::Tensor vq_gemv16(torch::Tensor x, torch::Tensor perm, torch::Tensor packe
   for (int i = 1; i < used; ++i)
     for (int64_t k = 0; k < size; ++k) totals0[k] += totals0[i * size + k];
   const float* total = totals0;
-  auto out = torch::empty({T, m}, x.options());
+  auto out = output_of(x, m);
   float* Y = out.data_ptr<float>();
   const at::Half* S = scales ? scales->data_ptr<at::Half>() : nullptr;
   const float* B = bias ? bias->data_ptr<float>() : nullptr;
@@ -1246,10 +1260,8 @@ inline float wide_dot(const int16_t* c, const float* book, const float* x, int64
 torch::Tensor vq_gemv_wide(torch::Tensor x, torch::Tensor perm, std::vector<torch::Tensor> codes,
                            std::vector<torch::Tensor> books, std::vector<int64_t> sizes,
                            std::optional<torch::Tensor> scales, std::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "x: [T, n] contiguous float32");
-  TORCH_CHECK(perm.scalar_type() == torch::kInt32, "perm: int32");
-  const int64_t T = x.size(0), n = x.size(1), m = codes.at(0).size(0);
+  TORCH_CHECK(perm.scalar_type() == torch::kInt32 && perm.dim() == 1, "perm: int32");
+  const int64_t n = perm.numel(), T = tokens_of(x, n), m = codes.at(0).size(0);
   const int64_t G = static_cast<int64_t>(codes.size());
   TORCH_CHECK(static_cast<int64_t>(books.size()) == G && static_cast<int64_t>(sizes.size()) == G,
               "one codebook and size per group");
@@ -1270,7 +1282,7 @@ torch::Tensor vq_gemv_wide(torch::Tensor x, torch::Tensor perm, std::vector<torc
     for (int64_t g = 0, col = 0; g < G; col += sizes[g], ++g)
       for (int64_t j = 0; j < sizes[g]; ++j)
         xp[t * offset[G] + offset[g] + j] = X[t * n + O[col + j]];
-  auto out = torch::empty({T, m}, x.options());
+  auto out = output_of(x, m);
   float* Y = out.data_ptr<float>();
   const at::Half* S = scales ? scales->data_ptr<at::Half>() : nullptr;
   const float* B = bias ? bias->data_ptr<float>() : nullptr;
@@ -1374,6 +1386,28 @@ std::vector<torch::Tensor> nearest(torch::Tensor lhs, torch::Tensor rhs) {
   return {idx, best};
 }
 
+// VQLinear's bound decode function (kernels.cpu.decoder) calls a decode kernel through this:
+// x [..., n] of at most `limit` tokens, contiguous float32 on the CPU, gets the kernel's output;
+// any other x gets None (the caller falls back to the kernel contract). The check is made here,
+// not in Python: once a large layer has run through the caches, every Python-side tensor
+// attribute or view costs a few microseconds of cold code, together as much as a small layer's
+// whole decode (BENCHMARKS.md, Inference speed).
+bool decode_serves(const torch::Tensor& x, int64_t n, int64_t limit) {
+  return x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() >= 1 &&
+         x.size(-1) == n && x.numel() <= limit * n && x.is_contiguous();
+}
+
+template <typename F, F kernel>
+struct OrNone;
+template <typename... A, torch::Tensor (*kernel)(torch::Tensor, torch::Tensor, A...)>
+struct OrNone<torch::Tensor (*)(torch::Tensor, torch::Tensor, A...), kernel> {
+  static std::optional<torch::Tensor> call(torch::Tensor x, int64_t limit, torch::Tensor perm,
+                                           A... args) {
+    if (!decode_serves(x, perm.numel(), limit)) return std::nullopt;
+    return kernel(std::move(x), std::move(perm), std::move(args)...);
+  }
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_gemv", &vq_gemv, "RSAVQ LUT GEMV");
   m.def("vq_repack", &vq_repack, "RSAVQ codes repacked for vq_gemv16");
@@ -1381,6 +1415,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_prefill", &vq_prefill, "RSAVQ prefill: dequantize blocks of rows, multiply each");
   m.def("vq_dequantize", &vq_dequantize, "RSAVQ dequantize into the original channel order");
   m.def("vq_gemv_wide", &vq_gemv_wide, "RSAVQ decode of codes wider than a byte, pairs per code");
+  m.def("decode16", &OrNone<decltype(&vq_gemv16), &vq_gemv16>::call,
+        "vq_gemv16 for x [..., n] of at most `limit` tokens, else None");
+  m.def("decode_wide", &OrNone<decltype(&vq_gemv_wide), &vq_gemv_wide>::call,
+        "vq_gemv_wide for x [..., n] of at most `limit` tokens, else None");
   m.def("nearest", &nearest, "k-means: nearest codeword of every row, no [n, K] products");
   m.def("stored_gemv", &stored_gemv, "float32 inputs times a bfloat16 weight, widened in registers");
 }
