@@ -440,8 +440,10 @@ def preset(name: str, bits: float, **overrides) -> RSAVQConfig:
     """A named configuration at `bits`, with `overrides` (field names) on top.
 
     - `default`: the best configuration measured (BENCHMARKS.md): vectors by width, blocks of
-      columns sharing codebooks, row scales, block-sequential Hessians, OBS assignment, refit,
-      EDSG; at 3 and 4 bits the key and value projections one bit wider (`default_widths`).
+      columns sharing fp16 codebooks, row scales, block-sequential Hessians, OBS assignment,
+      refit, EDSG; at 3 and 4 bits the key and value projections one bit wider
+      (`default_widths`). Int8 codebooks (`codebook_dtype`) win without fine-tuning, not under
+      the full default (BENCHMARKS.md, "Codebook format under the full default").
     - `paper`: RSAVQ as published: 4 Fisher-sorted groups under an exact budget (codebooks and
       permutation count), EDSG lambda 0.01 (relative), 6-weight vectors as 2 sub-vectors of 3,
       one codebook per group, every vector assigned independently, no scales.
