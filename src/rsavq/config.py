@@ -427,12 +427,19 @@ def default_widths(bits: float) -> dict:
     38.93 to 29.97 (16 windows) at 3.150 bits/weight (BENCHMARKS.md, "Where the error
     costs perplexity"). At 4 bits a 5-bit codebook cannot be spread over less than a whole k/v
     layer, so the other layers' codebooks are halved to fit under 4.15 (`codebook_overhead`
-    0.02: 4.1455 bits/weight, 23.40 -> 22.48 over 16 windows). At 2 bits the wider k/v do not fit
-    under 2.15 bits/weight."""
+    0.02: 4.1455 bits/weight, 23.40 -> 22.48 over 16 windows), and stored in int8 (`codebook_dtype`:
+    its bits buy more blocks of columns; under the full default 22.65 against 22.93 over all 148
+    windows, 21.66 against 22.13 over 16; at 2 and 3 bits int8 does not win: BENCHMARKS.md,
+    "Codebook format under the full default"). At 2 bits the wider k/v do not fit under 2.15
+    bits/weight."""
     if bits == 3:
         return {"layer_bits": (("k_proj", 4), ("v_proj", 4))}
     if bits == 4:
-        return {"layer_bits": (("k_proj", 5), ("v_proj", 5)), "codebook_overhead": 0.02}
+        return {
+            "layer_bits": (("k_proj", 5), ("v_proj", 5)),
+            "codebook_overhead": 0.02,
+            "codebook_dtype": CodebookDtype.INT8,
+        }
     return {}
 
 
@@ -442,8 +449,8 @@ def preset(name: str, bits: float, **overrides) -> RSAVQConfig:
     - `default`: the best configuration measured (BENCHMARKS.md): vectors by width, blocks of
       columns sharing fp16 codebooks, row scales, block-sequential Hessians, OBS assignment,
       refit, EDSG; at 3 and 4 bits the key and value projections one bit wider
-      (`default_widths`). Int8 codebooks (`codebook_dtype`) win without fine-tuning, not under
-      the full default (BENCHMARKS.md, "Codebook format under the full default").
+      (`default_widths`), whose codebooks are int8 at 4 bits (fp16 at 2 and 3, where int8 does
+      not win under the full default: BENCHMARKS.md, "Codebook format under the full default").
     - `paper`: RSAVQ as published: 4 Fisher-sorted groups under an exact budget (codebooks and
       permutation count), EDSG lambda 0.01 (relative), 6-weight vectors as 2 sub-vectors of 3,
       one codebook per group, every vector assigned independently, no scales.

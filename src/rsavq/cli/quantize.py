@@ -150,7 +150,8 @@ def add_parser(sub) -> None:
         "--codebook-dtype",
         choices=[e.value for e in CodebookDtype],
         default=None,
-        help="int8: codebooks stored as int8 with an fp16 scale per sub-vector position",
+        help="int8: codebooks stored as int8 with an fp16 scale per sub-vector position "
+        "(default: int8 at 4 bits, float16 at 2 and 3)",
     )
     _flag(g, "row-scales", "an fp16 scale per output row")
     _flag(g, "refit", "refit codebooks and scales to the Hessian objective after assignment")
