@@ -447,10 +447,10 @@ def preset(name: str, bits: float, **overrides) -> RSAVQConfig:
     """A named configuration at `bits`, with `overrides` (field names) on top.
 
     - `default`: the best configuration measured (BENCHMARKS.md): vectors by width, blocks of
-      columns sharing fp16 codebooks, row scales, block-sequential Hessians, OBS assignment,
-      refit, EDSG; at 3 and 4 bits the key and value projections one bit wider
-      (`default_widths`), whose codebooks are int8 at 4 bits (fp16 at 2 and 3, where int8 does
-      not win under the full default: BENCHMARKS.md, "Codebook format under the full default").
+      columns sharing codebooks (int8 at 4 bits; fp16 at 2 and 3, where int8 does not win under
+      the full default: BENCHMARKS.md, "Codebook format under the full default"), row scales,
+      block-sequential Hessians, OBS assignment, refit, EDSG; at 3 and 4 bits the key and value
+      projections one bit wider (`default_widths`).
     - `paper`: RSAVQ as published: 4 Fisher-sorted groups under an exact budget (codebooks and
       permutation count), EDSG lambda 0.01 (relative), 6-weight vectors as 2 sub-vectors of 3,
       one codebook per group, every vector assigned independently, no scales.
