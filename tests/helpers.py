@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import mmap
 import sys
 from pathlib import Path
 
@@ -147,3 +148,13 @@ def load_benchmark(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def fresh_resident_pages(size: int) -> mmap.mmap:
+    """`size` bytes of new anonymous pages, written 1 MiB at a time so that they are resident (an
+    allocator may hand back memory an earlier test left resident; these pages are always new)."""
+    block = mmap.mmap(-1, size)
+    chunk = b"\1" * 2**20
+    for _ in range(size // len(chunk)):
+        block.write(chunk)
+    return block

@@ -31,19 +31,14 @@ def test_nested_stages_are_exclusive_and_add_up():
 
 
 def test_peak_rss_of_a_stage_sees_its_allocation():
-    import mmap
+    from helpers import fresh_resident_pages
 
     clock = StageClock()
     with using(clock):
         with timed("small"):
             pass
         with timed("big"):
-            # fresh anonymous pages: an allocator may reuse memory an earlier test left resident
-            big = mmap.mmap(-1, 64 * 2**20)
-            chunk = b"\1" * 2**20
-            for _ in range(64):
-                big.write(chunk)  # touched
-            big.close()
+            fresh_resident_pages(64 * 2**20).close()
     stages = clock.to_dict()["stages"]
     assert stages["big"]["peak_rss_gib"] - stages["small"]["peak_rss_gib"] > 0.04
 

@@ -59,16 +59,10 @@ def test_collection_peak_adds_what_the_process_holds():
 
 
 def test_resident_bytes_is_this_process():
-    import mmap
-
+    from helpers import fresh_resident_pages
     from rsavq.stats.memory import resident_bytes
 
-    # fresh anonymous pages: an allocator may hand back memory an earlier test left resident
-    size = 64 * 2**20
-    block = mmap.mmap(-1, size)
     before = resident_bytes()
-    chunk = b"\1" * 2**20
-    for _ in range(size // len(chunk)):
-        block.write(chunk)  # touched page by page, no 64 MiB buffer of our own
+    block = fresh_resident_pages(64 * 2**20)
     assert resident_bytes() - before > 48 * 2**20
     block.close()
