@@ -102,6 +102,17 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def merged(paths: list[str], by_bits: bool = False) -> dict:
+    """The runs of several result JSONs as one (keys prefixed by their file), in file order or,
+    with `by_bits`, by width (file order within one)."""
+    runs = {}
+    for path in paths:
+        runs |= {f"{path}:{k}": v for k, v in json.loads(Path(path).read_text())["runs"].items()}
+    if by_bits:
+        runs = dict(sorted(runs.items(), key=lambda kv: kv[1]["bits"]))
+    return {"runs": runs}
+
+
 def summary(results: dict) -> str:
     """README's results table: one row per run, what a user gets and what it costs."""
     head = ["bits", "calibration / distillation windows", "bits/weight", "PPL, 16 windows bf16",
@@ -171,7 +182,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="WikiText-2 windows evaluated")
     parser.add_argument("--keep", default=None, help="keep the checkpoints under this directory")
     parser.add_argument("--json", default="benchmarks/results/cost.json")
-    parser.add_argument("--table", default=None, help="print the table of this JSON and exit")
+    parser.add_argument(
+        "--table", nargs="+", default=None,
+        help="print the table of these JSONs' runs (by width) and exit",
+    )  # fmt: skip
     parser.add_argument(
         "--summary", default=None, help="README's defaults table of this JSON (written there)"
     )
@@ -180,15 +194,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.rates:
-        runs = {}
-        for path in args.rates:
-            runs |= {
-                f"{path}:{k}": v for k, v in json.loads(Path(path).read_text())["runs"].items()
-            }
-        print(rates({"runs": runs}))
+        print(rates(merged(args.rates)))
         return
     if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
+        print(table(merged(args.table, by_bits=True)))
         return
     if args.summary:
         text = summary(json.loads(Path(args.summary).read_text()))

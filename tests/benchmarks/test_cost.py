@@ -55,3 +55,16 @@ def test_rates_use_the_window_counts_a_run_recorded():
     assert cost.work(older)["fisher"] == 128
     rates = cost.rates({"runs": {"a": recorded, "b": older}}).splitlines()
     assert "| fisher | s / window | 5.00 | 5.00 |" in rates
+
+
+def test_runs_of_several_files_merge_by_width(tmp_path):
+    import json
+
+    cost = load_cost()
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"runs": {"x": run(4, [], "a4"), "y": run(2, [], "a2")}}))
+    b.write_text(json.dumps({"runs": {"x": run(2, [], "b2")}}))
+    labels = [r["label"] for r in cost.merged([str(a), str(b)], by_bits=True)["runs"].values()]
+    assert labels == ["a2", "b2", "a4"]
+    in_order = [r["label"] for r in cost.merged([str(a), str(b)])["runs"].values()]
+    assert in_order == ["a4", "a2", "b2"]
