@@ -14,7 +14,9 @@ unless `--groups`; `--codebooks int8`: int8 codebooks, more blocks). Decode (1 t
 interleaved with the dense `F.linear` of the same shape in float32 and in bfloat16 (not with the
 reference kernel: its large temporaries slowed every call timed beside it, dense ones 2x); its
 effective bandwidth is the bytes the layer stores over its time. Prefill
-(512 tokens) is timed against float32 dense. Ratios are dense / VQ: > 1 means VQ is faster.
+(512 tokens) is timed against float32 dense; on CPUs with AMX, where prefill runs on the tile
+unit, the float32 kernel's prefill is timed beside it (its own column). Ratios are dense / VQ:
+> 1 means VQ is faster.
 Whole model: SmolLM2-135M greedy decode tokens/s, the FP model in float32 and in bfloat16 vs
 the same model with every decoder linear replaced by a VQLinear of random codes. With a CUDA
 GPU, also the Triton kernels vs fp16 cuBLAS at 1, 8 and 512 tokens, and the bytes the VQ call
@@ -43,6 +45,7 @@ from rsavq.clock import cpu_name
 from rsavq.config import LayerSpec, preset
 from rsavq.io import atomic_write_json, rewrite_block
 from rsavq.kernels import Backend, choose_backend
+from rsavq.kernels import cpu as cpu_kernels
 from rsavq.nn import VQLinear
 from rsavq.packing import pack
 
@@ -117,6 +120,21 @@ def read_bandwidth(threads: int, numel: int = 2**28) -> float:
     return numel * 4 / min(times[1:])
 
 
+def amx_prefill() -> bool:
+    """Whether prefill runs on the AMX tile unit here (`rsavq.kernels.cpu`)."""
+    ext = cpu_kernels.extension() if cpu_kernels.available() else None
+    return bool(ext is not None and cpu_kernels.PREFILL_AMX and ext.prefill_amx())
+
+
+def float32_prefill(module: VQLinear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's prefill on the float32 FMA kernel, where AMX would serve it."""
+    cpu_kernels.PREFILL_AMX = False
+    try:
+        return module(x)
+    finally:
+        cpu_kernels.PREFILL_AMX = True
+
+
 @torch.no_grad()
 def layer_rows(bits_list, tokens_list, groups: int, codebooks: str, bandwidth: float) -> list:
     rows = []
@@ -136,6 +154,8 @@ def layer_rows(bits_list, tokens_list, groups: int, codebooks: str, bandwidth: f
                 if tokens == 1:
                     xb = x.bfloat16()
                     fns["bf16"] = lambda x=xb, W=Wb: F.linear(x, W)
+                elif amx_prefill():  # the float32 prefill beside the AMX one it stands in for
+                    fns["vq_float32"] = lambda x=x, m=module: float32_prefill(m, x)
                 t = interleaved(fns, repeats)
                 row = {
                     "shape": f"{n}x{m}",
@@ -151,6 +171,13 @@ def layer_rows(bits_list, tokens_list, groups: int, codebooks: str, bandwidth: f
                 }
                 if tokens == 1:
                     row |= {"bf16_ms": t["bf16"] * 1e3, "bf16_over_vq": t["bf16"] / t["vq"]}
+                else:
+                    row["prefill_kernel"] = "amx" if "vq_float32" in t else "float32"
+                if "vq_float32" in t:
+                    row |= {
+                        "vq_float32_ms": t["vq_float32"] * 1e3,
+                        "dense_over_vq_float32": t["dense"] / t["vq_float32"],
+                    }
                 rows.append(row)
                 print(json.dumps(row))
     return rows
@@ -321,6 +348,10 @@ def layer_table(layers: list[dict], bandwidth: float | None) -> str:
         "| VQ GB/s | % of bandwidth | prefill 512 fp32 / VQ | prefill vs fp32 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    amx = any(r.get("prefill_kernel") == "amx" for r in layers)
+    if amx:  # the float32 kernel's prefill beside the AMX one
+        lines[0] += " prefill vs fp32, float32 kernel |"
+        lines[1] += "---|"
     cells = {(r["shape"], r["bits"], r["tokens"]): r for r in layers}
     for shape, bits in dict.fromkeys((r["shape"], r["bits"]) for r in layers):
         row = [shape, str(bits)]
@@ -340,6 +371,8 @@ def layer_table(layers: list[dict], bandwidth: float | None) -> str:
             row += ["-", "-"]
         else:
             row += [f"{p['dense_ms']:.1f} / {p['vq_ms']:.1f} ms", f"**{p['dense_over_vq']:.2f}**"]
+        if amx:
+            row.append(f"{p['dense_over_vq_float32']:.2f}" if p and "vq_float32_ms" in p else "-")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

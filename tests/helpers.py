@@ -158,3 +158,11 @@ def fresh_resident_pages(size: int) -> mmap.mmap:
     for _ in range(size // len(chunk)):
         block.write(chunk)
     return block
+
+
+def assert_prefill_close(got, want, x, W) -> None:
+    """A prefill `got` against `want` = x W^T (+ bias) in float32: within the AMX kernel's bound
+    (three bfloat16 products: at most 2^-16 of |x| |w| per product, `rsavq.kernels.cpu`) plus
+    float32's tolerance; the float32 kernel meets it with room to spare."""
+    bound = x.abs() @ W.abs().T * 2**-16 + 1e-4 + 1e-4 * want.abs()
+    assert ((got - want).abs() <= bound).all(), (got - want).abs().max()

@@ -7,7 +7,7 @@ import sysconfig
 import pytest
 import torch
 
-from helpers import KERNEL_SHAPES
+from helpers import KERNEL_SHAPES, assert_prefill_close
 from helpers import random_vq_layer as random_layer
 from rsavq.kernels import Backend, choose_backend, cpu, reference
 
@@ -22,34 +22,58 @@ def int16_error_bound(x, books, spec, scales) -> float:
     return float(codes * top / 64000 * scales.float().abs().max()) + 1e-5
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 5, 8, 9, 40])  # > 8: dequantize + matmul
+def amx_here() -> bool:
+    return cpu.available() and cpu.extension().prefill_amx()
+
+
+@pytest.fixture(params=["float32", "amx"])
+def prefill_path(request, monkeypatch) -> str:
+    """Each prefill test on both paths: float32 FMAs and, where the CPU has it, the AMX tiles."""
+    if request.param == "amx" and not amx_here():
+        pytest.skip("no AMX tile unit here")
+    monkeypatch.setattr(cpu, "PREFILL_AMX", request.param == "amx")
+    return request.param
+
+
+def assert_close_on(path: str, got, want, x, layer, scales) -> None:
+    """float32 kernel: 1e-4; AMX: its bound (`helpers.assert_prefill_close`)."""
+    if path == "float32":
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        return
+    spec, perm, codes, books = layer
+    W = reference.dequantize(codes, books, perm, spec) * scales.float()[:, None]
+    assert_prefill_close(got, want, x, W)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 5, 8, 9, 40])  # > 8: prefill
 @pytest.mark.parametrize(("m", "n", "sizes", "bits", "v", "P"), KERNEL_SHAPES)
 def test_cpu_matches_reference(tokens, m, n, sizes, bits, v, P):
-    spec, perm, codes, books = random_layer(m, n, sizes, bits, v, P, m * n + tokens)
+    layer = spec, perm, codes, books = random_layer(m, n, sizes, bits, v, P, m * n + tokens)
     x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens))
     bias, scales = torch.randn(m), (torch.rand(m) + 0.5).half()
     want = reference.vq_linear(x, codes, books, perm, spec, bias, scales)
     got = cpu.vq_linear(x, codes, books, perm, spec, bias, scales)
-    atol = 1e-4
-    if tokens <= cpu.DECODE_TOKENS and cpu.byte_codes(spec):  # int16 tables
-        atol = int16_error_bound(x, books, spec, scales)
+    if tokens > cpu.DECODE_TOKENS:
+        assert_close_on("amx" if amx_here() else "float32", got, want, x, layer, scales)
+        return
+    atol = int16_error_bound(x, books, spec, scales) if cpu.byte_codes(spec) else 1e-4
     torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("columns", [8, 24])
 @pytest.mark.parametrize(("m", "n", "sizes", "bits", "v", "P"), KERNEL_SHAPES)
 def test_prefill_in_chunks_of_columns_matches_reference(
-    monkeypatch, columns, m, n, sizes, bits, v, P
+    monkeypatch, prefill_path, columns, m, n, sizes, bits, v, P
 ):
-    """Several chunks (partial sums kept between them), tokens past a panel of 32, rows past a
-    tile of 12, a chunk edge inside a block of columns."""
+    """Several chunks (partial sums kept between them), tokens past a panel of 32 (a tile of 16),
+    rows past a tile of 12 (a block of 16), a chunk edge inside a block of columns."""
     monkeypatch.setattr(cpu, "PREFILL_COLUMNS", columns)
-    spec, perm, codes, books = random_layer(m, n, sizes, bits, v, P, m + n + columns)
+    layer = spec, perm, codes, books = random_layer(m, n, sizes, bits, v, P, m + n + columns)
     x = torch.randn(45, n, generator=torch.Generator().manual_seed(columns))
     bias, scales = torch.randn(m), (torch.rand(m) + 0.5).half()
     want = reference.vq_linear(x, codes, books, perm, spec, bias, scales)
     got = cpu.vq_linear(x, codes, books, perm, spec, bias, scales)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_close_on(prefill_path, got, want, x, layer, scales)
 
 
 def test_a_token_with_nan_or_inf_gives_nan_not_zeros():
@@ -159,14 +183,29 @@ def test_prefill_workspace_is_not_shared_with_autograd():
     torch.testing.assert_close(x.grad, W.sum(0).expand(12, -1), rtol=1e-4, atol=1e-4)
 
 
-def test_prefill_over_more_tokens_than_one_block_of_panels_matches_reference():
+def test_prefill_over_more_tokens_than_one_block_of_panels_matches_reference(prefill_path):
     """1100 tokens x 400 columns: the token panels are multiplied in two blocks (each decodes the
-    rows again)."""
-    spec, perm, codes, books = random_layer(30, 400, (200, 200), (3, 2), 2, 1)
+    rows again); on AMX, 69 tiles of 16 tokens (an odd one last) and 2 blocks of 16 rows."""
+    layer = spec, perm, codes, books = random_layer(30, 400, (200, 200), (3, 2), 2, 1)
     x, scales = torch.randn(1100, 400), (torch.rand(30) + 0.5).half()
     want = reference.vq_linear(x, codes, books, perm, spec, None, scales)
     got = cpu.vq_linear(x, codes, books, perm, spec, None, scales)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_close_on(prefill_path, got, want, x, layer, scales)
+
+
+def test_amx_prefill_is_within_its_bound_on_a_real_layer_shape():
+    """576 x 1536 with 512 tokens (SmolLM2's MLP, 4 bits): a 2^-16 bound that holds at this
+    size, and an error that is actually that of three bfloat16 products (not of one)."""
+    if not amx_here():
+        pytest.skip("no AMX tile unit here")
+    layer = spec, perm, codes, books = random_layer(1536, 576, (576,), (4,), 2, 1, 3)
+    x, scales = torch.randn(512, 576), (torch.rand(1536) + 0.5).half()
+    want = reference.vq_linear(x, codes, books, perm, spec, None, scales)
+    got = cpu.vq_linear(x, codes, books, perm, spec, None, scales)
+    assert_close_on("amx", got, want, x, layer, scales)
+    W = reference.dequantize(codes, books, perm, spec)
+    one_product = x.bfloat16().float() @ W.bfloat16().float().T * scales.float()
+    assert (got - want).abs().max() < (one_product - want).abs().max() / 50
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")

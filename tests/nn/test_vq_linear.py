@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import plain_config, random_vq_layer
+from helpers import assert_prefill_close, plain_config, random_vq_layer
 from rsavq.algorithms.rsavq import quantize_layer
 from rsavq.kernels import cpu
 from rsavq.nn import VQLinear, dequantized
@@ -24,7 +24,7 @@ def test_forward_is_dequantize_then_matmul(scales):
     assert (module.scales is not None) == scales
     x = torch.randn(3, 5, 40)
     expected = x @ module.dequantize().T + module.bias
-    torch.testing.assert_close(module(x), expected)
+    assert_prefill_close(module(x), expected, x, module.dequantize())  # 15 tokens: prefill
 
 
 def test_row_scales_follow_the_rows():
@@ -58,10 +58,10 @@ def test_dequantized_runs_dense_with_the_same_function(scales):
     layer = make_module(bias=True, scales=scales)
     model = torch.nn.Sequential(layer, torch.nn.ReLU())
     x = torch.randn(3, 5, layer.in_features)
-    expected = model(x)
+    expected = model(x)  # 15 tokens: the prefill kernel
     with dequantized(model):
         assert "forward" in vars(layer)  # dense, decoded once
-        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        assert_prefill_close(expected, model(x), x, layer.dequantize())  # ReLU: 1-Lipschitz
         assert model(x.bfloat16()).dtype == torch.bfloat16  # a model cast to bfloat16 runs too
     assert "forward" not in vars(layer)  # the kernel again
     torch.testing.assert_close(model(x), expected)

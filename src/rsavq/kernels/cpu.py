@@ -20,8 +20,12 @@ Prefill (more tokens): float32 inputs use `vq_prefill`. With AVX-512 it is a GEM
 that never writes the weight out: per chunk of about 512 columns (in the codes' order), x[:, perm]
 is packed once into panels of 32 tokens, and each thread decodes 12 rows of the chunk at a time
 into an L1 buffer and multiplies them by every panel (12 x 32 accumulators in registers); row
-scales and bias are applied as the last chunk is written. Memory: per thread, the packed x and
-the partial sums (4 bytes x tokens x (in + out features)), kept between calls. Without AVX-512
+scales and bias are applied as the last chunk is written. On CPUs with AMX (and a Linux that
+grants its tile state) the same chunks go through the tile unit instead: x and the decoded rows
+split into bfloat16 hi + lo, three bfloat16 products per multiply accumulated in float32 (at most
+2^-16 of |x| |w| per product, float32's 2^-24; BENCHMARKS.md measures both paths);
+`PREFILL_AMX = False` keeps the float32 one. Memory: per thread, the packed x and the partial
+sums (4 bytes x tokens x (in + out features)), kept between calls. Without AVX-512
 the weight is dequantized a block of rows at a time and each block multiplied. Other inputs
 (bf16, autograd) use `vq_dequantize`: the whole float32 weight (columns in the codes' order)
 once per call into a per-thread buffer kept between calls, then one matmul by `x[:, perm]`.
@@ -53,6 +57,7 @@ SOURCE = Path(__file__).with_name("csrc") / "lut_gemv.cpp"
 DECODE_TOKENS = 8  # at most this many tokens per call use the LUT GEMV
 BYTE_CODES = 8  # codes of at most this many bits decode with int16 tables (`vq_gemv16`)
 PREFILL_COLUMNS = 0  # columns per chunk of `vq_prefill` (0: its own choice; tests set a few)
+PREFILL_AMX = True  # `vq_prefill` on the AMX tile unit where there is one (tests turn it off)
 _extension = None
 _failed = False
 _local = threading.local()
@@ -300,6 +305,7 @@ def vq_linear(
     grad = torch.is_grad_enabled() and x.requires_grad
     if eager and not decode and x.dtype == torch.float32 and not grad:
         args = (*_spec_args(spec), spec.out_features, _half(scales), _float(bias), PREFILL_COLUMNS)
+        args = (*args, PREFILL_AMX)
         perm32, books32 = _perm32(perm, cache), _books32(codebooks, cache)
         out = extension().vq_prefill(x2.contiguous(), perm32, list(codes), books32, *args)
         return out.reshape(*lead, spec.out_features)

@@ -32,6 +32,10 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -745,6 +749,31 @@ void decode_rows(const Block& B, const Segment& s, int64_t r0, int64_t rows, int
   }
 }
 
+// 16 x 16 floats transposed in registers: row i of r in, column i of the block out.
+inline void transpose16(__m512 r[16]) {
+  __m512 a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // b[4i + q]: in each 128-bit lane l, column 4l + q of rows 4i..
+    b[4 * i + 0] = _mm512_shuffle_ps(a[4 * i], a[4 * i + 2], 0x44);
+    b[4 * i + 1] = _mm512_shuffle_ps(a[4 * i], a[4 * i + 2], 0xEE);
+    b[4 * i + 2] = _mm512_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0x44);
+    b[4 * i + 3] = _mm512_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0xEE);
+  }
+  for (int q = 0; q < 4; ++q) {
+    const __m512 c0 = _mm512_shuffle_f32x4(b[q], b[4 + q], 0x88);  // lanes 0, 2 of rows 0-7
+    const __m512 c1 = _mm512_shuffle_f32x4(b[q], b[4 + q], 0xDD);  // lanes 1, 3
+    const __m512 c2 = _mm512_shuffle_f32x4(b[8 + q], b[12 + q], 0x88);  // rows 8-15
+    const __m512 c3 = _mm512_shuffle_f32x4(b[8 + q], b[12 + q], 0xDD);
+    r[q] = _mm512_shuffle_f32x4(c0, c2, 0x88);
+    r[8 + q] = _mm512_shuffle_f32x4(c0, c2, 0xDD);
+    r[4 + q] = _mm512_shuffle_f32x4(c1, c3, 0x88);
+    r[12 + q] = _mm512_shuffle_f32x4(c1, c3, 0xDD);
+  }
+}
+
 // acc[i] (+)= sum over k of W[i, k] * X[k, 32 tokens] for R rows; then either kept in Ct (rows
 // of out^T, stride ldc) or, on the last chunk, scaled, shifted and written to out [T, m].
 template <int R>
@@ -775,15 +804,19 @@ void micro_tile(const float* X, const float* W, int64_t ldw, int64_t kc, float* 
     }
     return;
   }
-  alignas(64) float tile[R][kPanelTokens];
-  for (int i = 0; i < R; ++i) {
-    const __m512 s = _mm512_set1_ps(scale ? scale[i] : 1.f);
-    const __m512 b = _mm512_set1_ps(shift ? shift[i] : 0.f);
-    _mm512_store_ps(tile[i], _mm512_fmadd_ps(c0[i], s, b));
-    _mm512_store_ps(tile[i] + 16, _mm512_fmadd_ps(c1[i], s, b));
+  // scaled and shifted, then transposed 16 tokens at a time: token t's R values are one masked
+  // store to out + t * m (R scalar stores m floats apart cost 7% of a 576x1536 prefill)
+  for (int half = 0; half < 2; ++half) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_setzero_ps();
+    for (int i = 0; i < R; ++i)
+      r[i] = _mm512_fmadd_ps(half ? c1[i] : c0[i], _mm512_set1_ps(scale ? scale[i] : 1.f),
+                             _mm512_set1_ps(shift ? shift[i] : 0.f));
+    transpose16(r);
+    const int64_t t0 = 16 * half, t1 = std::min<int64_t>(tokens, t0 + 16);
+    for (int64_t t = t0; t < t1; ++t)
+      _mm512_mask_storeu_ps(out + t * m, first_lanes(R), r[t - t0]);
   }
-  for (int64_t t = 0; t < tokens; ++t)
-    for (int i = 0; i < R; ++i) out[t * m + i] = tile[i][t];
 }
 
 template <int R = kPanelRows>
@@ -796,31 +829,6 @@ void micro_rows(int rows, const float* X, const float* W, int64_t ldw, int64_t k
       micro_tile<R>(X, W, ldw, kc, Ct, ldc, load, m0, m1, out, m, tokens, scale, shift);
     else
       micro_rows<R - 1>(rows, X, W, ldw, kc, Ct, ldc, load, m0, m1, out, m, tokens, scale, shift);
-  }
-}
-
-// 16 x 16 floats transposed in registers: row i of r in, column i of the block out.
-inline void transpose16(__m512 r[16]) {
-  __m512 a[16], b[16];
-  for (int i = 0; i < 8; ++i) {
-    a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // b[4i + q]: in each 128-bit lane l, column 4l + q of rows 4i..
-    b[4 * i + 0] = _mm512_shuffle_ps(a[4 * i], a[4 * i + 2], 0x44);
-    b[4 * i + 1] = _mm512_shuffle_ps(a[4 * i], a[4 * i + 2], 0xEE);
-    b[4 * i + 2] = _mm512_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0x44);
-    b[4 * i + 3] = _mm512_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0xEE);
-  }
-  for (int q = 0; q < 4; ++q) {
-    const __m512 c0 = _mm512_shuffle_f32x4(b[q], b[4 + q], 0x88);  // lanes 0, 2 of rows 0-7
-    const __m512 c1 = _mm512_shuffle_f32x4(b[q], b[4 + q], 0xDD);  // lanes 1, 3
-    const __m512 c2 = _mm512_shuffle_f32x4(b[8 + q], b[12 + q], 0x88);  // rows 8-15
-    const __m512 c3 = _mm512_shuffle_f32x4(b[8 + q], b[12 + q], 0xDD);
-    r[q] = _mm512_shuffle_f32x4(c0, c2, 0x88);
-    r[8 + q] = _mm512_shuffle_f32x4(c0, c2, 0xDD);
-    r[4 + q] = _mm512_shuffle_f32x4(c1, c3, 0x88);
-    r[12 + q] = _mm512_shuffle_f32x4(c1, c3, 0xDD);
   }
 }
 
@@ -908,17 +916,264 @@ torch::Tensor prefill_gemm(const float* X, const int32_t* O, int64_t T, int64_t 
   });
   return out;
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+// ---- Prefill on AMX: bfloat16 tiles, three products per multiply ("bf16x3") ----
+// x and the decoded weight are each split into bfloat16 hi + lo (hi = x rounded, lo = the
+// rest rounded): x W = xh Wh + xl Wh + xh Wl up to xl Wl and the roundings of the lo halves, at
+// most 2^-16 of |x| |W| per product (float32: 2^-24; an fp16 codebook's entry is hi + lo
+// exactly). The tile unit multiplies 16 tokens x 32 columns by 32 columns x 16 rows per
+// instruction into float32 accumulators at 16x the float32 FMA units' rate, so even three
+// products can beat one float32 multiply (measured: BENCHMARKS.md, Inference speed).
+// Columns (in the codes' order) are cut into chunks of about kAmxCols; per chunk, x[:, perm] is
+// split into hi and lo tiles of 16 tokens x 32 columns (zeros past T and the chunk), and each
+// thread takes its rows kAmxGroup blocks of 16 at a time: decodes the chunk's columns of them,
+// splits and transposes them into tiles of 16 pairs of columns x 16 rows (the layout the unit
+// multiplies) and multiplies them by the tokens, 2 token tiles x 2 row blocks per step. Partial
+// sums between chunks wait in a float32 buffer [Tp][mp]; the last chunk scales, shifts and
+// writes out [T, m].
+constexpr int64_t kAmxCols = 512;  // columns per chunk, about: x split, 512 tokens: 1 MiB (L2)
+constexpr int64_t kAmxGroup = 8;    // blocks of 16 rows multiplied per pass over the tokens
+
+// Whether this process may use the tile registers: Linux hands out their state on request.
+bool amx_permitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                        18 /* XFEATURE_XTILEDATA */) == 0;
+  return permitted;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+// Every tile 16 rows of 64 bytes. A constant (GCC's ldtilecfg asm tells the compiler of only 8
+// bytes read, so the stores filling a local copy may be dropped).
+constexpr TileConfig kTiles = {1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64},
+                               {16, 16, 16, 16, 16, 16, 16, 16}};
+
+// The tile shapes, loaded into this thread's tile unit.
+void configure_tiles() { _tile_loadconfig(&kTiles); }
+
+// 32 floats (a: the first 16, b: the next 16) as bfloat16 hi and lo, 32 of each, in order.
+inline void split32(__m512 a, __m512 b, __m512i& hi, __m512i& lo) {
+  const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+  const __m512 ha = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+  const __m512 hb = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+  hi = h;
+  lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha));
+}
+
+struct AmxChunk {
+  Chunk c;
+  int64_t kc;      // columns rounded up to 32
+  int64_t offset;  // where its tiles start in the split x ([kc / 32][Tp][32] from here)
+};
+
+// x[t, perm[c0 + k]] of every chunk, split: hi and lo [kc / 32][Tp][32] per chunk (zeros past
+// T and the chunk's columns), so that a tile of 16 tokens x 32 columns is 1 KiB in one piece.
+void split_tokens(const float* X, const int32_t* O, int64_t T, int64_t Tp, int64_t n,
+                  const std::vector<AmxChunk>& chunks, uint16_t* hi, uint16_t* lo) {
+  at::parallel_for(0, Tp, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (const AmxChunk& a : chunks)
+        for (int64_t k = 0; k < a.kc; k += 32) {
+          __m512 v[2];
+          for (int half = 0; half < 2; ++half) {
+            const int64_t k0 = k + 16 * half;
+            const __mmask16 lanes = t < T ? first_lanes(a.c.cols - k0) : 0;
+            const __m512i idx = _mm512_maskz_loadu_epi32(lanes, O + a.c.c0 + k0);
+            v[half] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, idx, X + t * n, 4);
+          }
+          __m512i h, l;
+          split32(v[0], v[1], h, l);
+          _mm512_storeu_si512(hi + a.offset + (k / 32 * Tp + t) * 32, h);
+          _mm512_storeu_si512(lo + a.offset + (k / 32 * Tp + t) * 32, l);
+        }
+  });
+}
+
+// 16 decoded rows W [16][ldw] (columns [0, kc)) as tiles: hi and lo [kc / 32][16][16 pairs].
+void split_rows(const float* W, int64_t ldw, int64_t kc, uint16_t* hi, uint16_t* lo) {
+  for (int64_t k = 0; k < kc; k += 32) {
+    __m512i h[16], l[16];
+    for (int r = 0; r < 16; ++r)
+      split32(_mm512_loadu_ps(W + r * ldw + k), _mm512_loadu_ps(W + r * ldw + k + 16), h[r], l[r]);
+    auto* hs = reinterpret_cast<__m512*>(h);
+    auto* ls = reinterpret_cast<__m512*>(l);
+    transpose16(hs);  // row i: pair i of columns of every row
+    transpose16(ls);
+    for (int i = 0; i < 16; ++i) {
+      _mm512_storeu_ps(reinterpret_cast<float*>(hi + k * 16) + i * 16, hs[i]);
+      _mm512_storeu_ps(reinterpret_cast<float*>(lo + k * 16) + i * 16, ls[i]);
+    }
+  }
+}
+
+// The tile instructions name their registers as literals (tiles 0-3: accumulators, 4-5: x,
+// 6-7: weight). Their asm tells the compiler of no memory it reads or writes: `memory_fence`
+// orders them against ordinary loads and stores of the same buffers.
+inline void memory_fence() { __asm__ volatile("" ::: "memory"); }
+
+// Accumulator tile C (0-3: token tile C / 2, row block C % 2) zeroed, loaded or stored.
+#define RSAVQ_ACCUMULATOR(C, base, ld, load, store)                                  \
+  if constexpr (C / 2 < NT && C % 2 < NR) {                                          \
+    float* at = (base) + (C / 2) * 16 * (ld) + (C % 2) * 16;                         \
+    if (store)                                                                       \
+      _tile_stored(C, at, (ld) * 4);                                                 \
+    else if (load)                                                                   \
+      _tile_loadd(C, at, (ld) * 4);                                                  \
+    else                                                                             \
+      _tile_zero(C);                                                                 \
+  }
+#define RSAVQ_ACCUMULATORS(base, ld, load, store) \
+  RSAVQ_ACCUMULATOR(0, base, ld, load, store)     \
+  RSAVQ_ACCUMULATOR(1, base, ld, load, store)     \
+  RSAVQ_ACCUMULATOR(2, base, ld, load, store)     \
+  RSAVQ_ACCUMULATOR(3, base, ld, load, store)
+
+// NT tiles of 16 tokens (from t0) x NR blocks of 16 rows (from r0; their tiles at B[0], B[1],
+// hi then lo `lo_at` further) through one chunk. The three products run as one multiply three
+// times as long (x's hi by the weight's hi, x's lo by its hi, x's hi by its lo), so the four
+// accumulators are four independent chains (the tile unit's latency is several of its steps).
+// Partial sums from and to acc [Tp][mp] (`first`: from zero), or, on the last chunk, scaled,
+// shifted and written to out.
+template <int NT, int NR>
+void amx_block(const AmxChunk& a, const uint16_t* hi, const uint16_t* lo,
+               const uint16_t* const B[2], int64_t lo_at, int64_t t0, int64_t r0, float* acc,
+               int64_t mp, bool first, bool last, float* out, int64_t T, int64_t Tp, int64_t m,
+               const float* scale, const float* shift) {
+  memory_fence();  // the weight's tiles are written
+  float* partial = acc ? acc + t0 * mp + r0 : nullptr;
+  RSAVQ_ACCUMULATORS(partial, mp, !first, false)
+  for (int product = 0; product < 3; ++product) {
+    const uint16_t* A = (product == 1 ? lo : hi) + a.offset + t0 * 32;
+    const uint16_t* B0 = B[0] + (product == 2 ? lo_at : 0);
+    const uint16_t* B1 = B[NR - 1] + (product == 2 ? lo_at : 0);
+    for (int64_t k = 0; k < a.kc; k += 32, A += Tp * 32) {
+      _tile_loadd(4, A, 64);
+      if constexpr (NT > 1) _tile_loadd(5, A + 512, 64);
+      _tile_loadd(6, B0 + k * 16, 64);
+      if constexpr (NR > 1) _tile_loadd(7, B1 + k * 16, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NR > 1) _tile_dpbf16ps(1, 4, 7);
+      if constexpr (NT > 1) _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NT > 1 && NR > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  if (!last) {
+    RSAVQ_ACCUMULATORS(partial, mp, false, true)
+    memory_fence();
+    return;
+  }
+  alignas(64) float c[32][32];
+  RSAVQ_ACCUMULATORS(&c[0][0], 32, false, true)
+  memory_fence();
+  for (int j = 0; j < NR; ++j) {
+    const int64_t rj = r0 + 16 * j;
+    const __mmask16 lanes = first_lanes(m - rj);
+    const __m512 s = scale ? _mm512_maskz_loadu_ps(lanes, scale + rj) : _mm512_set1_ps(1.f);
+    const __m512 b = shift ? _mm512_maskz_loadu_ps(lanes, shift + rj) : _mm512_setzero_ps();
+    for (int64_t t = 0; t < std::min<int64_t>(NT * 16, T - t0); ++t)
+      _mm512_mask_storeu_ps(out + (t0 + t) * m + rj, lanes,
+                            _mm512_fmadd_ps(_mm512_load_ps(c[t] + 16 * j), s, b));
+  }
+}
+
+torch::Tensor prefill_amx(const float* X, const int32_t* O, int64_t T, int64_t n, int64_t m,
+                          const std::vector<Block>& blocks, int64_t v, int64_t width,
+                          const float* scale, const float* shift,
+                          const torch::TensorOptions& options) {
+  const int64_t count = std::max<int64_t>(1, (n + width / 2) / width);  // chunks of equal width
+  std::vector<AmxChunk> chunks;
+  int64_t offset = 0, widest = 0;
+  const int64_t Tp = (T + 15) / 16 * 16, mp = (m + 15) / 16 * 16;
+  for (Chunk& c : chunks_of(blocks, v, ((n + count - 1) / count + v - 1) / v * v)) {
+    const int64_t kc = (c.cols + 31) / 32 * 32;
+    chunks.push_back({std::move(c), kc, offset});
+    offset += Tp * kc;
+    widest = std::max(widest, kc);
+  }
+  static thread_local torch::Tensor xbuf, cbuf;
+  auto* hi = reinterpret_cast<uint16_t*>(reusable(xbuf, offset).data_ptr<float>());
+  uint16_t* lo = hi + offset;  // the buffer holds 2 * offset bfloat16 values
+  float* acc = chunks.size() > 1 ? reusable(cbuf, Tp * mp).data_ptr<float>() : nullptr;
+  split_tokens(X, O, T, Tp, n, chunks, hi, lo);
+  memory_fence();
+  auto out = torch::empty({T, m}, options);
+  float* Y = out.data_ptr<float>();
+  const int64_t ldw = widest + 16;  // decoded rows' stride (+16 floats: no 4 KiB aliasing)
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    const AmxChunk& a = chunks[ci];
+    const bool first = ci == 0, last = ci + 1 == chunks.size();
+    at::parallel_for(0, mp / 16, 1, [&](int64_t b0, int64_t b1) {
+      static thread_local std::vector<float> rows;
+      static thread_local std::vector<uint16_t> tiles;
+      rows.assign(16 * ldw, 0.f);
+      tiles.resize(kAmxGroup * 2 * 16 * widest);
+      configure_tiles();
+      for (int64_t g0 = b0; g0 < b1; g0 += kAmxGroup) {
+        const int64_t g1 = std::min(b1, g0 + kAmxGroup);
+        for (int64_t b = g0; b < g1; ++b) {
+          const int64_t r0 = b * 16, count_rows = std::min<int64_t>(16, m - r0);
+          for (const Segment& s : a.c.segments)
+            decode_rows(blocks[s.block], s, r0, count_rows, v, rows.data(), ldw);
+          for (int64_t i = 0; i < 16; ++i)  // rows past m and columns past the chunk's: zeros
+            std::fill(rows.data() + i * ldw + (i < count_rows ? a.c.cols : 0),
+                      rows.data() + i * ldw + a.kc, 0.f);
+          uint16_t* Bh = tiles.data() + (b - g0) * 2 * 16 * widest;
+          split_rows(rows.data(), ldw, a.kc, Bh, Bh + 16 * widest);
+        }
+        for (int64_t t0 = 0; t0 < Tp; t0 += 32) {
+          const bool two_tokens = Tp - t0 > 16;
+          for (int64_t b = g0; b < g1; b += 2) {
+            const bool two_rows = g1 - b > 1;
+            const uint16_t* B[2] = {tiles.data() + (b - g0) * 2 * 16 * widest,
+                                    tiles.data() + (b + two_rows - g0) * 2 * 16 * widest};
+            auto run = [&](auto nt, auto nr) {
+              amx_block<decltype(nt)::value, decltype(nr)::value>(
+                  a, hi, lo, B, 16 * widest, t0, b * 16, acc, mp, first, last, Y, T, Tp, m,
+                  scale, shift);
+            };
+            using One = std::integral_constant<int, 1>;
+            using Two = std::integral_constant<int, 2>;
+            if (two_tokens && two_rows) run(Two(), Two());
+            else if (two_tokens) run(Two(), One());
+            else if (two_rows) run(One(), Two());
+            else run(One(), One());
+          }
+        }
+      }
+      _tile_release();
+    });
+  }
+  return out;
+}
+#undef RSAVQ_ACCUMULATOR
+#undef RSAVQ_ACCUMULATORS
 #endif
+#endif
+
+// Whether vq_prefill (amx = true) multiplies on the AMX tile unit here.
+bool prefill_amx_available() {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
 
 // Prefill: out [T, m] = x W^T (times the row scales, plus the bias), x float32 [T, n]. With
 // AVX-512, prefill_gemm (the weight decoded into the multiply; `block` > 0: columns per chunk,
-// tests). Elsewhere the weight is dequantized a block of rows at a time (kPrefillBytes, at least
+// tests), or prefill_amx where `amx` and the CPU and kernel allow it. Elsewhere the weight is dequantized a block of rows at a time (kPrefillBytes, at least
 // kPrefillRows rows; `block` > 0: rows per block) and each block multiplied by x[:, perm].
 torch::Tensor vq_prefill(torch::Tensor x, torch::Tensor perm, std::vector<torch::Tensor> codes,
                          std::vector<torch::Tensor> books, std::vector<int64_t> sizes,
                          std::vector<int64_t> widths, int64_t v, int64_t m,
                          std::optional<torch::Tensor> scales, std::optional<torch::Tensor> bias,
-                         int64_t block) {
+                         int64_t block, bool amx) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x");
   TORCH_CHECK(perm.scalar_type() == torch::kInt && perm.numel() == x.size(1), "int32 perm");
   const int64_t T = x.size(0), n = x.size(1);
@@ -930,10 +1185,14 @@ torch::Tensor vq_prefill(torch::Tensor x, torch::Tensor perm, std::vector<torch:
 #if defined(__AVX512F__)
   torch::Tensor scale32 = scales ? scales->to(torch::kFloat).contiguous() : torch::Tensor();
   torch::Tensor shift32 = bias ? bias->to(torch::kFloat).contiguous() : torch::Tensor();
-  return prefill_gemm(x.data_ptr<float>(), perm.data_ptr<int32_t>(), T, n, m, blocks, v,
-                      block > 0 ? block : kChunkCols,
-                      scales ? scale32.data_ptr<float>() : nullptr,
-                      bias ? shift32.data_ptr<float>() : nullptr, x.options());
+  auto* gemm = &prefill_gemm;
+  int64_t columns = kChunkCols;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  if (amx && amx_permitted()) gemm = &prefill_amx, columns = kAmxCols;
+#endif
+  return gemm(x.data_ptr<float>(), perm.data_ptr<int32_t>(), T, n, m, blocks, v,
+              block > 0 ? block : columns, scales ? scale32.data_ptr<float>() : nullptr,
+              bias ? shift32.data_ptr<float>() : nullptr, x.options());
 #else
   // buffers kept between calls (fresh ones cost page faults each call: as much as the work)
   static thread_local torch::Tensor xbuf, wbuf;
@@ -1413,6 +1672,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_repack", &vq_repack, "RSAVQ codes repacked for vq_gemv16");
   m.def("vq_gemv16", &vq_gemv16, "RSAVQ decode with int16 tables");
   m.def("vq_prefill", &vq_prefill, "RSAVQ prefill: dequantize blocks of rows, multiply each");
+  m.def("prefill_amx", &prefill_amx_available, "whether vq_prefill can use AMX tiles here");
   m.def("vq_dequantize", &vq_dequantize, "RSAVQ dequantize into the original channel order");
   m.def("vq_gemv_wide", &vq_gemv_wide, "RSAVQ decode of codes wider than a byte, pairs per code");
   m.def("decode16", &OrNone<decltype(&vq_gemv16), &vq_gemv16>::call,
