@@ -1035,10 +1035,9 @@ inline void memory_fence() { __asm__ volatile("" ::: "memory"); }
   RSAVQ_ACCUMULATOR(3, base, ld, load, store)
 
 // NT tiles of 16 tokens (from t0) x NR blocks of 16 rows (from r0; their tiles at B[0], B[1],
-// hi then lo `lo_at` further) through one chunk. The three products run as one multiply three
-// times as long (x's hi by the weight's hi, x's lo by its hi, x's hi by its lo), so the four
-// accumulators are four independent chains (the tile unit's latency is several of its steps).
-// Partial sums from and to acc [Tp][mp] (`first`: from zero), or, on the last chunk, scaled,
+// hi then lo `lo_at` further) through one chunk: the three products (x's hi by the weight's
+// hi, x's lo by its hi, x's hi by its lo) run as one multiply three times as long, each tile
+// loaded serving two products. Partial sums from and to acc [Tp][mp] (`first`: from zero), or, on the last chunk, scaled,
 // shifted and written to out.
 template <int NT, int NR>
 void amx_block(const AmxChunk& a, const uint16_t* hi, const uint16_t* lo,
