@@ -128,11 +128,11 @@ def amx_prefill() -> bool:
 
 def float32_prefill(module: VQLinear, x: torch.Tensor) -> torch.Tensor:
     """The layer's prefill on the float32 FMA kernel, where AMX would serve it."""
-    cpu_kernels.PREFILL_AMX = False
+    before, cpu_kernels.PREFILL_AMX = cpu_kernels.PREFILL_AMX, False
     try:
         return module(x)
     finally:
-        cpu_kernels.PREFILL_AMX = True
+        cpu_kernels.PREFILL_AMX = before
 
 
 @torch.no_grad()

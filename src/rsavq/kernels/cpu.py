@@ -304,8 +304,8 @@ def vq_linear(
         return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)
     grad = torch.is_grad_enabled() and x.requires_grad
     if eager and not decode and x.dtype == torch.float32 and not grad:
-        args = (*_spec_args(spec), spec.out_features, _half(scales), _float(bias), PREFILL_COLUMNS)
-        args = (*args, PREFILL_AMX)
+        args = (*_spec_args(spec), spec.out_features, _half(scales), _float(bias))
+        args = (*args, PREFILL_COLUMNS, PREFILL_AMX)
         perm32, books32 = _perm32(perm, cache), _books32(codebooks, cache)
         out = extension().vq_prefill(x2.contiguous(), perm32, list(codes), books32, *args)
         return out.reshape(*lead, spec.out_features)

@@ -32,7 +32,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#if defined(__AMX_TILE__)
+#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && \
+    defined(__AVX512BF16__)
+#define RSAVQ_AMX 1  // prefill on the AMX tile unit (prefill_amx)
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -868,12 +870,18 @@ void pack_tokens(const float* X, const int32_t* O, int64_t T, int64_t n,
   });
 }
 
+// The n columns in chunks of about `width` (whole vectors), all about as wide.
+std::vector<Chunk> equal_chunks(const std::vector<Block>& blocks, int64_t v, int64_t n,
+                                int64_t width) {
+  const int64_t count = std::max<int64_t>(1, (n + width / 2) / width);
+  return chunks_of(blocks, v, ((n + count - 1) / count + v - 1) / v * v);
+}
+
 torch::Tensor prefill_gemm(const float* X, const int32_t* O, int64_t T, int64_t n, int64_t m,
                            const std::vector<Block>& blocks, int64_t v, int64_t width,
                            const float* scale, const float* shift,
                            const torch::TensorOptions& options) {
-  const int64_t count = std::max<int64_t>(1, (n + width / 2) / width);  // chunks of equal width
-  const auto chunks = chunks_of(blocks, v, ((n + count - 1) / count + v - 1) / v * v);
+  const auto chunks = equal_chunks(blocks, v, n, width);
   int64_t ldw = 0;  // the decoded rows' stride: the widest chunk and 16 (no 4 KiB aliasing)
   for (const Chunk& c : chunks) ldw = std::max(ldw, c.cols + 16);
   const int64_t panels = (T + kPanelTokens - 1) / kPanelTokens, ldc = panels * kPanelTokens;
@@ -917,7 +925,7 @@ torch::Tensor prefill_gemm(const float* X, const int32_t* O, int64_t T, int64_t 
   return out;
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(RSAVQ_AMX)
 // ---- Prefill on AMX: bfloat16 tiles, three products per multiply ("bf16x3") ----
 // x and the decoded weight are each split into bfloat16 hi + lo (hi = x rounded, lo = the
 // rest rounded): x W = xh Wh + xl Wh + xh Wl up to xl Wl and the roundings of the lo halves, at
@@ -925,15 +933,14 @@ torch::Tensor prefill_gemm(const float* X, const int32_t* O, int64_t T, int64_t 
 // exactly). The tile unit multiplies 16 tokens x 32 columns by 32 columns x 16 rows per
 // instruction into float32 accumulators at 16x the float32 FMA units' rate, so even three
 // products can beat one float32 multiply (measured: BENCHMARKS.md, Inference speed).
-// Columns (in the codes' order) are cut into chunks of about kAmxCols; per chunk, x[:, perm] is
-// split into hi and lo tiles of 16 tokens x 32 columns (zeros past T and the chunk), and each
-// thread takes its rows kAmxGroup blocks of 16 at a time: decodes the chunk's columns of them,
-// splits and transposes them into tiles of 16 pairs of columns x 16 rows (the layout the unit
-// multiplies) and multiplies them by the tokens, 2 token tiles x 2 row blocks per step. Partial
-// sums between chunks wait in a float32 buffer [Tp][mp]; the last chunk scales, shifts and
-// writes out [T, m].
-constexpr int64_t kAmxCols = 512;  // columns per chunk, about: x split, 512 tokens: 1 MiB (L2)
-constexpr int64_t kAmxGroup = 8;    // blocks of 16 rows multiplied per pass over the tokens
+// Columns (in the codes' order) are cut into chunks of about kChunkCols (x of 512 tokens split:
+// 1 MiB, L2); per chunk, x[:, perm] is split into hi and lo tiles of 16 tokens x 32 columns
+// (zeros past T and the chunk), and each thread takes its rows kAmxGroup blocks of 16 at a
+// time: decodes the chunk's columns of them, splits and transposes them into tiles of 16 pairs
+// of columns x 16 rows (the layout the unit multiplies) and multiplies them by the tokens, 2
+// token tiles x 2 row blocks per step. Partial sums between chunks wait in a float32 buffer
+// [Tp][mp]; the last chunk scales, shifts and writes out [T, m].
+constexpr int64_t kAmxGroup = 8;  // blocks of 16 rows multiplied per pass over the tokens
 
 // Whether this process may use the tile registers: Linux hands out their state on request.
 bool amx_permitted() {
@@ -1037,8 +1044,8 @@ inline void memory_fence() { __asm__ volatile("" ::: "memory"); }
 // NT tiles of 16 tokens (from t0) x NR blocks of 16 rows (from r0; their tiles at B[0], B[1],
 // hi then lo `lo_at` further) through one chunk: the three products (x's hi by the weight's
 // hi, x's lo by its hi, x's hi by its lo) run as one multiply three times as long, each tile
-// loaded serving two products. Partial sums from and to acc [Tp][mp] (`first`: from zero), or, on the last chunk, scaled,
-// shifted and written to out.
+// loaded serving two products. Partial sums from and to acc [Tp][mp] (`first`: from zero),
+// or, on the last chunk, scaled, shifted and written to out.
 template <int NT, int NR>
 void amx_block(const AmxChunk& a, const uint16_t* hi, const uint16_t* lo,
                const uint16_t* const B[2], int64_t lo_at, int64_t t0, int64_t r0, float* acc,
@@ -1085,11 +1092,10 @@ torch::Tensor prefill_amx(const float* X, const int32_t* O, int64_t T, int64_t n
                           const std::vector<Block>& blocks, int64_t v, int64_t width,
                           const float* scale, const float* shift,
                           const torch::TensorOptions& options) {
-  const int64_t count = std::max<int64_t>(1, (n + width / 2) / width);  // chunks of equal width
   std::vector<AmxChunk> chunks;
   int64_t offset = 0, widest = 0;
   const int64_t Tp = (T + 15) / 16 * 16, mp = (m + 15) / 16 * 16;
-  for (Chunk& c : chunks_of(blocks, v, ((n + count - 1) / count + v - 1) / v * v)) {
+  for (Chunk& c : equal_chunks(blocks, v, n, width)) {
     const int64_t kc = (c.cols + 31) / 32 * 32;
     chunks.push_back({std::move(c), kc, offset});
     offset += Tp * kc;
@@ -1157,7 +1163,7 @@ torch::Tensor prefill_amx(const float* X, const int32_t* O, int64_t T, int64_t n
 
 // Whether vq_prefill (amx = true) multiplies on the AMX tile unit here.
 bool prefill_amx_available() {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(RSAVQ_AMX)
   return amx_permitted();
 #else
   return false;
@@ -1166,8 +1172,9 @@ bool prefill_amx_available() {
 
 // Prefill: out [T, m] = x W^T (times the row scales, plus the bias), x float32 [T, n]. With
 // AVX-512, prefill_gemm (the weight decoded into the multiply; `block` > 0: columns per chunk,
-// tests), or prefill_amx where `amx` and the CPU and kernel allow it. Elsewhere the weight is dequantized a block of rows at a time (kPrefillBytes, at least
-// kPrefillRows rows; `block` > 0: rows per block) and each block multiplied by x[:, perm].
+// tests), or prefill_amx where `amx` and the CPU and kernel allow it. Elsewhere the weight is
+// dequantized a block of rows at a time (kPrefillBytes, at least kPrefillRows rows; `block` > 0:
+// rows per block) and each block multiplied by x[:, perm].
 torch::Tensor vq_prefill(torch::Tensor x, torch::Tensor perm, std::vector<torch::Tensor> codes,
                          std::vector<torch::Tensor> books, std::vector<int64_t> sizes,
                          std::vector<int64_t> widths, int64_t v, int64_t m,
@@ -1185,12 +1192,11 @@ torch::Tensor vq_prefill(torch::Tensor x, torch::Tensor perm, std::vector<torch:
   torch::Tensor scale32 = scales ? scales->to(torch::kFloat).contiguous() : torch::Tensor();
   torch::Tensor shift32 = bias ? bias->to(torch::kFloat).contiguous() : torch::Tensor();
   auto* gemm = &prefill_gemm;
-  int64_t columns = kChunkCols;
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-  if (amx && amx_permitted()) gemm = &prefill_amx, columns = kAmxCols;
+#if defined(RSAVQ_AMX)
+  if (amx && amx_permitted()) gemm = &prefill_amx;
 #endif
   return gemm(x.data_ptr<float>(), perm.data_ptr<int32_t>(), T, n, m, blocks, v,
-              block > 0 ? block : columns, scales ? scale32.data_ptr<float>() : nullptr,
+              block > 0 ? block : kChunkCols, scales ? scale32.data_ptr<float>() : nullptr,
               bias ? shift32.data_ptr<float>() : nullptr, x.options());
 #else
   // buffers kept between calls (fresh ones cost page faults each call: as much as the work)
