@@ -53,6 +53,7 @@ SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (11008, 4096)]
 TABLES = (
     "benchmarks/results/speed-1thread.json,benchmarks/results/speed-2threads.json,"
     "benchmarks/results/speed-2threads-loaded.json,benchmarks/results/speed-1thread-int8.json,"
+    "benchmarks/results/speed-1thread-e.json,benchmarks/results/speed-2threads-e.json,"
     "benchmarks/results/speed-checkpoints.json"
 )
 
