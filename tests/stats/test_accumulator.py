@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from rsavq.stats import accumulator
 from rsavq.stats.accumulator import FisherAccumulator
 
 
@@ -20,9 +21,11 @@ def test_batches_give_the_means_of_the_sequences():
     assert s.sq_norm == pytest.approx(G.square().sum().item() / 5, rel=1e-5)
 
 
+@pytest.mark.parametrize("amx", [False, True])  # the row blocks of either kind of CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m, n", [(6, 4), (40, 1600), (900, 30)])
-def test_factors_equal_the_float64_products_whatever_the_blocks(m, n, dtype):
+def test_factors_equal_the_float64_products_whatever_the_blocks(m, n, dtype, amx, monkeypatch):
+    monkeypatch.setattr(accumulator, "_amx", lambda: amx)
     torch.manual_seed(0)
     G = torch.randn(3, m, n).to(dtype)
     acc = FisherAccumulator(m, n)
@@ -55,3 +58,12 @@ def test_bfloat16_gradients_keep_the_factors_positive_semidefinite():
     # what the test guards against: the same products rounded to bfloat16 are indefinite
     rounded = (G.T @ G).double()
     assert torch.linalg.eigvalsh(rounded).min() < floor
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_few_large_gram_blocks_only_where_bfloat16_products_pay_for_them(amx, monkeypatch):
+    monkeypatch.setattr(accumulator, "_amx", lambda: amx)
+    assert accumulator._few_blocks(torch.device("cpu")) is amx
+    assert accumulator._few_blocks(torch.device("cuda"))
+    few, many = accumulator._block_edges(1536, True), accumulator._block_edges(1536, False)
+    assert len(few) < len(many)  # (2 and 8 blocks)
