@@ -1,8 +1,11 @@
 """The CPU kernels (LUT GEMV, dequantize + matmul) against the reference kernel (the oracle)."""
 
+import os
 import shutil
 import subprocess
+import sys
 import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,14 +212,40 @@ def test_amx_prefill_is_within_its_bound_on_a_real_layer_shape():
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
-def test_the_extension_compiles_for_a_cpu_without_avx512():
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])  # AVX2; neither AVX2 nor AVX-512
+def test_the_extension_compiles_for_a_cpu_without_avx512(march):
     """The fallbacks (`#else` of every AVX-512 path) are compiled nowhere else on this machine."""
     from torch.utils.cpp_extension import include_paths
 
     includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
-    command = ["g++", "-fsyntax-only", "-std=c++17", "-march=haswell", "-fopenmp", "-w"]
+    command = ["g++", "-fsyntax-only", "-std=c++17", f"-march={march}", "-fopenmp", "-w"]
     done = subprocess.run([*command, *includes, str(cpu.SOURCE)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None or not {"avx2", "avx512vbmi", "avx512_vnni"} <= cpu_flags(),
+    reason="needs g++ and a CPU whose native build is not the AVX2 one",
+)
+def test_the_avx2_kernels_match_the_reference_on_a_cpu_with_avx512():
+    """The native build of a CPU with AVX-512 never runs the AVX2 look-ups: built for haswell
+    (`RSAVQ_CPU_MARCH`, a second extension compiled here), every decode and prefill case of
+    `test_cpu_matches_reference` runs them."""
+    env = {**os.environ, cpu.MARCH_VARIABLE: "haswell"}
+    test = f"{__file__}::test_cpu_matches_reference"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
+    root = Path(__file__).parents[2]
+    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:]
+    assert "CPU kernels unavailable" not in done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 8])

@@ -33,15 +33,19 @@ once per call into a per-thread buffer kept between calls, then one matmul by `x
 The extension also serves the quantizer's k-means (`nearest`: each point's nearest codeword
 without writing the `[N, K]` distances; `rsavq.algorithms.kmeans.assign`).
 
-The extension is compiled on first use (g++ and ninja, `-march=native`; cached by torch under
-`~/.cache/torch_extensions`); when that fails, `available()` is False and dispatch uses the
-reference kernel.
+The extension is compiled on first use (g++ and ninja, `-march=native`, or the target named by
+the environment variable `RSAVQ_CPU_MARCH`, e.g. `haswell` to run the AVX2 kernels on a CPU with
+AVX-512; cached by torch under `~/.cache/torch_extensions`); when that fails, `available()` is
+False and dispatch uses the reference kernel. Without AVX-512 (AVX2: most AMD CPUs before Zen 4,
+Intel client CPUs) decode looks tables of up to 128 entries up with `vpshufb` from byte planes
+and those of 256 entries with plain loads of int16 entries; without AVX2, every table by loads.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -57,6 +61,7 @@ SOURCE = Path(__file__).with_name("csrc") / "lut_gemv.cpp"
 DECODE_TOKENS = 8  # at most this many tokens per call use the LUT GEMV
 BYTE_CODES = 8  # codes of at most this many bits decode with int16 tables (`vq_gemv16`)
 PREFILL_COLUMNS = 0  # columns per chunk of `vq_prefill` (0: its own choice; tests set a few)
+MARCH_VARIABLE = "RSAVQ_CPU_MARCH"  # the -march the extension is compiled for (default native)
 PREFILL_AMX = True  # `vq_prefill` on the AMX tile unit where there is one (tests turn it off)
 _extension = None
 _failed = False
@@ -71,11 +76,13 @@ def extension():
         try:
             from torch.utils.cpp_extension import load
 
+            march = os.environ.get(MARCH_VARIABLE, "native")
+            suffix = "" if march == "native" else "_" + march.replace("-", "_")
             logger.info("loading the CPU kernels (compiled on first use: about a minute)")
             _extension = load(
-                name="rsavq_lut_gemv",
+                name="rsavq_lut_gemv" + suffix,
                 sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
