@@ -1581,7 +1581,40 @@ inline float stored_dot(const float* x, const uint16_t* w, int64_t n) {
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+inline __m256 widen8(const uint16_t* w) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 
+// <x, w> (AVX2): four accumulators over blocks of 32, then blocks of 8, then one weight at a time
+inline float stored_dot(const float* x, const uint16_t* w, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    a0 = _mm256_fmadd_ps(widen8(w + k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(widen8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+    a2 = _mm256_fmadd_ps(widen8(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+    a3 = _mm256_fmadd_ps(widen8(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+  }
+  for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(widen8(w + k), _mm256_loadu_ps(x + k), a0);
+  const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  float y = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  for (; k < n; ++k) y += widen(w[k]) * x[k];
+  return y;
+}
+#else
+// <x, w>: four partial sums (one would wait on its own latency at every weight)
+inline float stored_dot(const float* x, const uint16_t* w, int64_t n) {
+  float a[4] = {0.f, 0.f, 0.f, 0.f};
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4)
+    for (int i = 0; i < 4; ++i) a[i] += widen(w[k + i]) * x[k + i];
+  for (; k < n; ++k) a[0] += widen(w[k]) * x[k];
+  return (a[0] + a[1]) + (a[2] + a[3]);
+}
 #endif
 
 torch::Tensor stored_gemv(torch::Tensor x, torch::Tensor w) {
@@ -1609,15 +1642,7 @@ torch::Tensor stored_gemv(torch::Tensor x, torch::Tensor w) {
         const char* upto = std::min(end, row_end + ahead_bytes);
         for (; ahead < upto; ahead += 64) __builtin_prefetch(ahead);
       }
-      for (int64_t t = 0; t < T; ++t) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-        Y[t * m + r] = stored_dot(X + t * n, W + r * n, n);
-#else
-        float y = 0.f;
-        for (int64_t k = 0; k < n; ++k) y += widen(W[r * n + k]) * X[t * n + k];
-        Y[t * m + r] = y;
-#endif
-      }
+      for (int64_t t = 0; t < T; ++t) Y[t * m + r] = stored_dot(X + t * n, W + r * n, n);
     }
   });
   return out;
