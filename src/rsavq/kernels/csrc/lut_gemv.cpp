@@ -1777,6 +1777,51 @@ static void nearest_rows(const float* L, const float* R, int64_t D, int64_t K, i
     }
   }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// The AVX-512 form above in registers of 8: four rows at a time, each lane keeping the least of
+// its codewords (the first on ties), then the least lane (the lowest codeword on ties).
+static void nearest_rows(const float* L, const float* R, int64_t D, int64_t K, int64_t Kp,
+                         int64_t i0, int64_t i1, int64_t* idx, float* best) {
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  const __m256i step = _mm256_set1_epi32(8), count = _mm256_set1_epi32(static_cast<int>(K));
+  for (int64_t i = i0; i < i1; i += 4) {
+    const int64_t rows = std::min<int64_t>(4, i1 - i);
+    __m256 bv[4] = {inf, inf, inf, inf};
+    __m256i bi[4] = {};
+    __m256i k_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t kb = 0; kb < K; kb += 8) {  // R's rows hold Kp >= kb + 8 entries
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                       _mm256_setzero_ps()};
+      for (int64_t j = 0; j < D; ++j) {
+        const __m256 r = _mm256_loadu_ps(R + j * Kp + kb);
+        for (int64_t t = 0; t < rows; ++t)
+          acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(L[(i + t) * D + j]), r, acc[t]);
+      }
+      const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(count, k_ids));
+      for (int64_t t = 0; t < rows; ++t) {
+        const __m256 lt = _mm256_and_ps(live, _mm256_cmp_ps(acc[t], bv[t], _CMP_LT_OQ));
+        bv[t] = _mm256_blendv_ps(bv[t], acc[t], lt);
+        bi[t] = _mm256_castps_si256(
+            _mm256_blendv_ps(_mm256_castsi256_ps(bi[t]), _mm256_castsi256_ps(k_ids), lt));
+      }
+      k_ids = _mm256_add_epi32(k_ids, step);
+    }
+    for (int64_t t = 0; t < rows; ++t) {  // in registers (a loop over the lanes branched)
+      __m256 v = _mm256_min_ps(bv[t], _mm256_permute2f128_ps(bv[t], bv[t], 1));
+      v = _mm256_min_ps(v, _mm256_shuffle_ps(v, v, 0x4E));
+      v = _mm256_min_ps(v, _mm256_shuffle_ps(v, v, 0xB1));  // the least in every lane
+      const __m256i big = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
+      const __m256 at = _mm256_cmp_ps(bv[t], v, _CMP_EQ_OQ);
+      __m256i k = _mm256_castps_si256(
+          _mm256_blendv_ps(_mm256_castsi256_ps(big), _mm256_castsi256_ps(bi[t]), at));
+      k = _mm256_min_epi32(k, _mm256_permute2x128_si256(k, k, 1));
+      k = _mm256_min_epi32(k, _mm256_shuffle_epi32(k, 0x4E));
+      k = _mm256_min_epi32(k, _mm256_shuffle_epi32(k, 0xB1));
+      best[i + t] = _mm256_cvtss_f32(v);
+      idx[i + t] = _mm256_cvtsi256_si32(k);
+    }
+  }
+}
 #else
 static void nearest_rows(const float* L, const float* R, int64_t D, int64_t K, int64_t Kp,
                          int64_t i0, int64_t i1, int64_t* idx, float* best) {
