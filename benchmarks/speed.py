@@ -54,7 +54,8 @@ TABLES = (
     "benchmarks/results/speed-1thread.json,benchmarks/results/speed-2threads.json,"
     "benchmarks/results/speed-2threads-loaded.json,benchmarks/results/speed-1thread-int8.json,"
     "benchmarks/results/speed-1thread-e.json,benchmarks/results/speed-2threads-e.json,"
-    "benchmarks/results/speed-checkpoints.json"
+    "benchmarks/results/speed-checkpoints.json,benchmarks/results/speed-1thread-avx2.json,"
+    "benchmarks/results/speed-2threads-avx2.json"
 )
 
 

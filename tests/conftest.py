@@ -48,6 +48,15 @@ def _offline(monkeypatch, tmp_path):
 
 
 @pytest.fixture()
+def bf16_units(monkeypatch):
+    """bfloat16 autocast where the options ask for it, on any CPU, as on one with AVX-512
+    (`rsavq.runtime.fast_bf16`), for tests of the bfloat16 paths themselves (the tiny models
+    cost nothing either way). Other tests take the machine's own choice, as do the processes
+    some of them start."""
+    monkeypatch.setattr("rsavq.runtime._fast_bf16", lambda device_type: True)
+
+
+@pytest.fixture()
 def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"shared data not found at {SHARED_DATA}")

@@ -119,7 +119,7 @@ def test_tuning_needs_the_sequential_vq_pass(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-def test_bf16_autocast_trains_too(tmp_path):
+def test_bf16_autocast_trains_too(tmp_path, bf16_units):
     block, inputs, targets = quantized_block(tmp_path)
     losses = tune_block(block, inputs, targets, BlockTuning(epochs=2, lr=1e-3, bf16=True), 0)
     assert losses["after"] < losses["before"]

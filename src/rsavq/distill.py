@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from rsavq.config import DISTILL_WINDOWS, default_windows
 from rsavq.errors import UsageError
 from rsavq.finetune import trainable
+from rsavq.runtime import bf16_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class Distillation:
     seed: int = 0
     heldout: int = 4  # calibration-length windows from unseen documents, to watch over-fitting
     # bfloat16 autocast for the teacher's pass and the training steps: the same perplexity as
-    # float32 at 1.8x the speed per step (BENCHMARKS.md, "Fine-tuning and distillation settings")
+    # float32 at 1.8x the speed per step (BENCHMARKS.md, "Fine-tuning and distillation
+    # settings"); float32 where bfloat16 products are slow (`runtime.fast_bf16`)
     bf16: bool = True
     save_every: int = 16  # optimizer steps between resumable snapshots
     # the held-out windows' KL is measured before training and this many times during it
@@ -126,9 +128,9 @@ def teacher_targets(
     `[N, T]` (log of the remaining mass); with `bf16`, from a bfloat16-autocast pass (the
     log-softmax in float32)."""
     parts = []
-    device_type = next(model.parameters()).device.type
+    device = next(model.parameters()).device
     for ids in windows.split(batch):
-        with torch.autocast(device_type, torch.bfloat16, enabled=bf16):
+        with bf16_autocast(device, bf16):
             logits = _logits(model, ids)
         logp = logits.log_softmax(-1)
         k = min(top_k, logp.shape[-1])
@@ -200,10 +202,10 @@ def distill(
         losses = _restore(resume, params, optimizer, watch) if resume is not None else []
         bar = tqdm(total=len(schedule), initial=len(losses), desc="distill", unit="step",
                    disable=not progress)  # fmt: skip
-        device_type = next(model.parameters()).device.type
+        device = next(model.parameters()).device
         for step in range(len(losses), len(schedule)):
             rows = schedule[step]
-            with torch.autocast(device_type, torch.bfloat16, enabled=options.bf16):
+            with bf16_autocast(device, options.bf16):
                 logits = _logits(model, windows[rows])
                 loss = sparse_kl(logits, _slice(teacher, rows))
             optimizer.zero_grad(set_to_none=True)
@@ -252,8 +254,8 @@ class _Watch:
     def score(self, step: int) -> None:
         if self.heldout is None:
             return
-        device_type = next(self.model.parameters()).device.type
-        with torch.autocast(device_type, torch.bfloat16, enabled=self.options.bf16):
+        device = next(self.model.parameters()).device
+        with bf16_autocast(device, self.options.bf16):
             self.scores.append((step, mean_kl(self.model, *self.heldout)))
 
     def finish(self) -> bool:

@@ -24,6 +24,7 @@ from torch import nn
 from rsavq.errors import UsageError
 from rsavq.kernels.reference import take, unpack_block, weight_index
 from rsavq.nn import VQLinear
+from rsavq.runtime import bf16_autocast
 from rsavq.stats.sequential import Inputs, Pairs, block_output, hidden_of, run_block
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class BlockTuning:
     seed: int = 0
     heldout: int = 4  # calibration-length windows from unseen documents, to watch over-fitting
     # bfloat16 autocast for the training steps (losses measured as the model): faster steps on
-    # CPUs with AMX or AVX-512 BF16 and on GPUs (BENCHMARKS.md, Cost)
+    # CPUs with AMX or AVX-512 BF16 and on GPUs (BENCHMARKS.md, Cost); float32 where bfloat16
+    # products are slow (`runtime.fast_bf16`: AVX2-only CPUs)
     bf16: bool = True
 
     def __post_init__(self) -> None:
@@ -188,7 +190,7 @@ def _train(block, inputs: Inputs, targets: list[torch.Tensor], options: BlockTun
         for _ in range(options.epochs):
             for j in torch.randperm(len(inputs), generator=generator).tolist():
                 (args, kwargs), target = inputs[j], targets[j]
-                with torch.autocast(target.device.type, torch.bfloat16, enabled=options.bf16):
+                with bf16_autocast(target.device, options.bf16):
                     loss = _relative_mse(block_output(block(*args, **kwargs)), target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

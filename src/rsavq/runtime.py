@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from rsavq.errors import UsageError
@@ -39,3 +42,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise UsageError(f"bfloat16 is not supported on {device}; use --dtype float16 or float32")
     return dtype
+
+
+@functools.cache
+def _fast_bf16(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run about as fast as float32 ones on `device`, or faster:
+    GPUs that support bfloat16, and CPUs for which oneDNN has bfloat16 kernels (AVX-512 and up:
+    AVX-512 BF16, AMX). Without them (AVX2-only CPUs) torch multiplies bfloat16 matrices in a
+    generic loop: a 2048 x 576 by 576 x 1536 product took 86 times as long as in float32 on an
+    AMD EPYC (Zen 3)."""
+    return _fast_bf16(torch.device(device).type)
+
+
+def bf16_autocast(device: torch.device, wanted: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on `device` when `wanted` and `fast_bf16(device)`; float32 otherwise."""
+    device = torch.device(device)
+    return torch.autocast(device.type, torch.bfloat16, enabled=wanted and fast_bf16(device))

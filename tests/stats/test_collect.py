@@ -13,7 +13,7 @@ def collected(model, layers, windows, **options):
     return {name: acc.stats for name, acc in accs.items()}
 
 
-def test_bf16_collection_stays_close_to_float32(tiny):
+def test_bf16_collection_stays_close_to_float32(tiny, bf16_units):
     assert CollectOptions().bf16  # the default: bfloat16 forward and backward passes
     model, layers, windows = tiny
     exact, fast = collected(model, layers, windows), collected(model, layers, windows, bf16=True)
@@ -22,6 +22,18 @@ def test_bf16_collection_stays_close_to_float32(tiny):
             ref, got = getattr(exact[name], key).double(), getattr(fast[name], key).double()
             assert (got - ref).norm() / ref.norm() < 0.05, (name, key)
             assert not torch.equal(got, ref)  # bfloat16 really ran
+
+
+def test_bf16_collection_runs_in_float32_where_bfloat16_products_are_slow(tiny, monkeypatch):
+    """On a CPU without bfloat16 kernels (`fast_bf16` False: AVX2 only) the default's bfloat16
+    passes run in float32: the statistics of the float32 collection, bit for bit."""
+    monkeypatch.setattr("rsavq.runtime._fast_bf16", lambda device_type: False)
+    model, layers, windows = tiny
+    exact = collected(model, layers, windows)
+    fallback = collected(model, layers, windows, bf16=True)
+    for name in layers:
+        for key in ("F_O", "F_I", "g"):
+            assert torch.equal(getattr(fallback[name], key), getattr(exact[name], key))
 
 
 @pytest.mark.parametrize("options", [{}, {"batch_size": 2}, {"gradient_checkpointing": True}])

@@ -54,7 +54,8 @@ def add_parser(sub) -> None:
         "--fp32",
         action="store_true",
         help="float32 passes and per-sequence gradients (default: bfloat16, 1.3x faster on "
-        "CPUs with AMX and on GPUs; their Gram products and sums are float32 either way)",
+        "CPUs with AMX and on GPUs, and float32 where bfloat16 products are slow: AVX2-only "
+        "CPUs; their Gram products and sums are float32 either way)",
     )
     p.add_argument("--include-lm-head", action="store_true")
     p.add_argument("--text-field", default="text")

@@ -205,8 +205,9 @@ def add_parser(sub) -> None:
     _flag(
         t,
         "finetune-bf16",
-        "bfloat16 autocast in both stages and the teacher's pass (default; faster on CPUs with "
-        "AMX or AVX-512 BF16 and on GPUs); --no-finetune-bf16 trains in float32",
+        "bfloat16 autocast in both stages and the teacher's pass (default, where bfloat16 "
+        "products are fast: CPUs with AVX-512 or AMX, GPUs; float32 on AVX2-only CPUs); "
+        "--no-finetune-bf16 trains in float32",
     )
     t.add_argument(
         "--distill-tokens",

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from rsavq.modules import decoder_blocks, weight_shape
+from rsavq.runtime import bf16_autocast
 from rsavq.stats.accumulator import FisherAccumulator
 from rsavq.streaming import is_streamed
 
@@ -36,8 +37,9 @@ class CollectOptions:
     checkpoint_every: int = 0  # samples between on-disk checkpoints (0: never)
     progress: bool = True
     # bfloat16 autocast for the forward and backward passes and the per-sequence gradients
-    # `G_s`: 1.3x faster on CPUs with AMX, and on GPUs (BENCHMARKS.md, Cost). Their Gram
-    # products run on bfloat16 units with float32 sums and outputs (exact for these inputs);
+    # `G_s`: 1.3x faster on CPUs with AMX, and on GPUs (BENCHMARKS.md, Cost); float32 where
+    # bfloat16 products are slow (`runtime.fast_bf16`: AVX2-only CPUs). Their Gram products
+    # run on bfloat16 units with float32 sums and outputs (exact for these inputs);
     # products rounded to bfloat16 lose the factors' positive definiteness on few samples
     bf16: bool = True
     memory_budget: int | None = None  # bytes of accumulators per rank: more passes if needed
@@ -77,7 +79,7 @@ def collect_fisher(
         for first in range(done, len(windows), options.batch_size):
             batch = windows[first : first + options.batch_size].to(device)
             batch_size[0] = len(batch)
-            with torch.autocast(device.type, torch.bfloat16, enabled=options.bf16):
+            with bf16_autocast(device, options.bf16):
                 loss = sequence_loss(model, batch)
             loss.backward()
             bar.update(len(batch))
@@ -181,7 +183,7 @@ def time_forward_backward(
     device = next(model.parameters()).device
     start = time.perf_counter()
     for first in range(0, len(windows), batch_size):
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        with bf16_autocast(device, bf16):
             loss = sequence_loss(model, windows[first : first + batch_size].to(device))
         loss.backward()
         model.zero_grad(set_to_none=True)

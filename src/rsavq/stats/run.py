@@ -15,6 +15,7 @@ from rsavq.data import Corpus, calibration_windows
 from rsavq.errors import UsageError
 from rsavq.io import atomic_write_json
 from rsavq.modules import DEFAULT_SKIP, require_linears, weight_shape
+from rsavq.runtime import fast_bf16
 from rsavq.stats import distributed
 from rsavq.stats.artifact import (
     CHECKPOINT,
@@ -67,8 +68,8 @@ def fisher_stats(
         "dtype": str(next(model.parameters()).dtype),
         "diag_output": options.diag_output,
     }
-    if options.bf16:  # (float32 runs keep the identity they had before the option)
-        run["compute"] = "bfloat16"
+    if options.bf16 and fast_bf16(next(model.parameters()).device):
+        run["compute"] = "bfloat16"  # (float32 runs keep the identity they had before it)
     shapes = {name: weight_shape(layer) for name, layer in layers.items()}
     entries = {name: _entry(shape, len(windows), options.diag_output) for name, shape in
                shapes.items()}  # fmt: skip
@@ -157,7 +158,8 @@ def default_stats_dir(model: nn.Module, calibration: CalibrationSpec) -> Path:
 
     from rsavq.models import cache_dir
 
-    key = asdict(calibration) | ({"compute": "bfloat16"} if CollectOptions.bf16 else {})
+    bf16 = CollectOptions.bf16 and fast_bf16(next(model.parameters()).device)
+    key = asdict(calibration) | ({"compute": "bfloat16"} if bf16 else {})
     key = json.dumps(key, sort_keys=True).encode()
     return (
         cache_dir()
