@@ -9,8 +9,9 @@ Each width runs `rsavq quantize --model smollm2-135m --bits B` with nothing but 
 norms saved in bfloat16 as `make demo` does), in a process of its own with the threads given
 (default: all cores; time on a quiet machine). The stage clock comes from the checkpoint's
 report.json. Then `rsavq eval` gives the fast-protocol quality (WikiText-2, first 16 windows of
-2048 tokens, bfloat16). Resumable: a width already in the JSON is skipped; `--extra` passes
-more options to `rsavq quantize` and `--label` names the row (both join its key). The code
+2048 tokens, bfloat16; float32 on CPUs whose bfloat16 products are slow). Resumable: a width
+already in the JSON is skipped; `--extra` passes more options to `rsavq quantize` and `--label`
+names the row (both join its key). The code
 measured is the one `python -m rsavq.cli` imports: `PYTHONPATH=<an older checkout>/src` times
 that commit's code.
 """
@@ -28,8 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from rsavq.config import default_windows
 from rsavq.io import rewrite_block
+from rsavq.runtime import fast_bf16
 
 STAGES = (
     "load", "fisher", "teacher", "hessians", "quantize", "refit", "finetune", "distill", "save",
@@ -50,10 +54,11 @@ def run_width(bits: int, threads: int, extra: list[str], windows: int, keep: Pat
         wall = time.perf_counter() - start
         report = json.loads((out / "report.json").read_text())
         result = Path(tmp) / "eval.json"
+        dtype = "bfloat16" if fast_bf16(torch.device("cpu")) else "float32"  # (AVX2: float32)
         subprocess.run(
             [
                 sys.executable, "-m", "rsavq.cli", "eval", "--model", str(out), "--ppl",
-                "wikitext2", "--limit", str(windows), "--dtype", "bfloat16", "--json",
+                "wikitext2", "--limit", str(windows), "--dtype", dtype, "--json",
                 str(result),
             ],
             check=True,
@@ -79,10 +84,17 @@ def run_width(bits: int, threads: int, extra: list[str], windows: int, keep: Pat
         "ppl": {
             "source": "wikitext2",
             "windows": ppl["windows"],
-            "dtype": "bfloat16",
+            "dtype": dtype,
             "value": ppl["ppl"],
         },  # fmt: skip
     }
+
+
+def _ppl(ppl: dict | None) -> str:
+    """The fast protocol's figure; marked when it ran in float32 (CPUs without fast bfloat16)."""
+    if not ppl:
+        return "-"
+    return f"{ppl['value']:.2f}" + ("" if ppl.get("dtype", "bfloat16") == "bfloat16" else " (fp32)")
 
 
 def table(results: dict) -> str:
@@ -96,7 +108,7 @@ def table(results: dict) -> str:
         cells += [
             f"**{row['clock']['total_seconds'] / 60:.1f}**",
             f"{row['clock']['peak_rss_gib']:.2f}",
-            f"{row['ppl']['value']:.2f}" if row.get("ppl") else "-",
+            _ppl(row.get("ppl")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 
 import torch
 
 from rsavq.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {
     "float32": torch.float32,
@@ -41,6 +44,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise UsageError("float16 is not supported on CPU; use --dtype bfloat16 or float32")
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise UsageError(f"bfloat16 is not supported on {device}; use --dtype float16 or float32")
+    if device.type == "cpu" and dtype == torch.bfloat16 and not fast_bf16(device):
+        logger.warning(
+            "bfloat16 matrix products are slow on this CPU (no AVX-512 or AMX: tens of times "
+            "float32's time); use --dtype float32"
+        )
     return dtype
 
 
