@@ -742,10 +742,9 @@ void decode_row(const Block& B, int64_t r, int64_t v, float* out) {
   }
 }
 
-// Rows [r0, r1) of a layer's weight, columns in the codes' permuted order, into dst [r1 - r0, n],
-// each row times scale[r] when scale is given.
+// Rows [r0, r1) of a layer's weight, columns in the codes' permuted order, into dst [r1 - r0, n].
 void dequantize_rows(const std::vector<Block>& blocks, int64_t v, int64_t n, int64_t r0,
-                     int64_t r1, float* dst, const float* scale = nullptr) {
+                     int64_t r1, float* dst) {
   at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r) {
       float* out = dst + (r - r0) * n;
@@ -753,8 +752,6 @@ void dequantize_rows(const std::vector<Block>& blocks, int64_t v, int64_t n, int
         decode_row(B, r, v, out);
         out += B.cols;
       }
-      if (scale)
-        for (float* w = dst + (r - r0) * n; w < out; ++w) *w *= scale[r];
     }
   });
 }
@@ -1355,21 +1352,15 @@ torch::Tensor vq_prefill(torch::Tensor x, torch::Tensor perm, std::vector<torch:
     for (int64_t t = a; t < b; ++t)
       for (int64_t i = 0; i < n; ++i) XP[t * n + i] = X[t * n + O[i]];
   });
-  // row scales applied to the dequantized rows and the bias added by the GEMM (addmm), rather
-  // than in two more passes over the output
-  const auto scale32 = scales ? scales->to(torch::kFloat).contiguous() : torch::Tensor();
   auto out = torch::empty({T, m}, x.options());
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r1 = std::min(m, r0 + rows);
-    dequantize_rows(blocks, v, n, r0, r1, W.data_ptr<float>(),
-                    scales ? scale32.data_ptr<float>() : nullptr);
+    dequantize_rows(blocks, v, n, r0, r1, W.data_ptr<float>());
     auto y = out.narrow(1, r0, r1 - r0);
-    const auto w = W.narrow(0, 0, r1 - r0).t();
-    if (bias)
-      at::addmm_out(y, bias->narrow(0, r0, r1 - r0), xp, w);
-    else
-      at::mm_out(y, xp, w);
+    at::mm_out(y, xp, W.narrow(0, 0, r1 - r0).t());
   }
+  if (scales) out.mul_(scales->to(torch::kFloat));
+  if (bias) out.add_(*bias);
   return out;
 #endif
 }
