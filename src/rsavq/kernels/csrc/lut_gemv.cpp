@@ -303,7 +303,7 @@ constexpr int64_t slot(int64_t r) {
 // (vpshufb, 16 entries per register), or plain loads.
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
 #define RSAVQ_LUT16 512
-#elif defined(__AVX2__)
+#elif defined(__AVX2__) && defined(__FMA__)
 #define RSAVQ_LUT16 256
 #else
 #define RSAVQ_LUT16 0
@@ -312,7 +312,8 @@ constexpr int64_t slot(int64_t r) {
 // How a table of Kp int16 entries is stored (2 Kp bytes either way): as two byte planes (the Kp
 // low bytes, then the Kp high bytes) where a vector look-up serves it, else as int16 entries.
 // With AVX2 the shuffles serve up to 128 entries: 256 would need 32 table registers per j, and
-// plain loads of int16 entries measured faster (0.37 against 0.68 ns a look-up, AMD Zen 3).
+// plain loads of int16 entries measured faster (0.37 against 0.68 ns a look-up, AMD Zen 3, in a
+// microbenchmark outside the repository).
 constexpr bool in_planes(int64_t Kp) {
   return RSAVQ_LUT16 == 512 || (RSAVQ_LUT16 == 256 && Kp <= 128);
 }
