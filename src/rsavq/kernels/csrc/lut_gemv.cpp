@@ -1583,6 +1583,12 @@ inline float stored_dot(const float* x, const uint16_t* w, int64_t n) {
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
+inline float sum8(__m256 a) {  // the sum of a's eight floats
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
 inline __m256 widen8(const uint16_t* w) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -1599,10 +1605,7 @@ inline float stored_dot(const float* x, const uint16_t* w, int64_t n) {
     a3 = _mm256_fmadd_ps(widen8(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
   }
   for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(widen8(w + k), _mm256_loadu_ps(x + k), a0);
-  const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  float y = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  float y = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   for (; k < n; ++k) y += widen(w[k]) * x[k];
   return y;
 }
@@ -1693,10 +1696,7 @@ inline float wide_dot(const int16_t* c, const float* book, const float* x, int64
     a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + 2 * j), a0);
     a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 2 * j + 8), a1);
   }
-  const __m256 a = _mm256_add_ps(a0, a1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  float acc = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  float acc = sum8(_mm256_add_ps(a0, a1));
   for (; j < J; ++j) acc += book[2 * c[j]] * x[2 * j] + book[2 * c[j] + 1] * x[2 * j + 1];
   return acc;
 }
