@@ -68,7 +68,12 @@ def fast_bf16(device: torch.device) -> bool:
     return _fast_bf16(torch.device(device).type)
 
 
+def uses_bf16(device: torch.device, wanted: bool) -> bool:
+    """Whether work that asks for bfloat16 (`wanted`) runs in it on `device`: where it is fast."""
+    return wanted and fast_bf16(device)
+
+
 def bf16_autocast(device: torch.device, wanted: bool) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on `device` when `wanted` and `fast_bf16(device)`; float32 otherwise."""
+    """bfloat16 autocast on `device` where `uses_bf16`; float32 otherwise."""
     device = torch.device(device)
-    return torch.autocast(device.type, torch.bfloat16, enabled=wanted and fast_bf16(device))
+    return torch.autocast(device.type, torch.bfloat16, enabled=uses_bf16(device, wanted))

@@ -15,7 +15,7 @@ from rsavq.data import Corpus, calibration_windows
 from rsavq.errors import UsageError
 from rsavq.io import atomic_write_json
 from rsavq.modules import DEFAULT_SKIP, require_linears, weight_shape
-from rsavq.runtime import fast_bf16
+from rsavq.runtime import uses_bf16
 from rsavq.stats import distributed
 from rsavq.stats.artifact import (
     CHECKPOINT,
@@ -68,7 +68,7 @@ def fisher_stats(
         "dtype": str(next(model.parameters()).dtype),
         "diag_output": options.diag_output,
     }
-    if options.bf16 and fast_bf16(next(model.parameters()).device):
+    if uses_bf16(next(model.parameters()).device, options.bf16):
         run["compute"] = "bfloat16"  # (float32 runs keep the identity they had before it)
     shapes = {name: weight_shape(layer) for name, layer in layers.items()}
     entries = {name: _entry(shape, len(windows), options.diag_output) for name, shape in
@@ -158,7 +158,7 @@ def default_stats_dir(model: nn.Module, calibration: CalibrationSpec) -> Path:
 
     from rsavq.models import cache_dir
 
-    bf16 = CollectOptions.bf16 and fast_bf16(next(model.parameters()).device)
+    bf16 = uses_bf16(next(model.parameters()).device, CollectOptions.bf16)
     key = asdict(calibration) | ({"compute": "bfloat16"} if bf16 else {})
     key = json.dumps(key, sort_keys=True).encode()
     return (
