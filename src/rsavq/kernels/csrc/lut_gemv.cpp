@@ -44,7 +44,7 @@ namespace {
 constexpr int64_t kMinTable = 16;        // tables padded to a whole register of floats
 constexpr int64_t kTileRows = 64;        // rows per AVX-512 tile (4 registers of 16)
 constexpr int64_t kChunkFloats = 1 << 17;  // 512 KiB of tables per j chunk (L2-sized)
-constexpr int64_t kPrefillBytes = 1 << 26;  // float32 weight dequantized per block (prefill)
+constexpr int64_t kPrefillBytes = 1 << 24;  // float32 weight dequantized per block (prefill)
 constexpr int64_t kPrefillRows = 256;  // and at least this many rows
 
 struct Group {
@@ -743,16 +743,20 @@ void decode_row(const Block& B, int64_t r, int64_t v, float* out) {
   }
 }
 
-// Rows [r0, r1) of a layer's weight, columns in the codes' permuted order, into dst [r1 - r0, n].
+// Rows [r0, r1) of a layer's weight, columns in the codes' permuted order, into dst [r1 - r0, n];
+// each row times scale[r] where `scale` is given (row scales applied while the row is in L1).
 void dequantize_rows(const std::vector<Block>& blocks, int64_t v, int64_t n, int64_t r0,
-                     int64_t r1, float* dst) {
+                     int64_t r1, float* dst, const float* scale = nullptr) {
   at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r) {
-      float* out = dst + (r - r0) * n;
+      float* row = dst + (r - r0) * n;
+      float* out = row;
       for (const Block& B : blocks) {
         decode_row(B, r, v, out);
         out += B.cols;
       }
+      if (scale)
+        for (int64_t c = 0; c < n; ++c) row[c] *= scale[r];
     }
   });
 }
@@ -777,6 +781,16 @@ torch::Tensor vq_dequantize(std::vector<torch::Tensor> codes, std::vector<torch:
   dequantize_rows(blocks, v, n, 0, m, out);
   return W;
 }
+
+#if !defined(__AVX512F__)
+// XP [T, n] = X[:, perm] (O: perm).
+void permute_columns(const float* X, const int32_t* O, int64_t T, int64_t n, float* XP) {
+  at::parallel_for(0, T, 16, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t)
+      for (int64_t i = 0; i < n; ++i) XP[t * n + i] = X[t * n + O[i]];
+  });
+}
+#endif
 
 // The first `numel` floats of `buffer`, grown (float32, contiguous) when too small.
 torch::Tensor reusable(torch::Tensor& buffer, int64_t numel) {
@@ -1344,23 +1358,18 @@ torch::Tensor vq_prefill(torch::Tensor x, torch::Tensor perm, std::vector<torch:
   static thread_local torch::Tensor xbuf, wbuf;
   const int64_t rows = std::min(
       m, block > 0 ? block : std::max<int64_t>(kPrefillRows, kPrefillBytes / (4 * n)));
-  auto xp = reusable(xbuf, T * n).view({T, n});  // x[:, perm]
+  auto xp = reusable(xbuf, T * n).view({T, n});
+  permute_columns(x.data_ptr<float>(), perm.data_ptr<int32_t>(), T, n, xp.data_ptr<float>());
   auto W = reusable(wbuf, rows * n).view({rows, n});
-  const float* X = x.data_ptr<float>();
-  float* XP = xp.data_ptr<float>();
-  const int32_t* O = perm.data_ptr<int32_t>();
-  at::parallel_for(0, T, 16, [&](int64_t a, int64_t b) {
-    for (int64_t t = a; t < b; ++t)
-      for (int64_t i = 0; i < n; ++i) XP[t * n + i] = X[t * n + O[i]];
-  });
+  torch::Tensor scale32 = scales ? scales->to(torch::kFloat).contiguous() : torch::Tensor();
   auto out = torch::empty({T, m}, x.options());
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r1 = std::min(m, r0 + rows);
-    dequantize_rows(blocks, v, n, r0, r1, W.data_ptr<float>());
+    dequantize_rows(blocks, v, n, r0, r1, W.data_ptr<float>(),
+                    scales ? scale32.data_ptr<float>() : nullptr);
     auto y = out.narrow(1, r0, r1 - r0);
     at::mm_out(y, xp, W.narrow(0, 0, r1 - r0).t());
   }
-  if (scales) out.mul_(scales->to(torch::kFloat));
   if (bias) out.add_(*bias);
   return out;
 #endif
