@@ -59,7 +59,7 @@ def test_bad_number_is_argparse_usage_error():
 
 @pytest.mark.parametrize(
     "extra",
-    [["--threads", "0"], ["--nsamples", "-1"], ["--distill-tokens", "-5"], ["--seqlen", "0"]],
+    [["--threads", "0"], ["--nsamples", "-1"], ["--distill-epochs", "-5"], ["--seqlen", "0"]],
 )
 def test_quantize_bad_numbers_refused_before_any_work(tiny_model_dir, tmp_path, capsys, extra):
     args = ["quantize", "--model", str(tiny_model_dir), "--bits", "3", "--out", str(tmp_path / "q")]
@@ -219,12 +219,14 @@ def test_quantize_with_both_finetuning_stages(tiny_model_dir, text_file, tmp_pat
     args += ["--uniform-bits", "--finetune", "both", "--finetune-epochs", "1"]
     assert main([*args, "--one-pass", "--out", str(out)]) == 2
     assert "block-sequential pass" in capsys.readouterr().err and not out.exists()
-    args += ["--distill-tokens", "64", "--distill-lr", "1e-3", "--finetune-bf16"]
+    args += ["--distill-lr", "1e-3", "--finetune-bf16"]
     args += ["--distill-windows", "0"]  # the calibration's windows
     assert main([*args, "--out", str(out)]) == 0
-    assert "end-to-end distillation from the FP model: 64 tokens" in capsys.readouterr().out
+    assert "end-to-end distillation from the FP model: 1 epoch(s) over 3 windows" in (
+        capsys.readouterr().out
+    )
     report = json.loads((out / "report.json").read_text())
-    assert len(report["finetune"]) == 2 and report["distill"]["steps"] == 2
+    assert len(report["finetune"]) == 2 and report["distill"]["steps"] == 3
     stages = report["clock"]["stages"]  # every stage of the run, timed
     for stage in ("load", "teacher", "hessians", "quantize", "refit", "finetune"):
         assert stages[stage]["seconds"] > 0 and stages[stage]["peak_rss_gib"] > 0, stage
@@ -232,7 +234,7 @@ def test_quantize_with_both_finetuning_stages(tiny_model_dir, text_file, tmp_pat
     assert sorted(stages["finetune"]["per_item"]) == ["0", "1"]  # each block's tuning
     assert sum(s["seconds"] for s in stages.values()) <= report["clock"]["total_seconds"]
     finetune = json.loads((out / "config.json").read_text())["quantization_config"]["finetune"]
-    assert finetune["block"]["bf16"] and finetune["e2e"]["bf16"] and finetune["e2e"]["tokens"] == 64
+    assert finetune["block"]["bf16"] and finetune["e2e"]["bf16"] and finetune["e2e"]["epochs"] == 1
     assert "windows" not in finetune["e2e"] and report["distill"]["windows"] == 3
 
 

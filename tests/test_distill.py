@@ -44,14 +44,12 @@ def test_sparse_kl_is_the_kl_of_the_lumped_distributions(k):
     assert sparse_kl(p, teacher).abs() < 1e-4
 
 
-def test_schedule_covers_epochs_and_budgets():
+def test_schedule_covers_epochs():
     steps = Distillation(epochs=2, micro_batch=2).schedule(5, 16)
     assert len(steps) == 6 and sorted(sum(steps[:3], [])) == list(range(5))
-    budget = Distillation(tokens=100, micro_batch=2).schedule(5, 16)
-    assert len(budget) == 4  # ceil(100 / 32)
     assert Distillation(seed=1).schedule(5, 16) != Distillation(seed=2).schedule(5, 16)
-    with pytest.raises(UsageError, match="positive token budget"):
-        Distillation(tokens=0)
+    with pytest.raises(UsageError, match="positive window count"):
+        Distillation(windows=0)
 
 
 def test_distillation_lowers_the_kl_deterministically_and_resumes(tmp_path):

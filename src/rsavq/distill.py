@@ -48,7 +48,6 @@ class Distillation:
 
     epochs: int = 1
     lr: float = 1e-3  # SmolLM2-135M 3-bit: see BENCHMARKS.md (1e-4, 1e-3, 3e-3)
-    tokens: int | None = None  # token budget: stop after this many (default: `epochs` epochs)
     micro_batch: int = 1  # sequences per optimizer step
     top_k: int = 128  # teacher probabilities kept per token (the rest lumped into one)
     seed: int = 0
@@ -71,16 +70,15 @@ class Distillation:
 
     def __post_init__(self) -> None:
         ok = self.epochs >= 1 and self.lr > 0 and self.micro_batch >= 1 and self.top_k >= 1
-        budget = self.tokens is None or self.tokens >= 1
-        budget = budget and (self.windows is None or self.windows >= 1)
+        budget = self.windows is None or self.windows >= 1
         counts = min(self.heldout + 1, self.save_every, self.checks) >= 1
         if not ok or not budget or not counts:
             raise UsageError(
                 "distillation needs epochs >= 1, lr > 0, micro_batch >= 1, top_k >= 1, "
                 "heldout >= 0, save_every and checks >= 1, a "
-                f"positive token budget and window count; got {self.epochs}, {self.lr}, "
+                f"positive window count; got {self.epochs}, {self.lr}, "
                 f"{self.micro_batch}, {self.top_k}, {self.heldout}, {self.save_every}, "
-                f"{self.checks}, {self.tokens}, {self.windows}"
+                f"{self.checks}, {self.windows}"
             )
 
     def to_dict(self) -> dict:
@@ -91,21 +89,14 @@ class Distillation:
         data = {k: v for k, v in asdict(self).items() if k not in skip}
         if not self.bf16:
             del data["bf16"]
-        if self.tokens is None:
-            del data["tokens"]
         if self.windows is None:
             del data["windows"]
         return data
 
     def schedule(self, windows: int, seqlen: int) -> list[list[int]]:
         """The windows of each optimizer step: seeded permutations, one per epoch, cut into
-        micro-batches; truncated (or extended with more epochs) to the token budget."""
-        per_step = self.micro_batch * seqlen
-        steps = (
-            math.ceil(self.tokens / per_step)
-            if self.tokens
-            else self.epochs * math.ceil(windows / self.micro_batch)
-        )
+        micro-batches."""
+        steps = self.epochs * math.ceil(windows / self.micro_batch)
         generator = torch.Generator().manual_seed(self.seed)
         out: list[list[int]] = []
         while len(out) < steps:

@@ -210,12 +210,6 @@ def add_parser(sub) -> None:
         "--no-finetune-bf16 trains in float32",
     )
     t.add_argument(
-        "--distill-tokens",
-        type=positive_int,
-        default=None,
-        help="e2e stage: token budget (overrides --distill-epochs)",
-    )
-    t.add_argument(
         "--distill-windows",
         type=non_negative_int,
         default=None,
@@ -285,7 +279,7 @@ def _tuning(args: argparse.Namespace, config):
         )  # fmt: skip
     if e2e is not None:
         e2e = Distillation(
-            epochs=args.distill_epochs, lr=args.distill_lr, tokens=args.distill_tokens,
+            epochs=args.distill_epochs, lr=args.distill_lr,
             seed=args.seed, bf16=bf16, windows=_windows(args.distill_windows, e2e.windows),
         )  # fmt: skip
     return block, e2e
@@ -408,6 +402,5 @@ def _say_what_runs(model, config, calibration, args, tuning) -> None:
             f"{block.lr:g} (--finetune none skips it)"
         )
     if e2e is not None:
-        budget = f"{e2e.tokens} tokens" if e2e.tokens else f"{e2e.epochs} epoch(s)"
-        budget += f" over {e2e.windows or calibration.nsamples} windows"
+        budget = f"{e2e.epochs} epoch(s) over {e2e.windows or calibration.nsamples} windows"
         print(f"end-to-end distillation from the FP model: {budget}, lr {e2e.lr:g}")

@@ -26,7 +26,9 @@ split into bfloat16 hi + lo, three bfloat16 products per multiply accumulated in
 2^-16 of |x| |w| per product, float32's 2^-24; BENCHMARKS.md measures both paths);
 `PREFILL_AMX = False` keeps the float32 one. Memory: per thread, the packed x and the partial
 sums (4 bytes x tokens x (in + out features)), kept between calls. Without AVX-512
-the weight is dequantized a block of rows at a time and each block multiplied. Other inputs
+the weight is dequantized 1024 rows at a time (each row times its scale; x's columns permuted
+once) and each block multiplied by torch's GEMM; memory: per thread, x permuted and one block
+(4 bytes x (tokens + 1024) x in features), kept between calls. Other inputs
 (bf16, autograd) use `vq_dequantize`: the whole float32 weight (columns in the codes' order)
 once per call into a per-thread buffer kept between calls, then one matmul by `x[:, perm]`.
 
