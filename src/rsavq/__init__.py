@@ -7,7 +7,7 @@ other heavy modules (datasets, lm-eval) load lazily.
 
 from rsavq.errors import DataError, ModelNotFoundError, RsavqError, UsageError
 
-__version__ = "0.14.0"
+__version__ = "0.15.0"
 
 
 def _register_with_transformers() -> None:
