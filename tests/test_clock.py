@@ -22,8 +22,10 @@ def test_nested_stages_are_exclusive_and_add_up():
     data = clock.to_dict()
     outer, inner = data["stages"]["outer"], data["stages"]["inner"]
     assert outer["calls"] == 2 and inner["calls"] == 2
-    assert 0.045 <= outer["seconds"] < 0.09  # the inner stage's time is not counted twice
-    assert 0.055 <= inner["seconds"] < 0.12
+    assert inner["seconds"] >= 0.055
+    # the inner stage's time is not counted twice (that would make outer >= 0.05 + inner);
+    # no upper bound of wall time: sleeps overrun on a loaded machine
+    assert 0.045 <= outer["seconds"] < 0.045 + inner["seconds"]
     assert set(inner["per_item"]) == {"0", "1"} and "per_item" not in outer
     assert outer["seconds"] + inner["seconds"] <= data["total_seconds"]
     assert data["untimed_seconds"] >= 0
