@@ -45,9 +45,9 @@ def test_sparse_kl_is_the_kl_of_the_lumped_distributions(k):
 
 
 def test_schedule_covers_epochs():
-    steps = Distillation(epochs=2, micro_batch=2).schedule(5, 16)
+    steps = Distillation(epochs=2, micro_batch=2).schedule(5)
     assert len(steps) == 6 and sorted(sum(steps[:3], [])) == list(range(5))
-    assert Distillation(seed=1).schedule(5, 16) != Distillation(seed=2).schedule(5, 16)
+    assert Distillation(seed=1).schedule(5) != Distillation(seed=2).schedule(5)
     with pytest.raises(UsageError, match="positive window count"):
         Distillation(windows=0)
 
@@ -91,7 +91,7 @@ def test_a_distillation_that_raises_the_heldout_kl_is_undone(tmp_path):
                      heldout=(held, teacher_targets(fp, held, options.top_k)))  # fmt: skip
     assert report["heldout_after"] == report["heldout_before"] and not report["kept"]
     assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
-    steps = len(options.schedule(len(windows()), windows().shape[1]))
+    steps = len(options.schedule(len(windows())))
     every = math.ceil(steps / options.checks)  # no early stop: every step runs, then goes back
     assert report["steps"] == steps
     assert [s for s, _ in report["heldout_scores"]] == list(range(0, steps, every)) + [steps]

@@ -93,7 +93,7 @@ class Distillation:
             del data["windows"]
         return data
 
-    def schedule(self, windows: int, seqlen: int) -> list[list[int]]:
+    def schedule(self, windows: int) -> list[list[int]]:
         """The windows of each optimizer step: seeded permutations, one per epoch, cut into
         micro-batches."""
         steps = self.epochs * math.ceil(windows / self.micro_batch)
@@ -184,7 +184,7 @@ def distill(
     goes back to the state before training (`kept` False). Returns the losses (mean training KL
     over the first and the last tenth of the steps), the held-out scores, steps, windows trained
     on, tokens, seconds and whether training changed the model."""
-    schedule = options.schedule(len(windows), windows.shape[1])
+    schedule = options.schedule(len(windows))
     every = math.ceil(len(schedule) / options.checks)
     start_time = time.perf_counter()
     with trainable(model) as params, torch.enable_grad():
